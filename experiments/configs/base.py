@@ -1,0 +1,105 @@
+"""Shared experiment config: the blocks every stage has, the variant parser, and validation.
+
+A stage config file is `get_config(arg)` returning `base_config(arg, stage=...)` with its own values.
+`arg` is the text after the colon in `--config=experiments/configs/sft.py:model=glm41v_9b,mesh=fsdp8`:
+comma-separated `key=value` variants, plus bare flags (`runlocal`: tiny sizes for a laptop).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from glmv_jax.config import PRESETS
+
+MESHES = {  # name -> ICI axis sizes (-1: all remaining devices)
+    "auto": {"fsdp": -1},
+    "single": {"data": 1},
+    "fsdp8": {"fsdp": 8},
+    "dp2_fsdp4": {"data": 2, "fsdp": 4},
+    "dp2_fsdp2_tp2": {"data": 2, "fsdp": 2, "tensor": 2},
+    "fsdp2_ep4": {"fsdp": 2, "expert": 4},
+    "fsdp_tp": {"fsdp": -1, "tensor": 4},
+}
+STAGES = ("pretrain", "long_context", "sft", "rl", "eval")
+
+
+def parse_variants(arg: str | None) -> dict[str, str]:
+    """"model=tiny,mesh=fsdp8,runlocal" -> {"model": "tiny", "mesh": "fsdp8", "runlocal": "1"}."""
+    out = {}
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        out[key.strip()] = value.strip() if _ else "1"
+    return out
+
+
+def base_config(arg: str | None, stage: str) -> ml_collections.ConfigDict:
+    variants = parse_variants(arg)
+    known = {"model", "mesh", "rules", "runlocal"}
+    unknown = set(variants) - known
+    if unknown:
+        raise ValueError(f"unknown config variants {sorted(unknown)}; expected some of {sorted(known)}")
+    c = ml_collections.ConfigDict()
+    c.stage = stage
+    c.seed = 0
+    c.runlocal = "runlocal" in variants
+
+    c.model = ml_collections.ConfigDict(dict(
+        preset=variants.get("model", "tiny"),
+        dtype="float32",          # compute dtype; "bfloat16" on accelerators
+        param_dtype="float32",
+        scan_layers=True,
+        remat="none",             # none | full | minimal | save_dots_except_mlp
+        attention="xla",          # xla | cudnn | splash
+        hf_checkpoint="",         # a local HF directory to start from (load_pretrained)
+    ))
+    c.mesh = ml_collections.ConfigDict(dict(
+        ici=MESHES.get(variants.get("mesh", "auto"), None) or _bad("mesh", variants.get("mesh"), MESHES),
+        dcn={},
+        rules=variants.get("rules", "default"),
+        max_replicated_fraction=0.05,
+    ))
+    c.data = ml_collections.ConfigDict(dict(
+        source="synthetic",       # synthetic | jsonl
+        manifests=[],             # JSONL manifests for source=jsonl
+        domains=["counting", "math", "ocr", "chart", "grounding", "gui", "choice"],
+        kind="caption",           # caption | sft | rl
+        seq_len=256,
+        batch_size=8,
+        patch_budget=512,         # Np: patch rows per batch
+        on_bad_record="skip",     # skip (counted) | raise
+        num_workers=0,
+        image_size=56,
+    ))
+    c.optimizer = ml_collections.ConfigDict(dict(
+        lr=1e-3, warmup_steps=10, total_steps=100, final_lr_fraction=0.1, b1=0.9, b2=0.98, eps=1e-8,
+        weight_decay=0.01, clip_norm=1.0, freeze=[],
+    ))
+    c.train = ml_collections.ConfigDict(dict(
+        steps=100, grad_accum_steps=1, log_every=10, save_every=50, keep=3, nonfinite="skip", z_loss=0.0,
+        init_from="",             # a previous stage's work directory: params only
+        export_hf="",             # write the final params as an HF checkpoint here
+    ))
+    return c
+
+
+def _bad(what, value, table):
+    raise ValueError(f"unknown {what} variant {value!r}; expected one of {sorted(table)}")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Config errors reported before anything is compiled."""
+    if c.stage not in STAGES:
+        raise ValueError(f"unknown stage {c.stage!r}; expected one of {STAGES}")
+    if c.model.preset not in PRESETS:
+        raise ValueError(f"unknown model preset {c.model.preset!r}; expected one of {sorted(PRESETS)}")
+    if c.train.steps < 0 or c.train.grad_accum_steps < 1:
+        raise ValueError("train.steps must be >= 0 and train.grad_accum_steps >= 1")
+    if c.data.batch_size % c.train.grad_accum_steps:
+        raise ValueError(f"data.batch_size {c.data.batch_size} not divisible by train.grad_accum_steps "
+                         f"{c.train.grad_accum_steps}")
+    if c.data.on_bad_record not in ("skip", "raise"):
+        raise ValueError(f"data.on_bad_record must be 'skip' or 'raise', got {c.data.on_bad_record!r}")
+    if c.train.nonfinite not in ("skip", "raise"):
+        raise ValueError(f"train.nonfinite must be 'skip' or 'raise', got {c.train.nonfinite!r}")
+    if c.data.source == "jsonl" and not c.data.manifests:
+        raise ValueError("data.source='jsonl' needs data.manifests")
