@@ -1,0 +1,360 @@
+"""HF safetensors checkpoints <-> the parameter tree (models/PARAM_TREE.md), streaming in both directions.
+
+    config, params = load_pretrained("dir")             # config.json + model.safetensors or a sharded index
+    save_pretrained(config, params, "out_dir")           # loadable by transformers' from_pretrained
+
+Loading validates every key and shape from the file headers before reading data, allocates each
+parameter leaf once and fills it tensor by tensor (per-layer and per-expert tensors go into their slice
+of the stacked array), so the host never holds a second copy of the model. Saving computes each shard's
+header from shapes alone and then writes tensors one at a time. The key table lives in mapping.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import struct
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import ml_dtypes
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from glmv_jax.config import ConfigError, ModelConfig, from_hf_config, to_hf_config
+from glmv_jax.convert.mapping import (ConversionError, Entry, default_expert_layout, key_table, lookup_table,
+                                      mtp_layer, param_specs)
+
+__all__ = ["ConversionError", "hf_state_dict_to_params", "params_to_hf_state_dict", "load_pretrained",
+           "save_pretrained"]
+
+log = logging.getLogger(__name__)
+_ST_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+              "BF16": np.dtype(ml_dtypes.bfloat16)}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+INDEX_FILE, SINGLE_FILE = "model.safetensors.index.json", "model.safetensors"
+
+
+def as_dtype(dtype) -> np.dtype | None:
+    """np.dtype from a numpy/jax dtype or a name ('float32', 'bfloat16'); None stays None."""
+    if dtype is None:
+        return None
+    return np.dtype(ml_dtypes.bfloat16) if str(dtype) == "bfloat16" else np.dtype(dtype)
+
+
+def _listing(items: list[str], limit: int = 12) -> str:
+    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
+    return "; ".join(items[:limit]) + more
+
+
+# ----------------------------------------------------------------------------------------------
+# HF tensors -> parameter leaves
+
+class _Assembler:
+    """Plans a conversion from (key -> shape, dtype) alone, then fills each leaf slice by slice."""
+
+    def __init__(self, config: ModelConfig, dtype=np.float32, shardings: Any = None):
+        self.config, self.dtype, self.shardings = config, as_dtype(dtype), shardings
+        self.specs = param_specs(config)
+        self.table = lookup_table(config)
+        self.leaves: dict[str, np.ndarray] = {}
+        self.leaf_dtypes: dict[str, np.dtype] = {}
+        self.pending = {path: 0 for path in self.specs}
+        self.skipped: list[str] = []
+
+    def plan(self, shapes: Mapping[str, tuple], dtypes: Mapping[str, np.dtype]) -> list[str]:
+        """Checks the key set and every shape; returns the keys to convert (MTP layers skipped, counted)."""
+        covered = {p: np.zeros(s.stack, bool) for p, s in self.specs.items()}
+        unexpected, wrong, dupes, keys = [], [], [], []
+        for key, shape in shapes.items():
+            entry = self.table.get(key)
+            if entry is None:
+                (self.skipped if mtp_layer(key, self.config) is not None else unexpected).append(key)
+                continue
+            if tuple(shape) != entry.shape:
+                wrong.append(f"{key}: expected shape {entry.shape}, found {tuple(shape)}")
+                continue
+            for t in entry.targets:
+                if np.any(covered[t.path][t.index]):
+                    dupes.append(f"{key} (fills {t.path}{list(t.index)}, already filled by another key)")
+                covered[t.path][t.index] = True
+                self.pending[t.path] += 1
+                if not self.specs[t.path].fp32:
+                    self.leaf_dtypes.setdefault(t.path, self.dtype or np.dtype(dtypes[key]))
+            keys.append(key)
+        missing = [e.key for e in key_table(self.config)
+                   if not all(np.all(covered[t.path][t.index]) for t in e.targets)]
+        problems = [(wrong, "tensors with the wrong shape"), (dupes, "duplicate tensors"),
+                    (missing, "missing keys"), (unexpected, "unexpected keys")]
+        message = [f"{len(items)} {what}: {_listing(items)}" for items, what in problems if items]
+        if message:
+            raise ConversionError(f"checkpoint does not match the {self.config.model_type} config "
+                                  f"(moe={self.config.text.moe}): " + " | ".join(message))
+        if self.skipped:
+            layers = sorted({mtp_layer(k, self.config) for k in self.skipped})
+            log.warning("skipped %d tensors of MTP/next-n layers %s (not part of the model)", len(self.skipped), layers)
+        return keys
+
+    def put(self, key: str, array: np.ndarray) -> None:
+        entry = self.table[key]
+        for target, part in zip(entry.targets, entry.to_params(array)):
+            leaf = self.leaves.get(target.path)
+            if leaf is None:
+                spec = self.specs[target.path]
+                dtype = np.dtype(np.float32) if spec.fp32 else self.leaf_dtypes[target.path]
+                leaf = self.leaves[target.path] = np.empty(spec.shape, dtype)
+            leaf[target.index] = part
+            self.pending[target.path] -= 1
+            if self.pending[target.path] == 0 and self.shardings is not None:
+                self._place(target.path)
+
+    def _place(self, path: str) -> None:
+        sharding = self.shardings
+        for name in path.split("/"):
+            sharding = sharding.get(name) if isinstance(sharding, Mapping) else None
+        if sharding is not None:
+            import jax
+            self.leaves[path] = jax.device_put(self.leaves[path], sharding)   # the host copy is dropped here
+
+    def finish(self) -> dict:
+        return unflatten(self.leaves)
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict:
+    """{'a/b/c': x} -> {'a': {'b': {'c': x}}}."""
+    tree: dict = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split("/")
+        node = tree
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = value
+    return tree
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for name, value in tree.items():
+        path = f"{prefix}{name}"
+        out.update(flatten(value, path + "/") if isinstance(value, Mapping) else {path: value})
+    return out
+
+
+def _to_numpy(x) -> np.ndarray:
+    """numpy view of a numpy/jax array or a torch tensor (bf16 included)."""
+    if hasattr(x, "detach"):
+        import torch
+        t = x.detach().cpu()
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16 else t.numpy()
+    return np.asarray(x)
+
+
+def hf_state_dict_to_params(state_dict: Mapping[str, Any], config: ModelConfig, dtype=np.float32) -> dict:
+    """In-memory HF state_dict (on-disk per-expert or in-memory fused experts) -> parameter tree.
+    `dtype` None keeps each tensor's dtype; the router weight and correction bias are always fp32."""
+    arrays = {k: _to_numpy(v) for k, v in state_dict.items()}
+    asm = _Assembler(config, dtype)
+    for key in asm.plan({k: a.shape for k, a in arrays.items()}, {k: a.dtype for k, a in arrays.items()}):
+        asm.put(key, arrays[key])
+    return asm.finish()
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter leaves -> HF tensors
+
+def _check_params(config: ModelConfig, params: Mapping[str, Any]) -> dict[str, Any]:
+    specs, flat = param_specs(config), flatten(params)
+    missing = [p for p in specs if p not in flat]
+    unexpected = [p for p in flat if p not in specs]
+    wrong = [f"{p}: expected shape {specs[p].shape}, found {tuple(np.shape(flat[p]))}"
+             for p in specs if p in flat and tuple(np.shape(flat[p])) != specs[p].shape]
+    problems = [(wrong, "leaves with the wrong shape"), (missing, "missing leaves"), (unexpected, "unexpected leaves")]
+    message = [f"{len(items)} {what}: {_listing(items)}" for items, what in problems if items]
+    if message:
+        raise ConversionError("parameter tree does not match the config: " + " | ".join(message))
+    return flat
+
+
+def _export(config: ModelConfig, params, expert_layout: str | None, dtype) -> list[tuple[Entry, np.dtype, Any]]:
+    """(entry, output dtype, producer) per HF tensor in save order; a producer builds one tensor on demand."""
+    flat, dtype, specs = _check_params(config, params), as_dtype(dtype), param_specs(config)
+    out = []
+    for entry in key_table(config, expert_layout):
+        first = entry.targets[0].path
+        out_dtype = np.dtype(np.float32) if specs[first].fp32 else (dtype or np.dtype(flat[first].dtype))
+
+        def produce(entry=entry, out_dtype=out_dtype):
+            parts = [np.asarray(flat[t.path][t.index]) for t in entry.targets]
+            return np.ascontiguousarray(entry.to_hf(*parts), dtype=out_dtype)
+        out.append((entry, out_dtype, produce))
+    return out
+
+
+def params_to_hf_state_dict(config: ModelConfig, params: Mapping[str, Any], dtype=None,
+                            expert_layout: str | None = None) -> dict[str, np.ndarray]:
+    """Parameter tree -> the on-disk HF state_dict (experts per-expert for glm4v_moe, fused for glm46v)."""
+    return {entry.key: produce() for entry, _, produce in _export(config, params, expert_layout, dtype)}
+
+
+# ----------------------------------------------------------------------------------------------
+# load_pretrained
+
+def _read_config(path: Path) -> ModelConfig:
+    file = path / "config.json"
+    if not file.is_file():
+        raise ConversionError(f"missing config.json in {path}")
+    try:
+        return from_hf_config(json.loads(file.read_text()))
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{file} is not valid JSON: {e}") from e
+    except ConfigError as e:
+        raise ConversionError(f"{file}: {e}") from e
+
+
+def _checkpoint_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = dict(json.loads(index.read_text())["weight_map"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ConversionError(f"{index} is not a valid safetensors index ({e!r})") from e
+        names = sorted(set(weight_map.values()))
+        absent = [n for n in names if not (path / n).is_file()]
+        if absent:
+            raise ConversionError(f"{index} names shard files that do not exist in {path}: {absent}")
+        return [path / n for n in names], weight_map
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE], None
+    raise ConversionError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="numpy")
+    except (SafetensorError, OSError) as e:
+        raise ConversionError(f"{file}: corrupt or truncated safetensors file ({e})") from e
+
+
+def _read_headers(files: list[Path], weight_map: dict[str, str] | None):
+    """key -> (file, shape, dtype) from the shard headers, cross-checked against the index."""
+    found: dict[str, tuple[Path, tuple, np.dtype]] = {}
+    for file in files:
+        with _open(file) as f:
+            for key in f.keys():
+                if key in found:
+                    raise ConversionError(f"tensor {key} appears in both {found[key][0].name} and {file.name}")
+                sl = f.get_slice(key)
+                if sl.get_dtype() not in _ST_DTYPES:
+                    raise ConversionError(f"{file}: tensor {key} has unsupported dtype {sl.get_dtype()}")
+                found[key] = (file, tuple(sl.get_shape()), _ST_DTYPES[sl.get_dtype()])
+    if weight_map is not None:
+        lost = [f"{k} (in {v})" for k, v in weight_map.items() if k not in found or found[k][0].name != v]
+        if lost:
+            raise ConversionError(f"{INDEX_FILE} names tensors its shard files lack: {_listing(lost)}")
+    return found
+
+
+def load_pretrained(path, dtype=np.float32, shardings: Any = None) -> tuple[ModelConfig, dict]:
+    """Reads an HF checkpoint directory -> (ModelConfig, params).
+
+    dtype: the parameter dtype (None keeps the checkpoint's); router weight and correction bias stay fp32.
+    shardings: optional tree of jax shardings shaped like params; each leaf is placed as soon as it is
+    complete and its host copy dropped. None returns host numpy arrays."""
+    path = Path(path)
+    config = _read_config(path)
+    files, weight_map = _checkpoint_files(path)
+    found = _read_headers(files, weight_map)
+    asm = _Assembler(config, dtype, shardings)
+    keys = set(asm.plan({k: v[1] for k, v in found.items()}, {k: v[2] for k, v in found.items()}))
+    for file in files:
+        with _open(file) as f:
+            for key in f.keys():
+                if key not in keys:
+                    continue
+                try:
+                    tensor = f.get_tensor(key)
+                except (SafetensorError, OSError) as e:
+                    raise ConversionError(f"{file}: cannot read tensor {key} ({e})") from e
+                asm.put(key, tensor)
+                del tensor
+    return config, asm.finish()
+
+
+# ----------------------------------------------------------------------------------------------
+# save_pretrained
+
+def parse_size(size) -> int:
+    """'5GB' -> 5 * 10**9, '200MiB' -> 200 * 2**20, ints pass through (HF's convention)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise ConversionError(f"cannot parse max_shard_size {size!r} (use an int or e.g. '5GB', '500MiB')")
+    unit = (m.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    return int(float(m.group(1)) * base ** " KMGT".index(unit[0] if unit != "B" else " "))
+
+
+def _write_safetensors(file: Path, items: list[tuple[Entry, np.dtype, Any]]) -> None:
+    """Writes one safetensors file: the header from shapes alone, then each tensor as it is produced."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for entry, dt, _ in items:
+        size = int(np.prod(entry.shape)) * dt.itemsize
+        header[entry.key] = {"dtype": _ST_NAMES[dt], "shape": list(entry.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for entry, dt, produce in items:
+            array = produce()
+            assert array.shape == entry.shape and array.dtype == dt, (entry.key, array.shape, array.dtype)
+            f.write(array.reshape(-1).view(np.uint8).data)
+
+
+def _shards(items: list, limit: int) -> Iterator[list]:
+    shard, size = [], 0
+    for item in items:
+        nbytes = int(np.prod(item[0].shape)) * item[1].itemsize
+        if shard and size + nbytes > limit:
+            yield shard
+            shard, size = [], 0
+        shard.append(item)
+        size += nbytes
+    if shard:
+        yield shard
+
+
+def save_pretrained(config: ModelConfig, params: Mapping[str, Any], path, max_shard_size="5GB", dtype=None,
+                    expert_layout: str | None = None) -> list[Path]:
+    """Writes config.json and model.safetensors (or model-0000i-of-0000n.safetensors + index) to `path`.
+
+    dtype: the stored dtype (None keeps each leaf's); the router weight and correction bias stay fp32.
+    expert_layout: MoE expert keys, per_expert or fused; default is what from_pretrained reads for the
+    model_type. Older model*.safetensors files and index in `path` are removed. Returns the files written."""
+    path = Path(path)
+    items = _export(config, params, expert_layout, dtype)
+    if any(dt not in _ST_NAMES for _, dt, _ in items):
+        raise ConversionError(f"cannot store dtypes {sorted({str(dt) for _, dt, _ in items} - set(map(str, _ST_NAMES)))}")
+    path.mkdir(parents=True, exist_ok=True)
+    for old in list(path.glob("model*.safetensors")) + [path / INDEX_FILE]:
+        if old.name == SINGLE_FILE or old.name == INDEX_FILE or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", old.name):
+            old.unlink(missing_ok=True)
+    stored = [dt for entry, dt, _ in items if "mlp.gate." not in entry.key]
+    hf = to_hf_config(config)
+    hf["dtype"] = "bfloat16" if stored[0] == ml_dtypes.bfloat16 else str(stored[0])
+    (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    shards = list(_shards(items, parse_size(max_shard_size)))
+    names = [SINGLE_FILE] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        _write_safetensors(path / name, shard)
+    if len(shards) > 1:
+        total = sum(int(np.prod(e.shape)) * dt.itemsize for e, dt, _ in items)
+        weight_map = {entry.key: name for name, shard in zip(names, shards) for entry, _, _ in shard}
+        (path / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                  indent=2) + "\n")
+    return [path / n for n in names]
