@@ -1,0 +1,213 @@
+"""Pack per-sample examples into the fixed-shape training batch of BATCH.md.
+
+A *sample* (made by `transforms.py`) is a dict of numpy arrays for one record alone:
+  input_ids, targets, token_type [L] int32; loss_mask [L] float32; position_ids [3, L] int32 (get_rope_index
+  of the sample alone); pixel_values [N, Pd] float32 (its patch rows in token-appearance order);
+  patch_pos, patch_grid [N, 2] int32; patch_frame [N] int32 (0-based image/frame index inside the sample);
+  plus "id" (str).
+`targets` are already shifted inside the sample (last = 0), so no target ever crosses a segment.
+
+Packing is first-fit over the B rows of the batch being built: a sample goes into the first row with room
+for its tokens, provided the batch's patch rows stay within Np. When it fits nowhere, the batch is emitted
+and the sample opens the next one. Only that one sample is ever carried over, so the iterator state is just
+the parent state from before that sample was read (plus counters): JSON-able and exact on restore.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import grain
+import numpy as np
+
+from glmv_jax.data.records import BadRecord, BadRecordError
+
+TOKEN_KEYS = ("input_ids", "targets", "loss_mask", "token_type")
+
+
+def sample_fits(sample: dict, seq_len: int, patch_budget: int) -> BadRecord | None:
+    """None if the sample can ever fit a row, else the BadRecord saying why not."""
+    n_tokens, n_patches = len(sample["input_ids"]), len(sample["pixel_values"])
+    where = sample.get("where", sample.get("id", "?"))
+    if n_tokens > seq_len:
+        return BadRecord("too_long", where, f"{n_tokens} tokens exceed the packed length T={seq_len}")
+    if n_patches > patch_budget:
+        return BadRecord("too_many_patches", where, f"{n_patches} patch rows exceed the budget Np={patch_budget}")
+    return None
+
+
+class BatchBuilder:
+    """Collects samples into B rows of T tokens sharing Np patch rows; `build` makes the BATCH.md dict."""
+
+    def __init__(self, batch_size: int, seq_len: int, patch_budget: int, patch_dim: int):
+        self.batch_size, self.seq_len, self.patch_budget, self.patch_dim = batch_size, seq_len, patch_budget, patch_dim
+        self.rows: list[list[dict]] = [[] for _ in range(batch_size)]
+        self.row_tokens = [0] * batch_size
+        self.n_patches = 0
+
+    @property
+    def empty(self) -> bool:
+        return not any(self.rows)
+
+    def add(self, sample: dict) -> bool:
+        """Place `sample` in the first row with room; False if no row (or the patch budget) has room."""
+        n_tokens, n_patches = len(sample["input_ids"]), len(sample["pixel_values"])
+        if self.n_patches + n_patches > self.patch_budget:
+            return False
+        for r in range(self.batch_size):
+            if self.row_tokens[r] + n_tokens <= self.seq_len:
+                self.rows[r].append(sample)
+                self.row_tokens[r] += n_tokens
+                self.n_patches += n_patches
+                return True
+        return False
+
+    def build(self) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        """-> (batch per BATCH.md, {"samples", "tokens", "patches"} of this batch)."""
+        B, T, Np = self.batch_size, self.seq_len, self.patch_budget
+        batch = {"input_ids": np.zeros((B, T), np.int32), "targets": np.zeros((B, T), np.int32),
+                 "loss_mask": np.zeros((B, T), np.float32), "segment_ids": np.zeros((B, T), np.int32),
+                 "position_ids": np.zeros((3, B, T), np.int32), "token_type": np.zeros((B, T), np.int32),
+                 "pixel_values": np.zeros((Np, self.patch_dim), np.float32),
+                 "patch_pos": np.zeros((Np, 2), np.int32), "patch_grid": np.ones((Np, 2), np.int32),
+                 "patch_segment": np.zeros((Np,), np.int32)}
+        p = 0            # next patch row
+        frames = 0       # images/frames placed so far (patch_segment is 1-based)
+        n_samples = 0
+        for r, row in enumerate(self.rows):     # row-major: rows, then positions = token-appearance order
+            t = 0
+            for seg, s in enumerate(row, start=1):
+                n = len(s["input_ids"])
+                for key in TOKEN_KEYS:
+                    batch[key][r, t:t + n] = s[key]
+                batch["segment_ids"][r, t:t + n] = seg
+                batch["position_ids"][:, r, t:t + n] = s["position_ids"]
+                m = len(s["pixel_values"])
+                if m:
+                    batch["pixel_values"][p:p + m] = s["pixel_values"]
+                    batch["patch_pos"][p:p + m] = s["patch_pos"]
+                    batch["patch_grid"][p:p + m] = s["patch_grid"]
+                    batch["patch_segment"][p:p + m] = s["patch_frame"] + frames + 1
+                    frames += int(s["patch_frame"].max()) + 1
+                p += m
+                t += n
+                n_samples += 1
+        return batch, {"samples": n_samples, "tokens": sum(self.row_tokens), "patches": p}
+
+
+def check_batch(batch: dict[str, np.ndarray], merge_area: int = 4) -> None:
+    """The BATCH.md invariants that can be checked on the batch alone; raises ValueError naming the broken one."""
+    vision_tokens = int((batch["token_type"] != 0).sum())
+    real_patches = int((batch["patch_segment"] != 0).sum())
+    if vision_tokens * merge_area != real_patches:
+        raise ValueError(f"{vision_tokens} vision tokens but {real_patches} patch rows (expected x{merge_area})")
+    if real_patches and batch["patch_segment"][:real_patches].min() == 0:
+        raise ValueError("padding patch rows interleaved with real ones")
+    pad = batch["segment_ids"] == 0
+    if (batch["loss_mask"][pad] != 0).any() or (batch["input_ids"][pad] != 0).any():
+        raise ValueError("loss or tokens on padding positions")
+    if (batch["loss_mask"][batch["token_type"] != 0] != 0).any():
+        raise ValueError("loss on a vision token")
+
+
+class PackIterDataset(grain.IterDataset):
+    """grain IterDataset: samples (or BadRecord markers) in, fixed-shape packed batches out.
+
+    on_bad_record="skip" counts each BadRecord / oversize sample by reason; "raise" raises BadRecordError
+    naming the record. The iterator's `stats()` gives the counters and packing efficiencies.
+    """
+
+    def __init__(self, parent: grain.IterDataset, batch_size: int, seq_len: int, patch_budget: int,
+                 patch_dim: int, on_bad_record: str = "skip", check: bool = True, merge_area: int = 4):
+        super().__init__(parent)
+        if on_bad_record not in ("skip", "raise"):
+            raise ValueError(f"on_bad_record must be 'skip' or 'raise', got {on_bad_record!r}")
+        self.kw = dict(batch_size=batch_size, seq_len=seq_len, patch_budget=patch_budget, patch_dim=patch_dim)
+        self.on_bad_record, self.check, self.merge_area = on_bad_record, check, merge_area
+
+    def __iter__(self) -> "PackIterator":
+        return PackIterator(self._parent.__iter__(), self)
+
+    def __str__(self) -> str:
+        return f"PackIterDataset({self.kw}, on_bad_record={self.on_bad_record})"
+
+
+def _new_counters() -> dict[str, Any]:
+    return {"batches": 0, "samples": 0, "tokens": 0, "patches": 0, "skipped": {}}
+
+
+class PackIterator(grain.DatasetIterator):
+    """State: {"parent": parent state before the carried-over sample (or current), "counters": {...}}."""
+
+    def __init__(self, parent: grain.DatasetIterator, spec: PackIterDataset):
+        super().__init__(parent)
+        self.spec = spec
+        self.counters = _new_counters()
+        self.last: dict[str, float] = {}
+        self._pending: dict | None = None            # the sample that did not fit the previous batch
+        self._pending_state: Any = None              # parent state from before it was read
+        self._exhausted = False
+
+    def _next_sample(self) -> tuple[Any, dict | None]:
+        """(parent state before the read, next good sample or None at the end); counts/raises bad ones."""
+        while True:
+            state = self._parent.get_state()
+            try:
+                element = next(self._parent)
+            except StopIteration:
+                return state, None
+            bad = element if isinstance(element, BadRecord) else sample_fits(
+                element, self.spec.kw["seq_len"], self.spec.kw["patch_budget"])
+            if bad is None:
+                return state, element
+            if self.spec.on_bad_record == "raise":
+                raise bad.error()
+            skipped = self.counters["skipped"]
+            skipped[bad.reason] = skipped.get(bad.reason, 0) + 1
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        builder = BatchBuilder(**self.spec.kw)
+        if self._pending is not None:
+            builder.add(self._pending)
+            self._pending = self._pending_state = None
+        while not self._exhausted:
+            state, sample = self._next_sample()
+            if sample is None:
+                self._exhausted = True
+            elif not builder.add(sample):
+                self._pending, self._pending_state = sample, state
+                break
+        if builder.empty:
+            raise StopIteration
+        batch, info = builder.build()
+        if self.spec.check:
+            check_batch(batch, self.spec.merge_area)
+        for key in ("samples", "tokens", "patches"):
+            self.counters[key] += info[key]
+        self.counters["batches"] += 1
+        kw = self.spec.kw
+        self.last = {"token_efficiency": info["tokens"] / (kw["batch_size"] * kw["seq_len"]),
+                     "patch_efficiency": info["patches"] / kw["patch_budget"], "samples_per_batch": info["samples"]}
+        return batch
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since the start of the stream (restored with the state) and this batch's efficiencies."""
+        c, kw = self.counters, self.spec.kw
+        n = max(c["batches"], 1)
+        return {**copy.deepcopy(c), **self.last,
+                "mean_token_efficiency": c["tokens"] / (n * kw["batch_size"] * kw["seq_len"]),
+                "mean_patch_efficiency": c["patches"] / (n * kw["patch_budget"]),
+                "skipped_total": sum(c["skipped"].values())}
+
+    def get_state(self) -> dict[str, Any]:
+        parent = self._pending_state if self._pending is not None else self._parent.get_state()
+        return {"parent": copy.deepcopy(parent), "counters": copy.deepcopy(self.counters),
+                "exhausted": self._exhausted and self._pending is None}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(copy.deepcopy(state["parent"]))
+        self.counters = copy.deepcopy(state["counters"])
+        self._pending = self._pending_state = None
+        self._exhausted = bool(state.get("exhausted", False))
+        self.last = {}
