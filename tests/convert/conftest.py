@@ -11,6 +11,9 @@ CONFIGS = {
     "glm4v_moe": lambda: tiny(moe=True),
     "glm46v_dense": lambda: replace(tiny(), model_type="glm46v"),
     "glm46v_moe": lambda: replace(tiny(moe=True), model_type="glm46v"),
+    # no attention bias, two leading dense layers: MoE layers numbered after them on disk
+    "glm4v_moe_k2_nobias": lambda: tiny(moe=True).replace(
+        text=replace(tiny(moe=True).text, attention_bias=False, first_k_dense_replace=2)),
 }
 
 

@@ -17,7 +17,7 @@ from glmv_jax.convert.hf import (flatten, hf_state_dict_to_params, load_pretrain
 from glmv_jax.convert.mapping import key_table, param_specs
 from tests.hf_oracle import hf_classes
 
-NAMES = ["glm4v", "glm4v_moe", "glm46v_dense", "glm46v_moe"]
+NAMES = ["glm4v", "glm4v_moe", "glm46v_dense", "glm46v_moe", "glm4v_moe_k2_nobias"]
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,9 @@ def test_transforms_match_hf_modules(loaded, name):
             stack, i = ("layers", l_hf) if l_hf < t.num_dense_layers else ("moe_layers", l_hf - t.num_dense_layers)
             S, xt = T[stack], torch.from_numpy(x)
             for proj in ("q", "k", "v"):
-                out = _lin(f64(x), S["attn"][proj]["kernel"][i]) + S["attn"][proj]["bias"][i].reshape(-1)
+                out = _lin(f64(x), S["attn"][proj]["kernel"][i])
+                assert ("bias" in S["attn"][proj]) == t.attention_bias
+                out = out + S["attn"][proj]["bias"][i].reshape(-1) if t.attention_bias else out
                 _close(getattr(layer.self_attn, f"{proj}_proj")(xt), out, f"text {proj} layer {l_hf}")
             y = rng.standard_normal((6, t.num_attention_heads, t.dim_per_head)).astype(np.float32)
             _close(layer.self_attn.o_proj(torch.from_numpy(y.reshape(6, -1))), _lin(f64(y), S["attn"]["o"]["kernel"][i], 2),
