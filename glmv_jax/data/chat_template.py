@@ -54,9 +54,11 @@ def split_media_markers(text: str) -> list[dict]:
 
 
 def count_media(messages: Sequence[dict]) -> tuple[int, int]:
-    """(#images, #videos) referenced by the conversation (markers in strings and media items)."""
+    """(#images, #videos) in the user turns (markers in strings and media items), as the templates render them."""
     images = videos = 0
     for msg in messages:
+        if msg.get("role") != "user":
+            continue
         content = msg.get("content")
         items = split_media_markers(content) if isinstance(content, str) else (content or [])
         for item in items:

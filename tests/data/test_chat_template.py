@@ -1,0 +1,345 @@
+"""The Python chat templates against the hub Jinja templates rendered with jinja2 the way transformers does
+(trim_blocks, lstrip_blocks, loopcontrols), and the token-level training examples built from them."""
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
+import numpy as np
+import pytest
+
+from glmv_jax.data import chat_template as ct
+from glmv_jax.data.tokenizer import SentencePieceTokenizer
+
+# docs/chat_template.md section 2, verbatim.
+GLM41V_TEMPLATE = """[gMASK]<sop>
+{%- for msg in messages %}
+    {%- if msg.role == 'system' %}
+<|system|>
+{{ msg.content }}
+    {%- elif msg.role == 'user' %}
+<|user|>{{ '\\n' }}
+
+        {%- if msg.content is string %}
+{{ msg.content }}
+        {%- else %}
+            {%- for item in msg.content %}
+                {%- if item.type == 'video' or 'video' in item %}
+<|begin_of_video|><|video|><|end_of_video|>
+                {%- elif item.type == 'image' or 'image' in item %}
+<|begin_of_image|><|image|><|end_of_image|>
+                {%- elif item.type == 'text' %}
+{{ item.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+    {%- elif msg.role == 'assistant' %}
+        {%- if msg.metadata %}
+<|assistant|>{{ msg.metadata }}
+{{ msg.content }}
+        {%- else %}
+<|assistant|>
+{{ msg.content }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{% if add_generation_prompt %}<|assistant|>
+{% endif %}"""
+
+# docs/chat_template.md section 3 (the upstream excerpt) completed with the lines it omits (tools header,
+# visible_text macro, last-user index, reasoning split, tool results, system, generation prompt) as in the
+# public copy of the GLM-4.5V-layout hub template (GLM-OCR's, whose non-tool branches are the same).
+GLM45V_TEMPLATE = """[gMASK]<sop>
+{%- if tools -%}
+<|system|>
+# Tools
+
+You may call one or more functions to assist with the user query.
+{%- endif -%}
+{%- macro visible_text(content) -%}
+    {%- if content is string -%}
+        {{- content }}
+    {%- elif content is iterable and content is not mapping -%}
+        {%- for item in content -%}
+            {%- if item is mapping and item.type == 'text' -%}
+                {{- item.text }}
+            {%- elif item is mapping and (item.type == 'image' or 'image' in item) -%}
+                <|begin_of_image|><|image|><|end_of_image|>
+            {%- elif item is mapping and (item.type == 'video' or 'video' in item) -%}
+                <|begin_of_video|><|video|><|end_of_video|>
+            {%- elif item is string -%}
+                {{- item }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{- content }}
+    {%- endif -%}
+{%- endmacro -%}
+{%- set ns = namespace(last_user_index=-1) %}
+{%- for m in messages %}
+    {%- if m.role == 'user' %}
+        {% set ns.last_user_index = loop.index0 -%}
+    {%- endif %}
+{%- endfor %}
+{% for m in messages %}
+{%- if m.role == 'user' -%}<|user|>
+{% if m.content is string %}
+{{ m.content }}
+{%- else %}
+{%- for item in m.content %}
+{% if item.type == 'video' or 'video' in item %}
+<|begin_of_video|><|video|><|end_of_video|>{% elif item.type == 'image' or 'image' in item %}
+<|begin_of_image|><|image|><|end_of_image|>{% elif item.type == 'text' %}
+{{ item.text }}
+{%- endif %}
+{%- endfor %}
+{%- endif %}
+{{- '/nothink' if (enable_thinking is defined and not enable_thinking and not visible_text(m.content).endswith("/nothink")) else '' -}}
+{%- elif m.role == 'assistant' -%}
+<|assistant|>
+{%- set reasoning_content = '' %}
+{%- set content = visible_text(m.content) %}
+{%- if m.reasoning_content is string %}
+    {%- set reasoning_content = m.reasoning_content %}
+{%- else %}
+    {%- if '</think>' in content %}
+        {%- set reasoning_content = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}
+        {%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+    {%- endif %}
+{%- endif %}
+{%- if loop.index0 > ns.last_user_index and reasoning_content -%}
+{{ '\\n<think>' + reasoning_content.strip() +  '</think>'}}
+{%- else -%}
+{{ '\\n<think></think>' }}
+{%- endif -%}
+{%- if content.strip() -%}
+{{ '\\n' + content.strip() }}
+{%- endif -%}
+{%- elif m.role == 'tool' -%}
+{%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+    {{- '<|observation|>' }}
+{%- endif %}
+{{- '\\n<tool_response>\\n' }}
+{{- m.content }}
+{{- '\\n</tool_response>' }}
+{%- elif m.role == 'system' -%}
+<|system|>
+{{ visible_text(m.content) }}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+<|assistant|>
+{{'<think></think>\\n' if (enable_thinking is defined and not enable_thinking) else ''}}
+{%- endif -%}"""
+
+_ENV = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                    extensions=[jinja2.ext.loopcontrols])
+JINJA = {"glm41v": _ENV.from_string(GLM41V_TEMPLATE), "glm45v": _ENV.from_string(GLM45V_TEMPLATE)}
+
+
+def jinja_render(messages, template, add_generation_prompt=False, enable_thinking=None):
+    """The reference: user string content with <image>/<video> markers becomes media items first."""
+    msgs = [dict(m, content=ct.split_media_markers(m["content"]))
+            if m["role"] == "user" and isinstance(m["content"], str) and ("<image>" in m["content"] or
+                                                                          "<video>" in m["content"]) else m
+            for m in messages]
+    kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    return JINJA["glm45v" if template == "glm46v" else template].render(
+        messages=msgs, add_generation_prompt=add_generation_prompt, **kwargs)
+
+
+# -- the worked examples of chat_template.md ---------------------------------------------------------------
+IMG = "<|begin_of_image|><|image|><|end_of_image|>"
+
+
+def test_doc_examples_glm41v():
+    q = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in this image?"}]}]
+    assert ct.render(q, "glm41v", add_generation_prompt=True) == \
+        f"[gMASK]<sop><|user|>\n{IMG}What is in this image?<|assistant|>\n"
+    sys = [{"role": "system", "content": "You are a helpful assistant."}] + q
+    assert ct.render(sys, "glm41v", add_generation_prompt=True) == \
+        f"[gMASK]<sop><|system|>\nYou are a helpful assistant.<|user|>\n{IMG}What is in this image?<|assistant|>\n"
+    two = [{"role": "user", "content": "<image>How many cats?"},
+           {"role": "assistant", "content": "<think>I count two cats.</think><answer>There are "
+                                            "<|begin_of_box|>2<|end_of_box|> cats.</answer>"},
+           {"role": "user", "content": "What colour are they?"}]
+    assert ct.render(two, "glm41v", add_generation_prompt=True) == (
+        f"[gMASK]<sop><|user|>\n{IMG}How many cats?<|assistant|>\n<think>I count two cats.</think><answer>There are "
+        "<|begin_of_box|>2<|end_of_box|> cats.</answer><|user|>\nWhat colour are they?<|assistant|>\n")
+
+
+def test_doc_examples_glm45v():
+    q = [{"role": "user", "content": "<image>What is in this image?"}]
+    for template in ("glm45v", "glm46v"):
+        assert ct.render(q, template, add_generation_prompt=True) == \
+            f"[gMASK]<sop><|user|>\n{IMG}What is in this image?<|assistant|>\n"
+        assert ct.render(q, template, add_generation_prompt=True, enable_thinking=False) == \
+            f"[gMASK]<sop><|user|>\n{IMG}What is in this image?/nothink<|assistant|>\n<think></think>\n"
+    two = [{"role": "user", "content": "<image>How many cats?"},
+           {"role": "assistant", "content": "<think>I count two cats.</think>\nThere are "
+                                            "<|begin_of_box|>2<|end_of_box|> cats."},
+           {"role": "user", "content": "What colour are they?"}]
+    assert ct.render(two, "glm45v", add_generation_prompt=True) == (
+        f"[gMASK]<sop><|user|>\n{IMG}How many cats?<|assistant|>\n<think></think>\nThere are "
+        "<|begin_of_box|>2<|end_of_box|> cats.<|user|>\nWhat colour are they?<|assistant|>\n")
+
+
+# -- many random conversations against jinja -------------------------------------------------------------
+USER_STRINGS = ["<image>How many shapes?", "Compare <image> and <image>.", "<video>Describe this video.",
+                "plain question", "  padded \n question /nothink", "<image>", "a\n\nb<image>c/nothink", ""]
+ITEMS = [{"type": "image"}, {"type": "image", "image": "a.png"}, {"image": "b.png"}, {"type": "video"},
+         {"video": ["f0.png", "f1.png"]}, {"type": "text", "text": "Look: "}, {"type": "text", "text": " end\n"},
+         {"type": "text", "text": "/nothink"}]
+ANSWERS = ["<think>I count two.</think><answer><|begin_of_box|>2<|end_of_box|></answer>",
+           "<think>\nstep one\n\n</think>\n\nThere are <|begin_of_box|>3<|end_of_box|>.  ",
+           "no thinking here", "", "  \n", "<think></think>", "a</think>b</think>c", "x<think>y</think>",
+           "<think>r</think>\n<|begin_of_box|>[[1,2,3,4]]<|end_of_box|>"]
+SYSTEMS = ["You are a helpful assistant.", "", " two\nlines "]
+
+
+def random_conversation(rng, template):
+    msgs = []
+    if rng.random() < 0.4:
+        content = SYSTEMS[rng.integers(len(SYSTEMS))]
+        if template != "glm41v" and rng.random() < 0.3:
+            content = [{"type": "text", "text": content}, {"type": "image"}]
+        msgs.append({"role": "system", "content": content})
+    for _ in range(int(rng.integers(1, 4))):
+        if rng.random() < 0.5:
+            content = USER_STRINGS[rng.integers(len(USER_STRINGS))]
+        else:
+            content = [ITEMS[i] for i in rng.integers(len(ITEMS), size=int(rng.integers(1, 4)))]
+        msgs.append({"role": "user", "content": content})
+        if rng.random() < 0.8:
+            msg = {"role": "assistant", "content": ANSWERS[rng.integers(len(ANSWERS))]}
+            if template == "glm41v" and rng.random() < 0.2:
+                msg["metadata"] = "meta"
+            if template != "glm41v" and rng.random() < 0.2:
+                msg["reasoning_content"] = " explicit\nreasoning "
+            if template != "glm41v" and rng.random() < 0.15:
+                msg["content"] = [{"type": "text", "text": msg["content"]}]
+            msgs.append(msg)
+            if template != "glm41v" and rng.random() < 0.2:
+                msgs += [{"role": "tool", "content": "result"}] * int(rng.integers(1, 3))
+    return msgs
+
+
+@pytest.mark.parametrize("template", ["glm41v", "glm45v", "glm46v"])
+def test_random_conversations_match_jinja(template):
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        msgs = random_conversation(rng, template)
+        gen = bool(rng.random() < 0.5)
+        thinking = None if template == "glm41v" else [None, True, False][rng.integers(3)]
+        expected = jinja_render(msgs, template, gen, thinking)
+        assert ct.render(msgs, template, gen, thinking) == expected, msgs
+        segments = ct.render_segments(msgs, template, gen, thinking)
+        assert "".join(text for text, _ in segments) == expected
+
+
+def test_render_errors():
+    with pytest.raises(ct.ChatTemplateError, match="unknown chat template"):
+        ct.render([{"role": "user", "content": "x"}], "glm5")
+    with pytest.raises(ct.ChatTemplateError, match="no role 'tool'"):
+        ct.render([{"role": "tool", "content": "x"}], "glm41v")
+    with pytest.raises(ct.ChatTemplateError, match="unknown type"):
+        ct.render([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], "glm41v")
+    with pytest.raises(ct.ChatTemplateError, match="lacks 'role' or 'content'"):
+        ct.render([{"role": "user"}], "glm45v")
+    with pytest.raises(ct.ChatTemplateError, match="no enable_thinking"):
+        ct.render([{"role": "user", "content": "x"}], "glm41v", enable_thinking=False)
+    with pytest.raises(ct.ChatTemplateError, match="system content must be a string"):
+        ct.render([{"role": "system", "content": [{"type": "text", "text": "x"}]}], "glm41v")
+    with pytest.raises(ct.ChatTemplateError, match="unknown response style"):
+        ct.format_response("t", "1", style="glm5")
+
+
+def test_format_response():
+    assert ct.format_response("t", "42") == "<think>t</think><answer><|begin_of_box|>42<|end_of_box|></answer>"
+    assert ct.format_response("t", "42", "It is ", style="glm45v") == \
+        "<think>t</think>\nIt is <|begin_of_box|>42<|end_of_box|>"
+
+
+# -- tokens ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    texts = [jinja_render(random_conversation(np.random.default_rng(i), "glm41v"), "glm41v") for i in range(200)]
+    return SentencePieceTokenizer.train(texts, vocab_size=320, cache_dir=tmp_path_factory.mktemp("spm"))
+
+
+def _targets(ids, mask, tok):
+    return tok.decode(ids[mask.astype(bool)])
+
+
+SFT = {"id": "r1", "images": ["a.png"], "messages": [
+    {"role": "user", "content": "<image>How many?"},
+    {"role": "assistant", "content": "<think>two</think><answer><|begin_of_box|>2<|end_of_box|></answer>"}]}
+
+
+@pytest.mark.parametrize("template", ["glm41v", "glm45v"])
+def test_training_example_single_turn(tok, template):
+    ids, mask = ct.build_training_example(SFT, tok, template)
+    assert ids.dtype == np.int32 and mask.dtype == np.int32 and ids.shape == mask.shape
+    text = ct.render(SFT["messages"], template)
+    assert ids.tolist() == tok.encode(text) + [tok.token_to_id("<|user|>")]
+    prompt = ct.render(SFT["messages"][:1], template, add_generation_prompt=True)
+    n_prompt = len(tok.encode(prompt))
+    assert ids[:n_prompt].tolist() == tok.encode(prompt)  # the header `<|assistant|>\n` is prompt, untrained
+    assert mask[:n_prompt].sum() == 0 and mask[n_prompt:].all()
+    assert _targets(ids, mask, tok) == text[len(prompt):] + "<|user|>"
+
+
+@pytest.mark.parametrize("template", ["glm41v", "glm45v"])
+def test_training_example_multi_turn(tok, template):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "<image>First?"},
+            {"role": "assistant", "content": "<think>a</think>one"}, {"role": "user", "content": "Second?"},
+            {"role": "assistant", "content": "<think>b</think>two"}]
+    record = {"id": "m", "images": ["x.png"], "messages": msgs}
+    ids, mask = ct.build_training_example(record, tok, template, end_of_turn="<|endoftext|>")
+    assert ids.tolist() == tok.encode(ct.render(msgs, template)) + [tok.eos_id]
+    targets = "".join(text for text, is_out in ct.render_segments(msgs, template) if is_out)
+    first, second = [text for text, is_out in ct.render_segments(msgs, template) if is_out]
+    assert targets == first + second
+    assert _targets(ids, mask, tok) == first + "<|user|>" + second + "<|endoftext|>"
+    user_id = tok.token_to_id("<|user|>")
+    user_positions = np.flatnonzero(ids == user_id)
+    assert mask[user_positions].tolist() == [0, 1]  # the user turn after an answer ends that answer
+
+
+def test_training_example_image_expansion_and_errors(tok):
+    ids, mask = ct.build_training_example(SFT, tok, image_token_counts=[5])
+    plain_ids, plain_mask = ct.build_training_example(SFT, tok)
+    assert (ids == tok.image_id).sum() == 5 and len(ids) == len(plain_ids) + 4
+    assert mask.sum() == plain_mask.sum() and not mask[ids == tok.image_id].any()
+    two = {"id": "t", "images": [1, 2], "messages": [{"role": "user", "content": "<image><image>Same?"},
+                                                      {"role": "assistant", "content": "yes"}]}
+    ids, _ = ct.build_training_example(two, tok, image_token_counts=[2, 3])
+    runs = np.flatnonzero(ids == tok.image_id)
+    assert len(runs) == 5
+    with pytest.raises(ct.ChatTemplateError, match="image_token_counts"):
+        ct.build_training_example(two, tok, image_token_counts=[2])
+    with pytest.raises(ct.ChatTemplateError, match="1 image markers but 2 images"):
+        ct.build_training_example(dict(SFT, images=[1, 2]), tok)
+    with pytest.raises(ct.ChatTemplateError, match="no assistant turn"):
+        ct.build_training_example(dict(SFT, messages=SFT["messages"][:1]), tok)
+    with pytest.raises(ct.ChatTemplateError, match="over max_length=10"):
+        ct.build_training_example(SFT, tok, max_length=10)
+    with pytest.raises(ct.ChatTemplateError, match="'messages' list"):
+        ct.build_training_example({"id": "x"}, tok)
+
+
+@pytest.mark.parametrize("template,thinking", [("glm41v", None), ("glm45v", None), ("glm45v", False)])
+def test_build_prompt(tok, template, thinking):
+    prompt = ct.build_prompt(SFT, tok, template, enable_thinking=thinking)  # the answer turn is dropped
+    text = ct.render(SFT["messages"][:1], template, add_generation_prompt=True, enable_thinking=thinking)
+    assert prompt.tolist() == tok.encode(text) and text.endswith("<|assistant|>\n" + ("<think></think>\n"
+                                                                                       if thinking is False else ""))
+    expanded = ct.build_prompt(SFT, tok, template, image_token_counts=16, enable_thinking=thinking)
+    assert (expanded == tok.image_id).sum() == 16
+    with pytest.raises(ct.ChatTemplateError, match="no user turn"):
+        ct.build_prompt({"id": "x", "messages": []}, tok)
+
+
+def test_count_media():
+    msgs = [{"role": "system", "content": "<image> literal in a system turn"},
+            {"role": "user", "content": "<image><video>x"},
+            {"role": "user", "content": [{"type": "image"}, {"image": "p"}, {"type": "text", "text": "<image>"}]}]
+    assert ct.count_media(msgs) == (3, 1)
