@@ -14,7 +14,7 @@ Record kinds and their fields (`id` is always required; `kind` is inferred when 
 
 Normalized record: {"id", "kind", "domain", "images": [PIL image | absolute path], "video": None |
 {"frames": [...], "timestamps": [...]}, "text": str | None, "messages": list | None, "answer", "difficulty",
-"where"}. Exactly one of "text" (pretraining) and "messages" (conversation) is set.
+"where", "meta": the record's other fields (e.g. "tier")}. Exactly one of "text" (pretraining) and "messages" (conversation) is set.
 
 Bad records raise `BadRecordError(reason, where, message)`; the pipeline skips-and-counts them by `reason`
 or re-raises, per `on_bad_record`. Reasons: invalid_json, missing_field, invalid_field,
@@ -33,8 +33,14 @@ import PIL.Image
 KINDS = ("caption", "interleaved", "ocr", "grounding", "video", "sft", "rl")
 ROLES = ("system", "user", "assistant")
 IMAGE_MARK, VIDEO_MARK = "<image>", "<video>"
+RAW_VISION_TOKENS = ("<|image|>", "<|video|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
+                     "<|end_of_video|>")
 OCR_PROMPT = "Read all the text in the image."
 GROUNDING_PROMPT = "Locate {query} in the image. Answer with boxes [x1, y1, x2, y2] on a 0-1000 grid."
+
+
+_CONSUMED = {"id", "kind", "domain", "images", "video", "text", "messages", "answer", "difficulty", "prompt",
+             "query", "boxes"}
 
 
 class BadRecordError(ValueError):
@@ -82,7 +88,8 @@ def parse_record(element: dict) -> dict:
     images = [_image_ref(x, element.get("base_dir"), where) for x in _as_list(record.get("images", []), "images", where)]
     out = {"id": str(record["id"]), "kind": kind, "domain": record.get("domain"), "images": images,
            "video": None, "text": None, "messages": None, "answer": record.get("answer"),
-           "difficulty": record.get("difficulty"), "where": where}
+           "difficulty": record.get("difficulty"), "where": where,
+           "meta": {k: v for k, v in record.items() if k not in _CONSUMED}}
     if kind == "caption":
         text = _text(record, "text", where)
         _need_images(images, where, at_least=1)
@@ -219,6 +226,11 @@ def _video(record: dict, base_dir: str | None, where: str) -> dict:
 
 
 def _check_placeholders(out: dict, where: str) -> None:
+    texts = [out["text"]] if out["text"] is not None else [m["content"] for m in out["messages"]]
+    for token in RAW_VISION_TOKENS:
+        if any(token in t for t in texts):
+            raise BadRecordError("placeholder_mismatch", where,
+                                 f"literal {token} in the text; write {IMAGE_MARK} / {VIDEO_MARK} markers instead")
     n_image_marks = count_marks(out, IMAGE_MARK)
     if n_image_marks != len(out["images"]):
         raise BadRecordError("placeholder_mismatch", where,

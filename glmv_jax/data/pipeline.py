@@ -1,0 +1,196 @@
+"""The grain data pipelines: packed training batches (BATCH.md) and RL / eval prompts.
+
+    it = make_pipeline(cfg.data, tokenizer, Processor.for_model(model_config))
+    batch = next(it); it.stats()                    # counters, skipped records by reason, packing efficiency
+    state = it.get_state()                          # JSON-able; a fresh pipeline .set_state(state) resumes exactly
+
+Graph: sources (JSONL / ArrayRecord / memory / synthetic) -> this host's shard (records index::count)
+-> shuffle (per-epoch reseeded) -> repeat -> TrainingExampleTransform (parse, images, tokens, positions)
+-> to_iter_dataset (thread prefetch) -> optional mp_prefetch (worker processes) -> PackIterDataset.
+Every step before packing is a deterministic function of the record index, so the state is the element
+index plus the packer's carry-over and counters.
+
+Config keys (a ConfigDict, dict or DataConfig; unknown keys are ignored): see `DataConfig`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+import grain
+
+from glmv_jax.data.packing import PackIterDataset
+from glmv_jax.data.records import BadRecord
+from glmv_jax.data.sources import open_sources
+from glmv_jax.data.transforms import Processor, PromptTransform, TrainingExampleTransform
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str = "synthetic"          # synthetic | jsonl | array_record | memory (pass sources=)
+    manifests: tuple = ()              # JSONL manifests / ArrayRecord files
+    domains: tuple = ("counting", "math", "ocr", "chart", "grounding", "gui", "choice")
+    kind: str = "sft"                  # caption | sft | rl (synthetic records made; "rl" -> prompt pipeline)
+    split: str = "train"
+    num_records: int = 256             # synthetic records per domain
+    image_size: int = 56               # synthetic image side
+    seq_len: int = 256                 # T
+    batch_size: int = 8                # B (rows of this host)
+    patch_budget: int = 512            # Np
+    loss_on: str = "auto"              # auto | all (see TrainingExampleTransform)
+    on_bad_record: str = "skip"        # skip (counted) | raise
+    shuffle: bool = True
+    seed: int = 0
+    num_epochs: int | None = None      # None: repeat forever
+    shard_index: int | None = None     # None: this JAX process (grain ShardByJaxProcess)
+    shard_count: int | None = None
+    num_workers: int = 0               # > 0: grain mp_prefetch worker processes
+    read_threads: int = 2              # grain ReadOptions thread prefetch
+    prefetch: int = 16
+    check: bool = True                 # check the BATCH.md invariants on every batch
+
+
+def data_config(cfg: Any = None, **overrides) -> DataConfig:
+    """DataConfig from a ConfigDict / dict / DataConfig (unknown keys ignored) plus overrides."""
+    if cfg is None:
+        values = {}
+    elif isinstance(cfg, DataConfig):
+        values = dataclasses.asdict(cfg)
+    else:
+        values = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    values = {k: v for k, v in {**values, **overrides}.items() if k in known}
+    for key in ("manifests", "domains"):
+        if key in values and isinstance(values[key], (list, tuple)):
+            values[key] = tuple(values[key])
+    out = DataConfig(**values)
+    if out.on_bad_record not in ("skip", "raise"):
+        raise ValueError(f"data.on_bad_record must be 'skip' or 'raise', got {out.on_bad_record!r}")
+    if min(out.seq_len, out.batch_size, out.patch_budget) <= 0:
+        raise ValueError(f"data.seq_len, batch_size, patch_budget must be positive, got {out.seq_len}, "
+                         f"{out.batch_size}, {out.patch_budget}")
+    if (out.shard_index is None) != (out.shard_count is None):
+        raise ValueError("give both data.shard_index and data.shard_count, or neither")
+    return out
+
+
+def shard_options(cfg: DataConfig) -> tuple[int, int]:
+    """(shard_index, shard_count): from the config, else one shard per JAX process."""
+    if cfg.shard_count is not None:
+        if not 0 <= cfg.shard_index < cfg.shard_count:
+            raise ValueError(f"shard_index {cfg.shard_index} outside 0..{cfg.shard_count - 1}")
+        return cfg.shard_index, cfg.shard_count
+    options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
+    return options.shard_index, options.shard_count
+
+
+def synthetic_records(cfg: DataConfig) -> list[dict]:
+    from glmv_jax.data.synthetic import generate
+    return [r for domain in cfg.domains
+            for r in generate(domain, cfg.num_records, seed=cfg.seed, split=cfg.split, kind=cfg.kind,
+                              image_size=cfg.image_size)]
+
+
+def record_dataset(cfg: DataConfig, sources: Any = None) -> grain.MapDataset:
+    """This host's shard of raw elements, shuffled and repeated as configured."""
+    if sources is None:
+        if cfg.source == "synthetic":
+            sources = synthetic_records(cfg)
+        elif cfg.source in ("jsonl", "array_record"):
+            if not cfg.manifests:
+                raise ValueError(f"data.source={cfg.source!r} needs data.manifests")
+            sources = list(cfg.manifests)
+        else:
+            raise ValueError(f"data.source={cfg.source!r} needs sources= (or use synthetic / jsonl / array_record)")
+    ds = open_sources(sources)
+    index, count = shard_options(cfg)
+    if count > 1:
+        ds = ds[: len(ds) // count * count]            # equal shards: hosts stay in step
+        ds = ds[index::count]
+    if len(ds) == 0:
+        raise ValueError(f"shard {index}/{count} of the data has no records")
+    if cfg.shuffle:
+        ds = ds.shuffle(seed=cfg.seed + 7919 * index)
+    return ds.repeat(cfg.num_epochs)
+
+
+def _to_iter(ds: grain.MapDataset, cfg: DataConfig) -> grain.IterDataset:
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch))
+    if cfg.num_workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+    return it
+
+
+def make_pipeline(data_cfg: Any, tokenizer, processor: Processor, sources: Any = None, **overrides):
+    """Packed training batches (BATCH.md) -> a grain iterator with get_state / set_state / stats().
+
+    sources: overrides the config's sources (a JSONL path, a list of records, a list of either).
+    overrides: DataConfig fields, e.g. shard_index=0, shard_count=2, on_bad_record="raise".
+    """
+    cfg = data_config(data_cfg, **overrides)
+    ds = record_dataset(cfg, sources).map(TrainingExampleTransform(tokenizer, processor, cfg.loss_on))
+    packed = PackIterDataset(_to_iter(ds, cfg), batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                             patch_budget=cfg.patch_budget, patch_dim=processor.patch_dim,
+                             on_bad_record=cfg.on_bad_record, check=cfg.check,
+                             merge_area=processor.merge_size ** 2)
+    return iter(packed)
+
+
+# --------------------------------------------------------------------------- RL / eval prompts
+
+
+class SkipBadIterDataset(grain.IterDataset):
+    """Drops BadRecord markers (counted by reason) or raises them, per on_bad_record."""
+
+    def __init__(self, parent: grain.IterDataset, on_bad_record: str = "skip"):
+        super().__init__(parent)
+        self.on_bad_record = on_bad_record
+
+    def __iter__(self) -> "SkipBadIterator":
+        return SkipBadIterator(self._parent.__iter__(), self.on_bad_record)
+
+
+class SkipBadIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, on_bad_record: str):
+        super().__init__(parent)
+        self.on_bad_record = on_bad_record
+        self.skipped: dict[str, int] = {}
+        self.yielded = 0
+
+    def __next__(self):
+        while True:
+            element = next(self._parent)
+            if not isinstance(element, BadRecord):
+                self.yielded += 1
+                return element
+            if self.on_bad_record == "raise":
+                raise element.error()
+            self.skipped[element.reason] = self.skipped.get(element.reason, 0) + 1
+
+    def stats(self) -> dict[str, Any]:
+        return {"prompts": self.yielded, "skipped": dict(self.skipped), "skipped_total": sum(self.skipped.values())}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": copy.deepcopy(self._parent.get_state()), "skipped": dict(self.skipped),
+                "yielded": self.yielded}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(copy.deepcopy(state["parent"]))
+        self.skipped, self.yielded = dict(state["skipped"]), int(state["yielded"])
+
+
+def prompt_dataset(data_cfg: Any, tokenizer, processor: Processor, sources: Any = None, **overrides) -> grain.MapDataset:
+    """Random access to prompts (one per record of this shard, not shuffled or repeated): element i is a
+    prompt dict (transforms.PromptTransform) or a BadRecord. For curriculum samplers that pick by index."""
+    cfg = data_config(data_cfg, **{"shuffle": False, "num_epochs": 1, **overrides})
+    return record_dataset(cfg, sources).map(PromptTransform(tokenizer, processor))
+
+
+def make_prompt_pipeline(data_cfg: Any, tokenizer, processor: Processor, sources: Any = None, **overrides):
+    """RL / eval prompts, one at a time (not packed): shuffled, repeated, sharded like make_pipeline;
+    bad records skipped-and-counted or raised. -> iterator with get_state / set_state / stats()."""
+    cfg = data_config(data_cfg, **overrides)
+    ds = record_dataset(cfg, sources).map(PromptTransform(tokenizer, processor))
+    return iter(SkipBadIterDataset(_to_iter(ds, cfg), cfg.on_bad_record))
