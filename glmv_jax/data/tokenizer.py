@@ -105,8 +105,9 @@ class GlmTokenizer:
 
 
 class SentencePieceTokenizer(GlmTokenizer):
-    """A SentencePiece BPE model with byte fallback (any text round-trips) and the special tokens as
-    user-defined symbols. Trained with identity normalisation and no dummy prefix, so `decode(encode(s)) == s`."""
+    """A SentencePiece BPE model with the special tokens as user-defined symbols, identity normalisation and
+    no dummy prefix. With byte fallback (256 byte pieces) any text round-trips, `decode(encode(s)) == s`;
+    without it the vocabulary is ~256 smaller and characters unseen in training become `<unk>`."""
 
     def __init__(self, model_proto: bytes, extra_stop_ids: Sequence[int] = ()):
         import sentencepiece as spm
@@ -121,8 +122,8 @@ class SentencePieceTokenizer(GlmTokenizer):
         return cls(Path(path).read_bytes())
 
     @classmethod
-    def train(cls, texts: Sequence[str], vocab_size: int = 512,
-              cache_dir: str | os.PathLike | None = None) -> "SentencePieceTokenizer":
+    def train(cls, texts: Sequence[str], vocab_size: int = 512, cache_dir: str | os.PathLike | None = None,
+              byte_fallback: bool = True) -> "SentencePieceTokenizer":
         """Train deterministically on `texts` (split into lines), or load the model cached under
         `cache_dir` for the same inputs (key: hash of texts, vocab size, options, library version)."""
         import sentencepiece as spm
@@ -130,8 +131,9 @@ class SentencePieceTokenizer(GlmTokenizer):
         lines = [line for text in texts for line in text.split("\n") if line]
         if not lines:
             raise TokenizerError("cannot train a SentencePiece model on empty text")
-        options = dict(model_type="bpe", vocab_size=int(vocab_size), user_defined_symbols=list(SPECIAL_TOKENS),
-                       byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+        symbols = list(SPECIAL_TOKENS) + ([] if byte_fallback else ["\n"])  # lines never hold "\n" itself
+        options = dict(model_type="bpe", vocab_size=int(vocab_size), user_defined_symbols=symbols,
+                       byte_fallback=bool(byte_fallback), split_digits=True, normalization_rule_name="identity",
                        add_dummy_prefix=False, remove_extra_whitespaces=False, character_coverage=1.0,
                        unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, num_threads=1, minloglevel=2)
         digest = hashlib.sha256(repr((sorted(options.items()), spm.__version__)).encode())
@@ -213,12 +215,12 @@ def load_tokenizer(path: str | os.PathLike, extra_stop_ids: Sequence[int] = ()) 
 
 
 def suite_tokenizer(vocab_size: int = 512, cache_dir: str | os.PathLike | None = None,
-                    records_per_domain: int = 300) -> SentencePieceTokenizer:
+                    records_per_domain: int = 300, byte_fallback: bool = True) -> SentencePieceTokenizer:
     """The SentencePiece tokenizer of the built-in task suite, trained on the text it produces (prompts,
     SFT answers in both response styles, captions, rendered through both chat templates)."""
     from glmv_jax.data.synthetic import corpus_texts
 
-    return SentencePieceTokenizer.train(corpus_texts(records_per_domain), vocab_size, cache_dir)
+    return SentencePieceTokenizer.train(corpus_texts(records_per_domain), vocab_size, cache_dir, byte_fallback)
 
 
 def _cache_dir(cache_dir: str | os.PathLike | None) -> Path:
