@@ -378,6 +378,6 @@ def test_bad_video_inputs_raise_clear_errors():
         vp.process_videos([np.zeros((4, 28, 28, 3), np.uint8)] * 2, [vp.VideoMetadata(fps=2)] * 3)
     with pytest.raises(ValueError, match="temporal_factor"):  # a single frame cannot fill a temporal patch
         vp.process_videos(np.zeros((1, 28, 28, 3), np.uint8), None, sample_frames=False)
-    with pytest.warns(UserWarning, match="fps unknown"):  # two frames without metadata still work
+    with pytest.warns(UserWarning, match="fps unknown"):  # two 28x28 frames: min_pixels scales them to 84x84
         out = vp.process_videos(np.zeros((2, 28, 28, 3), np.uint8), None, sample_frames=False)
-    assert out["video_grid_thw"].tolist() == [[1, 4, 4]] and math.isfinite(out["pixel_values_videos"].sum())
+    assert out["video_grid_thw"].tolist() == [[1, 6, 6]] and math.isfinite(out["pixel_values_videos"].sum())
