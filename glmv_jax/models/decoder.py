@@ -1,0 +1,134 @@
+"""The GLM text decoder (architecture.md sections 3 and 5.1): embeddings, stacked layers, final norm.
+
+Dense GLM-4 layer (GLM-4.1V, 4.6V-Flash), "sandwich" norms:
+    x = x + attn_out_norm(attn(attn_norm(x)));  x = x + mlp_out_norm(mlp(mlp_norm(x)))
+MoE GLM-4.5-Air layer (GLM-4.5V, 4.6V), plain pre-norm with 2 norms:
+    x = x + attn(attn_norm(x));                  x = x + ffn(mlp_norm(x))
+where ffn is a dense SwiGLU in the first `first_k_dense_replace` layers (params text/layers) and the
+routed MoE of glmv_jax.models.moe in the others (params text/moe_layers). Attention: GQA with q/k/v
+bias, partial-rotary M-RoPE (interleaved pairs for dense, half-split for MoE), causal + segment mask.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from glmv_jax.config import ModelConfig, TextConfig
+from glmv_jax.models.layers import (INIT_STD, Einsum, RMSNorm, SwiGLU, causal_segment_mask,
+                                    dot_product_attention, make_stack, normal_init, param, run_stack)
+from glmv_jax.models.rope import apply_text_rope, text_rope_tables
+from glmv_jax.parallel.rules import constrain
+
+ACT = ("act_batch", "act_length", "act_embed")
+
+
+class AttentionContext(NamedTuple):
+    """Per-call inputs shared by every layer: rope tables and the small vectors the mask is built from.
+    q_index/kv_index are sequence slots (a KV cache only changes the kv side); segments 0 = padding."""
+    cos: jax.Array          # [B, T, rotary_dim]
+    sin: jax.Array
+    q_index: jax.Array      # [B, T] int
+    kv_index: jax.Array     # [B, S] int
+    q_segment: jax.Array    # [B, T] int
+    kv_segment: jax.Array   # [B, S] int
+
+
+class TextAttention(nnx.Module):
+    def __init__(self, t: TextConfig, rngs: nnx.Rngs | None = None):
+        d, n, k, h = t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.dim_per_head
+        bias = True if not t.moe else t.attention_bias        # HF hard-codes the dense q/k/v bias
+        self.head_dim, self.layout = h, t.rope_layout
+        self.q = Einsum("BTD,DNH->BTNH", (d, n, h), ("embed", "heads", "head_dim"),
+                        bias_shape=(n, h) if bias else None, bias_axes=("heads", "head_dim"), rngs=rngs)
+        self.k = Einsum("BSD,DKH->BSKH", (d, k, h), ("embed", "kv_heads", "head_dim"),
+                        bias_shape=(k, h) if bias else None, bias_axes=("kv_heads", "head_dim"), rngs=rngs)
+        self.v = Einsum("BSD,DKH->BSKH", (d, k, h), ("embed", "kv_heads", "head_dim"),
+                        bias_shape=(k, h) if bias else None, bias_axes=("kv_heads", "head_dim"), rngs=rngs)
+        self.o = Einsum("BTNH,NHD->BTD", (n, h, d), ("heads", "head_dim", "embed"), rngs=rngs)
+
+    def __call__(self, x: jax.Array, ctx: AttentionContext) -> jax.Array:
+        q = checkpoint_name(self.q(x), "query_proj")
+        k = checkpoint_name(self.k(x), "key_proj")
+        v = checkpoint_name(self.v(x), "value_proj")
+        q = apply_text_rope(q, ctx.cos, ctx.sin, self.layout)
+        k = apply_text_rope(k, ctx.cos, ctx.sin, self.layout)
+        mask = causal_segment_mask(ctx.q_index, ctx.kv_index, ctx.q_segment, ctx.kv_segment)
+        out = checkpoint_name(dot_product_attention(q, k, v, mask, self.head_dim ** -0.5), "attn_context")
+        return checkpoint_name(self.o(out), "attn_out")
+
+
+def _moe_ffn(t: TextConfig, rngs: nnx.Rngs | None):
+    """The routed-expert FFN from glmv_jax.models.moe (another module; imported only for MoE configs)."""
+    try:
+        from glmv_jax.models import moe
+    except ImportError as err:
+        raise NotImplementedError("MoE decoder layers need glmv_jax.models.moe, which is not available") from err
+    return moe.MoE(t, rngs=rngs)
+
+
+class DecoderLayer(nnx.Module):
+    """One decoder layer; `routed` selects the MoE FFN (params under `moe`) instead of the SwiGLU `mlp`."""
+
+    def __init__(self, t: TextConfig, routed: bool = False, rngs: nnx.Rngs | None = None):
+        d = t.hidden_size
+        self.sandwich = not t.moe
+        self.attn_norm = RMSNorm(d, t.rms_norm_eps, "embed", rngs)
+        self.mlp_norm = RMSNorm(d, t.rms_norm_eps, "embed", rngs)
+        if self.sandwich:
+            self.attn_out_norm = RMSNorm(d, t.rms_norm_eps, "embed", rngs)
+            self.mlp_out_norm = RMSNorm(d, t.rms_norm_eps, "embed", rngs)
+        self.attn = TextAttention(t, rngs)
+        if routed:
+            self.moe = _moe_ffn(t, rngs)
+        else:
+            self.mlp = SwiGLU(d, t.intermediate_size, "embed", "mlp", rngs)
+
+    def __call__(self, x: jax.Array, ctx: AttentionContext) -> jax.Array:
+        h = self.attn(self.attn_norm(x), ctx)
+        x = x + (self.attn_out_norm(h) if self.sandwich else h)
+        h = self.mlp_norm(x)
+        h = self.moe(h) if hasattr(self, "moe") else self.mlp(h)
+        x = x + (self.mlp_out_norm(h) if self.sandwich else h)
+        return constrain(x, ACT)
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab: int, dim: int, rngs: nnx.Rngs | None = None):
+        self.embedding = param(rngs, normal_init(INIT_STD), (vocab, dim), ("vocab", "embed"))
+
+    def __call__(self, ids: jax.Array, dtype) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(dtype)
+
+
+class TextDecoder(nnx.Module):
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs | None = None):
+        t = self.t = config.text
+        self.dtype = jnp.dtype(config.dtype)
+        self.scan, self.remat = config.scan_layers, config.remat
+        self.embed = Embed(t.vocab_size, t.hidden_size, rngs)
+        if t.num_dense_layers:
+            self.layers = make_stack(lambda r: DecoderLayer(t, False, r), t.num_dense_layers, rngs)
+        if t.num_hidden_layers > t.num_dense_layers:
+            self.moe_layers = make_stack(lambda r: DecoderLayer(t, True, r),
+                                         t.num_hidden_layers - t.num_dense_layers, rngs)
+        self.final_norm = RMSNorm(t.hidden_size, t.rms_norm_eps, "embed", rngs)
+
+    def context(self, position_ids: jax.Array, segment_ids: jax.Array) -> AttentionContext:
+        """Rope tables and mask vectors for a full (uncached) sequence: position_ids [3, B, T]."""
+        cos, sin = text_rope_tables(position_ids, self.t, self.dtype)
+        index = jnp.broadcast_to(jnp.arange(segment_ids.shape[1], dtype=jnp.int32), segment_ids.shape)
+        return AttentionContext(cos, sin, index, index, segment_ids, segment_ids)
+
+    def __call__(self, x: jax.Array, ctx: AttentionContext) -> jax.Array:
+        """x [B, T, D] input embeddings -> final-normed hidden states [B, T, D]."""
+        x = constrain(x.astype(self.dtype), ACT)
+        call = lambda layer, h: layer(h, ctx)
+        for name in ("layers", "moe_layers"):
+            if hasattr(self, name):
+                x = run_stack(getattr(self, name), x, call, scan=self.scan, remat=self.remat)
+        return self.final_norm(x)

@@ -1,0 +1,195 @@
+"""Building blocks shared by the ViT and the decoder: norms, einsum projections, SwiGLU, attention.
+
+Einsum legend (every einsum string in glmv_jax/models uses these letters):
+  B batch            T query length      S key length        D model width
+  N query heads      K kv heads          G heads per kv head H head dim
+  F mlp width        E experts           C capacity/group    V vocab
+
+Modules are Flax NNX and used functionally (glmv.py: build once, `nnx.split`, `nnx.merge` inside jit).
+Every parameter carries logical axis names through `nnx.with_partitioning`; glmv_jax/parallel/rules.py
+maps them to mesh axes. Parameters are kept in `param_dtype` (fp32) and cast to the compute dtype where
+they are used. Norm statistics, softmax and rope tables are fp32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+Axes = tuple[str | None, ...]
+INIT_STD = 0.02    # HF initializer_range
+
+
+def param(rngs: nnx.Rngs | None, init: Callable, shape: Sequence[int], axes: Axes) -> nnx.Param:
+    """An fp32 Param with logical axis names `axes` (one per dimension)."""
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {axes} do not match the parameter shape {tuple(shape)}")
+    key = rngs.params() if rngs is not None else jax.random.key(0)
+    return nnx.Param(nnx.with_partitioning(init, axes)(key, tuple(shape), jnp.float32))
+
+
+def normal_init(std: float = INIT_STD) -> Callable:
+    return nnx.initializers.normal(std)
+
+
+class RMSNorm(nnx.Module):
+    """HF Glm4vRMSNorm: fp32 `x * rsqrt(mean(x^2) + eps)`, cast to the input dtype, then times the scale."""
+
+    def __init__(self, dim: int, eps: float, axis_name: str, rngs: nnx.Rngs | None = None):
+        self.eps = eps
+        self.scale = param(rngs, nnx.initializers.ones, (dim,), (axis_name,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """torch.nn.LayerNorm with affine scale and bias; statistics and affine in fp32, cast back at the end."""
+
+    def __init__(self, dim: int, eps: float, axis_name: str, rngs: nnx.Rngs | None = None):
+        self.eps = eps
+        self.scale = param(rngs, nnx.initializers.ones, (dim,), (axis_name,))
+        self.bias = param(rngs, nnx.initializers.zeros, (dim,), (axis_name,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+        return y.astype(x.dtype)
+
+
+class Einsum(nnx.Module):
+    """y = einsum(spec, x, kernel) (+ bias), kernel/bias cast to the compute dtype of `x`."""
+
+    def __init__(self, spec: str, kernel_shape: Sequence[int], kernel_axes: Axes, *,
+                 bias_shape: Sequence[int] | None = None, bias_axes: Axes | None = None,
+                 std: float = INIT_STD, rngs: nnx.Rngs | None = None):
+        self.spec = spec
+        self.kernel = param(rngs, normal_init(std), kernel_shape, kernel_axes)
+        if bias_shape is not None:
+            self.bias = param(rngs, nnx.initializers.zeros, bias_shape, bias_axes)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum(self.spec, x, self.kernel[...].astype(x.dtype))
+        if hasattr(self, "bias"):
+            y = y + self.bias[...].astype(x.dtype)
+        return y
+
+
+class Kernel(nnx.Module):
+    """A bare kernel for projections whose einsum is written at the call site (e.g. the fused ViT qkv)."""
+
+    def __init__(self, shape: Sequence[int], axes: Axes, rngs: nnx.Rngs | None = None):
+        self.kernel = param(rngs, normal_init(INIT_STD), shape, axes)
+
+
+def linear(din: int, dout: int, axes: Axes, *, bias: bool = False, rngs: nnx.Rngs | None = None) -> Einsum:
+    """A Linear over the last axis: kernel (din, dout) = HF weight.T."""
+    return Einsum("...D,DF->...F", (din, dout), axes, bias_shape=(dout,) if bias else None,
+                  bias_axes=axes[1:] if bias else None, rngs=rngs)
+
+
+class SwiGLU(nnx.Module):
+    """down(silu(gate(x)) * up(x)), no biases. kernels gate/up (D, F), down (F, D)."""
+
+    def __init__(self, dim: int, hidden: int, embed_axis: str, mlp_axis: str, rngs: nnx.Rngs | None = None):
+        self.gate = linear(dim, hidden, (embed_axis, mlp_axis), rngs=rngs)
+        self.up = linear(dim, hidden, (embed_axis, mlp_axis), rngs=rngs)
+        self.down = linear(hidden, dim, (mlp_axis, embed_axis), rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate = checkpoint_name(self.gate(x), "mlp_gate")
+        up = checkpoint_name(self.up(x), "mlp_up")
+        return checkpoint_name(self.down(jax.nn.silu(gate) * up), "mlp_out")
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention core. Masks are built from small per-token vectors ([B, T] / [B, S]) right where they are
+# used, so XLA fuses them into the softmax instead of materializing a float [B, 1, T, S] mask.
+
+def segment_mask(q_segment: jax.Array, kv_segment: jax.Array) -> jax.Array:
+    """[B, T], [B, S] int -> [B, T, S] bool: same segment (block-diagonal ViT attention)."""
+    return q_segment[:, :, None] == kv_segment[:, None, :]
+
+
+def causal_segment_mask(q_index: jax.Array, kv_index: jax.Array, q_segment: jax.Array,
+                        kv_segment: jax.Array) -> jax.Array:
+    """Decoder mask [B, T, S]: key not after the query (by sequence index), same segment, key not padding.
+
+    Segment 0 is padding; 1..k are the samples packed into a row (an attention_mask is a valid
+    segment_ids with one sample). Indices are cache slots, so a KV cache only changes kv_index."""
+    causal = kv_index[:, None, :] <= q_index[:, :, None]
+    return causal & (q_segment[:, :, None] == kv_segment[:, None, :]) & (kv_segment[:, None, :] > 0)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                          scale: float) -> jax.Array:
+    """Grouped-query attention without repeating kv. q [B,T,N,H], k/v [B,S,K,H], mask [B,T,S] bool.
+
+    Scores `(q k^T) * scale` and the softmax are fp32; probabilities are cast to the value dtype as
+    HF's eager attention does. Fully masked rows (padding queries) give uniform weights, as in HF."""
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, n // kv_heads, h)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stacked layers: one module whose params carry a leading `layers` axis, applied by lax.scan or by an
+# unrolled Python loop over the same arrays (identical math), with an optional remat policy.
+
+def make_stack(factory: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) -> nnx.Module:
+    """`count` layers built by `factory`, vmapped so every param gains a leading `layers` axis."""
+
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def build(r):
+        return factory(r)
+
+    return build(rngs)
+
+
+def remat_policy(name: str):
+    """jax.checkpoint policy for config.remat (None: no remat). Names match the checkpoint_name tags."""
+    policies = {
+        "full": jax.checkpoint_policies.nothing_saveable,
+        "minimal": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+        "save_dots_except_mlp": jax.checkpoint_policies.save_only_these_names(
+            "query_proj", "key_proj", "value_proj", "attn_context", "attn_out"),
+    }
+    if name == "none":
+        return None
+    if name not in policies:
+        raise ValueError(f"unknown remat policy {name!r}; expected none or one of {sorted(policies)}")
+    return policies[name]
+
+
+def run_stack(stack: nnx.Module, x: jax.Array, call: Callable[[nnx.Module, jax.Array], jax.Array], *,
+              scan: bool, remat: str = "none") -> jax.Array:
+    """Applies the stacked layers in order: x <- call(layer_l, x) for l = 0..L-1."""
+    graphdef, state = nnx.split(stack)
+
+    def body(carry, layer_state):
+        return call(nnx.merge(graphdef, layer_state), carry)
+
+    policy = remat_policy(remat)
+    if remat != "none":
+        body = jax.checkpoint(body, policy=policy)
+    if scan:
+        x, _ = jax.lax.scan(lambda c, s: (body(c, s), None), x, state)
+        return x
+    count = jax.tree.leaves(state)[0].shape[0]
+    for i in range(count):
+        x = body(x, jax.tree.map(lambda a: a[i], state))
+    return x
