@@ -119,6 +119,9 @@ def record_dataset(cfg: DataConfig, sources: Any = None) -> grain.MapDataset:
 def _to_iter(ds: grain.MapDataset, cfg: DataConfig) -> grain.IterDataset:
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch))
     if cfg.num_workers > 0:
+        from absl import flags     # grain's worker code reads absl flags, which a plain script never parses
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
     return it
 
