@@ -1,6 +1,7 @@
 """Tokenizers: the suite's SentencePiece model (trained on the fly, cached) and HF tokenizer.json files, with
 every GLM-V special token a single never-split id; transformers' fast tokenizer is the oracle for the latter."""
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -101,6 +102,7 @@ def test_sentencepiece_save_load(suite, tmp_path):
     loaded = T.load_tokenizer(tmp_path / "suite.model")
     assert isinstance(loaded, T.SentencePieceTokenizer)
     assert loaded.encode(MIXED[0]) == tok.encode(MIXED[0])
+    assert pickle.loads(pickle.dumps(tok)).encode(MIXED[0]) == tok.encode(MIXED[0])  # grain workers pickle it
 
 
 def test_errors(suite, tmp_path):
@@ -163,6 +165,7 @@ def test_hf_tokenizer_matches_transformers(hf_file):
         assert tok.decode(ids) == oracle.decode(ids, skip_special_tokens=False) == text
     from_dir = T.load_tokenizer(hf_file.parent)
     assert isinstance(from_dir, T.HFTokenizer) and from_dir.encode(MIXED[0]) == tok.encode(MIXED[0])
+    assert pickle.loads(pickle.dumps(tok)).encode(MIXED[0]) == tok.encode(MIXED[0])
 
 
 def test_hf_tokenizer_optional_tokens_and_stop_ids(tmp_path):
