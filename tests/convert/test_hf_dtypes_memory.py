@@ -10,7 +10,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from safetensors.numpy import load_file
 
 from glmv_jax.config import ModelConfig, TextConfig, VisionConfig
-from glmv_jax.convert.hf import flatten, load_pretrained, params_to_hf_state_dict, save_pretrained
+from glmv_jax.convert.hf import flatten, hf_state_dict_to_params, load_pretrained, params_to_hf_state_dict, save_pretrained
 from glmv_jax.convert.mapping import param_specs
 from tests.hf_oracle import hf_classes
 
@@ -44,6 +44,10 @@ def test_bf16_checkpoint_loads(bf16_checkpoint):
         assert back[k].dtype == a.dtype, k
         np.testing.assert_array_equal(back[k], a, err_msg=k)
 
+    from_memory = flatten(hf_state_dict_to_params(model.state_dict(), config))   # bf16 torch tensors, fused experts
+    for p, a in flatten(params).items():
+        np.testing.assert_array_equal(from_memory[p], a, err_msg=p)
+
     _, kept = load_pretrained(path, dtype=None)               # keep the checkpoint's dtypes
     for p, a in flatten(kept).items():
         assert a.dtype == (np.float32 if p.endswith(ROUTER) else BF16), p
@@ -64,7 +68,7 @@ def test_bf16_save_loads_in_transformers_identically(bf16_checkpoint, tmp_path):
             assert torch.equal(got[k], want[k]), k
 
 
-def test_load_onto_shardings(hf_checkpoint):
+def test_load_onto_shardings_and_save_from_jax_arrays(hf_checkpoint, tmp_path):
     config, _, path = hf_checkpoint("glm4v_moe")
     _, host = load_pretrained(path)
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
@@ -78,6 +82,9 @@ def test_load_onto_shardings(hf_checkpoint):
     for p, a in flatten(placed).items():
         np.testing.assert_array_equal(np.asarray(a), flatten(host)[p], err_msg=p)
     assert isinstance(placed["text"]["embed"]["embedding"], np.ndarray)    # no sharding given: host numpy
+    save_pretrained(config, jax.tree.map(jax.numpy.asarray, placed), tmp_path)   # sharded jax arrays gather per slice
+    for k, a in load_file(str(path / "model.safetensors")).items():
+        np.testing.assert_array_equal(load_file(str(tmp_path / "model.safetensors"))[k], a, err_msg=k)
 
 
 def _medium_config() -> ModelConfig:
