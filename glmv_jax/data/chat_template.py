@@ -215,9 +215,10 @@ def build_training_example(record: dict, tokenizer, template: str = "glm41v", *,
     `<|assistant|>\\n` header) plus the token that ends the turn, i.e. the first token of the next message
     (`<|user|>` / `<|observation|>`); after the last turn `end_of_turn` is appended and trained (the model
     learns to stop; it is one of the tokenizer's stop ids). GLM-4.5V/4.6V re-render assistant turns before the
-    last user turn without their reasoning (`<think></think>`), and they are trained as rendered. Segments
-    are tokenized separately and concatenated (tests check this equals tokenizing the whole text for the
-    suite and GLM-style tokenizers). `image_token_counts` expands each `<|image|>`
+    last user turn without their reasoning (`<think></think>`), and they are trained as rendered. Prompt and
+    assistant segments are tokenized separately, so the ids before an answer are exactly `build_prompt`'s
+    (what the model sees at inference); this equals tokenizing the whole text unless a BPE merge would
+    cross a segment edge (e.g. content starting with a newline). `image_token_counts` expands each `<|image|>`
     to that many copies (int: the same for every image; list: per image, in order), as the processor does.
     """
     messages = _record_messages(record)

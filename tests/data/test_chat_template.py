@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from glmv_jax.data import chat_template as ct
-from glmv_jax.data.tokenizer import SentencePieceTokenizer
+from glmv_jax.data.synthetic import DOMAINS, generate
+from glmv_jax.data.tokenizer import SPECIAL_TOKENS, HFTokenizer, SentencePieceTokenizer
 
 # docs/chat_template.md section 2, verbatim.
 GLM41V_TEMPLATE = """[gMASK]<sop>
@@ -343,3 +344,35 @@ def test_count_media():
             {"role": "user", "content": "<image><video>x"},
             {"role": "user", "content": [{"type": "image"}, {"image": "p"}, {"type": "text", "text": "<image>"}]}]
     assert ct.count_media(msgs) == (3, 1)
+
+
+def glm_style_hf_tokenizer(texts):
+    """Byte-level BPE behind GLM-4's pre-tokenizer split, GLM-V special tokens appended as added tokens."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    split = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+             r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=500, show_progress=False,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return HFTokenizer(tk)
+
+
+@pytest.mark.parametrize("template,style", [("glm41v", "glm41v"), ("glm45v", "glm45v")])
+def test_suite_records_tokenize_like_whole_text(tok, template, style):
+    """On suite records, segment-wise ids equal the whole text's ids, for SentencePiece and GLM-style BPE,
+    and the ids before the answer are exactly the inference prompt's."""
+    records = [r for d in DOMAINS for r in generate(d, 6, seed=2, style=style)]
+    hf = glm_style_hf_tokenizer([ct.render(r["messages"], template) for r in records])
+    for tokenizer in (tok, hf):
+        for r in records:
+            ids, mask = ct.build_training_example(r, tokenizer, template)
+            assert ids.tolist() == tokenizer.encode(ct.render(r["messages"], template)) + [
+                tokenizer.token_to_id("<|user|>")]
+            prompt = ct.build_prompt(r, tokenizer, template)
+            assert ids[:len(prompt)].tolist() == prompt.tolist()
+            assert not mask[:len(prompt)].any() and mask[len(prompt):].all()
