@@ -6,8 +6,10 @@ every frame) -> PIL bicubic per frame -> rescale + normalize -> patchify with gr
 Each temporal patch gets the timestamp (seconds) of its first frame, frame_index / fps.
 
 HF's video processor resizes with torchvision only (torch's uint8 antialiased bicubic kernel); that backend
-is not installable here, so frames are resized with PIL bicubic exactly like the image path. The two agree
-within one intensity level except where one axis shrinks while the other grows (see the report in tests).
+is not installable here, so frames are resized with PIL bicubic exactly like the image path. Measured against
+that torch kernel: within 1-2 intensity levels on <1% of values, except when the height shrinks while the
+width grows (e.g. 61x83 -> 56x84: up to 8 levels on smooth frames, 28% of noise values off by 1).
+Everything else (sampling, budget, fused normalize, patchify, timestamps) matches HF exactly.
 """
 from __future__ import annotations
 
