@@ -115,16 +115,19 @@ class PackIterDataset(grain.IterDataset):
     """grain IterDataset: samples (or BadRecord markers) in, fixed-shape packed batches out.
 
     on_bad_record="skip" counts each BadRecord / oversize sample by reason; "raise" raises BadRecordError
-    naming the record. The iterator's `stats()` gives the counters and packing efficiencies.
+    naming the record. Even when skipping, `max_consecutive_bad` bad records in a row raise (an all-bad,
+    repeating stream would otherwise spin forever). The iterator's `stats()` gives the counters and packing efficiencies.
     """
 
     def __init__(self, parent: grain.IterDataset, batch_size: int, seq_len: int, patch_budget: int,
-                 patch_dim: int, on_bad_record: str = "skip", check: bool = True, merge_area: int = 4):
+                 patch_dim: int, on_bad_record: str = "skip", check: bool = True, merge_area: int = 4,
+                 max_consecutive_bad: int = 1000):
         super().__init__(parent)
         if on_bad_record not in ("skip", "raise"):
             raise ValueError(f"on_bad_record must be 'skip' or 'raise', got {on_bad_record!r}")
         self.kw = dict(batch_size=batch_size, seq_len=seq_len, patch_budget=patch_budget, patch_dim=patch_dim)
         self.on_bad_record, self.check, self.merge_area = on_bad_record, check, merge_area
+        self.max_consecutive_bad = max_consecutive_bad
 
     def __iter__(self) -> "PackIterator":
         return PackIterator(self._parent.__iter__(), self)
@@ -148,6 +151,7 @@ class PackIterator(grain.DatasetIterator):
         self._pending: dict | None = None            # the sample that did not fit the previous batch
         self._pending_state: Any = None              # parent state from before it was read
         self._exhausted = False
+        self._bad_run = 0                            # consecutive bad records (an all-bad stream must not spin)
 
     def _next_sample(self) -> tuple[Any, dict | None]:
         """(parent state before the read, next good sample or None at the end); counts/raises bad ones."""
@@ -160,11 +164,16 @@ class PackIterator(grain.DatasetIterator):
             bad = element if isinstance(element, BadRecord) else sample_fits(
                 element, self.spec.kw["seq_len"], self.spec.kw["patch_budget"])
             if bad is None:
+                self._bad_run = 0
                 return state, element
             if self.spec.on_bad_record == "raise":
                 raise bad.error()
             skipped = self.counters["skipped"]
             skipped[bad.reason] = skipped.get(bad.reason, 0) + 1
+            self._bad_run += 1
+            if self._bad_run >= self.spec.max_consecutive_bad:
+                raise BadRecordError(bad.reason, bad.where, f"{self._bad_run} bad records in a row (skipped so far: "
+                                     f"{skipped}); is the data or T / Np misconfigured? Last: {bad.message}")
 
     def __next__(self) -> dict[str, np.ndarray]:
         builder = BatchBuilder(**self.spec.kw)

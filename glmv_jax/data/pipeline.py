@@ -41,6 +41,7 @@ class DataConfig:
     patch_budget: int = 512            # Np
     loss_on: str = "auto"              # auto | all (see TrainingExampleTransform)
     on_bad_record: str = "skip"        # skip (counted) | raise
+    max_consecutive_bad: int = 1000    # even when skipping: this many bad records in a row is an error
     shuffle: bool = True
     seed: int = 0
     num_epochs: int | None = None      # None: repeat forever
@@ -137,6 +138,7 @@ def make_pipeline(data_cfg: Any, tokenizer, processor: Processor, sources: Any =
     packed = PackIterDataset(_to_iter(ds, cfg), batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                              patch_budget=cfg.patch_budget, patch_dim=processor.patch_dim,
                              on_bad_record=cfg.on_bad_record, check=cfg.check,
+                             max_consecutive_bad=cfg.max_consecutive_bad,
                              merge_area=processor.merge_size ** 2)
     return iter(packed)
 

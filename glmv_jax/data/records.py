@@ -14,7 +14,8 @@ Record kinds and their fields (`id` is always required; `kind` is inferred when 
 
 Normalized record: {"id", "kind", "domain", "images": [PIL image | absolute path], "video": None |
 {"frames": [...], "timestamps": [...]}, "text": str | None, "messages": list | None, "answer", "difficulty",
-"where", "meta": the record's other fields (e.g. "tier")}. Exactly one of "text" (pretraining) and "messages" (conversation) is set.
+"where", "meta": the record's other fields (e.g. "tier")}. Exactly one of "text" (pretraining) and
+"messages" (conversation) is set.
 
 Bad records raise `BadRecordError(reason, where, message)`; the pipeline skips-and-counts them by `reason`
 or re-raises, per `on_bad_record`. Reasons: invalid_json, missing_field, invalid_field,

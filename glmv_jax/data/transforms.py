@@ -103,34 +103,25 @@ def process_vision(record: dict, processor: Processor) -> dict:
     return out
 
 
-def patches_in_token_order(token_type: np.ndarray, vision: dict, merge: int) -> dict[str, np.ndarray]:
-    """Patch rows reordered as the vision token runs appear: each run of type 1 takes the next image,
-    each run of type 2 the next video frame. -> pixel_values [N, Pd], patch_pos, patch_grid [N, 2], patch_frame [N]."""
+def patches_in_token_order(token_type: np.ndarray, vision: dict, merge: int, patch_dim: int) -> dict[str, np.ndarray]:
+    """Patch rows reordered as the vision token runs appear: each run of type 1 takes the next image, each
+    run of type 2 the next video frame. -> pixel_values [N, Pd], patch_pos, patch_grid [N, 2], patch_frame [N]."""
     items = {1: [], 2: []}     # (rows, (1, h, w)) per image / per video temporal patch
-    if vision["image_grid_thw"] is not None:
+    for kind, rows_key, grid_key in ((1, "pixel_values", "image_grid_thw"), (2, "pixel_values_videos", "video_grid_thw")):
         start = 0
-        for t, h, w in vision["image_grid_thw"]:
-            n = int(t * h * w)
-            items[1].append((vision["pixel_values"][start:start + n], (int(t), int(h), int(w))))
-            start += n
-    if vision["video_grid_thw"] is not None:
-        start = 0
-        for t, h, w in vision["video_grid_thw"]:
-            for _ in range(int(t)):
-                items[2].append((vision["pixel_values_videos"][start:start + h * w], (1, int(h), int(w))))
+        for t, h, w in (vision[grid_key] if vision[grid_key] is not None else []):
+            for _ in range(int(t)):       # images have t = 1; a video contributes one item per temporal patch
+                items[kind].append((vision[rows_key][start:start + h * w], (1, int(h), int(w))))
                 start += int(h * w)
     order, prev = [], 0
     for kind in token_type.tolist():
         if kind != 0 and kind != prev:
             order.append(items[kind].pop(0))
         prev = kind
-    rows = [r for r, _ in order]
-    layout = patch_layout([g for _, g in order], merge)
-    patch_dim = (vision["pixel_values"] if vision["pixel_values"] is not None else vision["pixel_values_videos"]).shape[1] \
-        if rows else 0
-    return {"pixel_values": np.concatenate(rows).astype(np.float32) if rows else np.zeros((0, patch_dim), np.float32),
-            "patch_pos": layout["patch_pos"], "patch_grid": layout["patch_grid"],
-            "patch_frame": (layout["patch_segment"] - 1).astype(np.int32)}
+    layout = patch_layout([grid for _, grid in order], merge)
+    rows = [rows for rows, _ in order] or [np.zeros((0, patch_dim), np.float32)]
+    return {"pixel_values": np.concatenate(rows).astype(np.float32), "patch_pos": layout["patch_pos"],
+            "patch_grid": layout["patch_grid"], "patch_frame": (layout["patch_segment"] - 1).astype(np.int32)}
 
 
 # --------------------------------------------------------------------------- tokens
@@ -139,7 +130,8 @@ def patches_in_token_order(token_type: np.ndarray, vision: dict, merge: int) -> 
 def render_pretraining_text(text: str, tokenizer) -> tuple[list[int], list[int]]:
     """`[gMASK]<sop>` + text (markers -> placeholders) + `<|endoftext|>`; label mask 1 on every token after
     the prefix (pretraining trains on all text; vision tokens are masked later)."""
-    rendered = text.replace(IMAGE_MARK, chat_template.IMAGE_PLACEHOLDER).replace(VIDEO_MARK, chat_template.VIDEO_PLACEHOLDER)
+    rendered = text.replace(IMAGE_MARK, chat_template.IMAGE_PLACEHOLDER)
+    rendered = rendered.replace(VIDEO_MARK, chat_template.VIDEO_PLACEHOLDER)
     prefix = tokenizer.encode(PRETRAIN_PREFIX)
     body = tokenizer.encode(rendered) + [tokenizer.eos_id]
     return prefix + body, [0] * len(prefix) + [1] * len(body)
@@ -150,7 +142,7 @@ def expand_vision_tokens(ids, label, tokenizer, vision: dict, processor: Process
     (placeholders.video_placeholder). Expanded tokens are never labels."""
     m = processor.merge_size
     images = list(vision["image_grid_thw"]) if vision["image_grid_thw"] is not None else []
-    videos = list(zip(vision["video_grid_thw"], vision["video_timestamps"])) if vision["video_grid_thw"] is not None else []
+    videos = [] if vision["video_grid_thw"] is None else list(zip(vision["video_grid_thw"], vision["video_timestamps"]))
     out_ids, out_label = [], []
     for token, lab in zip(ids, label):
         if token == tokenizer.image_id:
@@ -236,7 +228,7 @@ class TrainingExampleTransform(grain.transforms.Map):
                   "loss_mask": loss_mask, "token_type": token_type,
                   "position_ids": _positions(ids, token_type, vision, proc.merge_size),
                   "image_grid_thw": vision["image_grid_thw"], "video_grid_thw": vision["video_grid_thw"]}
-        sample.update(patches_in_token_order(token_type, vision, proc.merge_size))
+        sample.update(patches_in_token_order(token_type, vision, proc.merge_size, proc.patch_dim))
         return sample
 
 
@@ -271,5 +263,5 @@ class PromptTransform(grain.transforms.Map):
         out.update(input_ids=ids, token_type=token_type, position_ids=positions,
                    rope_delta=int(positions.max(initial=-1)) + 1 - len(ids),
                    **{k: vision[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")})
-        out.update(patches_in_token_order(token_type, vision, proc.merge_size))
+        out.update(patches_in_token_order(token_type, vision, proc.merge_size, proc.patch_dim))
         return out

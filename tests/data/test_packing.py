@@ -189,6 +189,10 @@ def test_oversize_samples_skipped_or_raised(setup):
     assert kept == len(samples) - n_long - n_patch
     with pytest.raises(BadRecordError, match=r"too_long.*tokens exceed the packed length"):
         list(iter(PackIterDataset(ds, 2, longest - 1, 10**6, setup["proc"].patch_dim, on_bad_record="raise")))
+    # a repeating stream where nothing fits does not spin forever
+    forever = grain.MapDataset.source(samples).repeat().to_iter_dataset()
+    with pytest.raises(BadRecordError, match="50 bad records in a row"):
+        next(iter(PackIterDataset(forever, 2, 8, NP, setup["proc"].patch_dim, max_consecutive_bad=50)))
 
 
 def test_batch_builder_first_fit_and_budget():
