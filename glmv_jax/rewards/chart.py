@@ -1,0 +1,43 @@
+"""Chart QA: numbers within a relative tolerance (2%), years exactly, text answers by normalised exact match.
+
+A reference "looks like a year" when it is written as a 4-digit integer without separators ("2019", not
+"2,019" or "2019.0"): then the prediction must be that integer exactly. A trailing % (or \\%) is ignored
+on both sides (chart values are often percentages).
+"""
+from __future__ import annotations
+
+import re
+
+from glmv_jax.rewards import numbers
+from glmv_jax.rewards.result import RewardConfig
+
+_YEAR = re.compile(r"[12]\d{3}")
+
+
+def _strip_percent(text: str) -> str:
+    text = numbers.clean(text)
+    for suffix in ("\\%", "%"):
+        if text.endswith(suffix):
+            return text[:-len(suffix)].rstrip()
+    return text
+
+
+def _text_key(text: str) -> str:
+    return " ".join(numbers.clean(text).casefold().split())
+
+
+def score(extracted: str, answer, config: RewardConfig) -> tuple[float, dict]:
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        raise ValueError(f"chart answer must be a number or a string, got {type(answer).__name__}: {answer!r}")
+    reference_text = _strip_percent(str(answer))
+    if not reference_text:
+        raise ValueError("chart answer is empty")
+    reference = numbers.parse_number(reference_text)
+    if reference is None:  # a text answer (a label, a series name)
+        return float(_text_key(extracted) == _text_key(str(answer))), {"kind": "text"}
+    value = numbers.parse_number(_strip_percent(extracted))
+    if value is None:
+        return 0.0, {"reason": "not_a_number"}
+    if _YEAR.fullmatch(reference_text):
+        return float(value == reference), {"kind": "year"}
+    return float(numbers.close(value, reference, config.chart_rel_tol)), {"kind": "number"}

@@ -1,0 +1,35 @@
+"""Grounding: predicted boxes vs reference boxes, one-to-one at IoU >= threshold (0.5).
+
+reward = matched / max(#predicted, #reference): spraying boxes earns nothing, and missing ones cost.
+"""
+from __future__ import annotations
+
+import json
+
+from glmv_jax.rewards import boxes
+from glmv_jax.rewards.result import RewardConfig
+
+
+def reference_boxes(answer) -> list[list[float]]:
+    """The reference as a list of valid boxes; accepts one box, a list of boxes, or their JSON text."""
+    value = answer
+    if isinstance(answer, str):
+        try:
+            value = json.loads(answer)
+        except ValueError:
+            raise ValueError(f"grounding answer is not JSON boxes: {answer!r}") from None
+    if isinstance(value, (list, tuple)) and len(value) == 4 and all(isinstance(v, (int, float)) for v in value):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value or not all(boxes.is_valid(b) for b in value):
+        raise ValueError(f"grounding answer must be boxes [x1, y1, x2, y2] with 0 <= x1 < x2 <= 1000, "
+                         f"0 <= y1 < y2 <= 1000, got {answer!r}")
+    return [list(b) for b in value]
+
+
+def score(extracted: str, answer, config: RewardConfig) -> tuple[float, dict]:
+    reference = reference_boxes(answer)
+    predicted = boxes.parse_boxes(extracted, config.max_boxes)
+    if predicted is None:
+        return 0.0, {"reason": "not_boxes"}
+    matched = boxes.count_matches(predicted, reference, config.iou_threshold)
+    return matched / max(len(predicted), len(reference)), {"matched": matched, "predicted": len(predicted)}

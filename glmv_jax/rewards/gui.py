@@ -1,0 +1,59 @@
+"""GUI agent, single step: the box holds one JSON action, e.g. {"action": "click", "box": [x1, y1, x2, y2]}
+or {"action": "type", "text": "hello"}.
+
+1 iff the prediction is one JSON object with exactly the reference's keys and every key matches: "box" by
+IoU >= threshold (0-1000 grid), "text" after whitespace collapsing (case kept), anything else exactly.
+A list of actions, extra or missing keys, or unparsable JSON score 0.
+"""
+from __future__ import annotations
+
+import json
+
+from glmv_jax.rewards import boxes
+from glmv_jax.rewards.result import RewardConfig
+
+MAX_ACTION_CHARS = 4096
+
+
+def reference_action(answer) -> dict:
+    value = answer
+    if isinstance(answer, str):
+        try:
+            value = json.loads(answer)
+        except ValueError:
+            raise ValueError(f"gui answer is not a JSON action: {answer!r}") from None
+    if not isinstance(value, dict) or not isinstance(value.get("action"), str):
+        raise ValueError(f"gui answer must be a dict with an 'action' string, got {answer!r}")
+    if "box" in value and not boxes.is_valid(value["box"]):
+        raise ValueError(f"gui answer box must be [x1, y1, x2, y2] on the 0-1000 grid, got {value['box']!r}")
+    if "text" in value and not isinstance(value["text"], str):
+        raise ValueError(f"gui answer text must be a string, got {value['text']!r}")
+    return value
+
+
+def _text(value: str) -> str:
+    return " ".join(value.split())
+
+
+def _key_matches(key: str, pred, reference, config: RewardConfig) -> bool:
+    if key == "box":
+        return boxes.is_valid(pred) and boxes.iou(pred, reference) >= config.iou_threshold
+    if key == "text":
+        return isinstance(pred, str) and _text(pred) == _text(reference)
+    return type(pred) is type(reference) and pred == reference
+
+
+def score(extracted: str, answer, config: RewardConfig) -> tuple[float, dict]:
+    reference = reference_action(answer)
+    if len(extracted) > MAX_ACTION_CHARS:
+        return 0.0, {"reason": "too_long"}
+    try:
+        action = json.loads(extracted)
+    except (ValueError, RecursionError):
+        return 0.0, {"reason": "not_json"}
+    if not isinstance(action, dict):
+        return 0.0, {"reason": "not_one_action"}
+    if set(action) != set(reference):
+        return 0.0, {"reason": "keys_differ"}
+    failed = [k for k in reference if not _key_matches(k, action[k], reference[k], config)]
+    return float(not failed), ({"mismatch": failed} if failed else {})
