@@ -21,6 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 from glmv_jax.config import ModelConfig, TextConfig
 from glmv_jax.models.layers import (INIT_STD, Einsum, RMSNorm, SwiGLU, causal_segment_mask,
                                     dot_product_attention, make_stack, normal_init, param, run_stack)
+from glmv_jax.models.moe import MoE
 from glmv_jax.models.rope import apply_text_rope, text_rope_tables
 from glmv_jax.parallel.rules import constrain
 
@@ -62,15 +63,6 @@ class TextAttention(nnx.Module):
         return checkpoint_name(self.o(out), "attn_out")
 
 
-def _moe_ffn(t: TextConfig, rngs: nnx.Rngs | None):
-    """The routed-expert FFN from glmv_jax.models.moe (another module; imported only for MoE configs)."""
-    try:
-        from glmv_jax.models import moe
-    except ImportError as err:
-        raise NotImplementedError("MoE decoder layers need glmv_jax.models.moe, which is not available") from err
-    return moe.MoE(t, rngs=rngs)
-
-
 class DecoderLayer(nnx.Module):
     """One decoder layer; `routed` selects the MoE FFN (params under `moe`) instead of the SwiGLU `mlp`."""
 
@@ -84,17 +76,21 @@ class DecoderLayer(nnx.Module):
             self.mlp_out_norm = RMSNorm(d, t.rms_norm_eps, "embed", rngs)
         self.attn = TextAttention(t, rngs)
         if routed:
-            self.moe = _moe_ffn(t, rngs)
+            self.moe = MoE(t, rngs=rngs)
         else:
             self.mlp = SwiGLU(d, t.intermediate_size, "embed", "mlp", rngs)
 
-    def __call__(self, x: jax.Array, ctx: AttentionContext) -> jax.Array:
+    def __call__(self, x: jax.Array, ctx: AttentionContext) -> tuple[jax.Array, dict]:
+        """-> (x, aux): aux holds the MoE routing statistics of a routed layer, else nothing."""
         h = self.attn(self.attn_norm(x), ctx)
         x = x + (self.attn_out_norm(h) if self.sandwich else h)
-        h = self.mlp_norm(x)
-        h = self.moe(h) if hasattr(self, "moe") else self.mlp(h)
+        h, aux = self.mlp_norm(x), {}
+        if hasattr(self, "moe"):
+            h, aux = self.moe(h, mask=ctx.q_segment > 0)
+        else:
+            h = self.mlp(h)
         x = x + (self.mlp_out_norm(h) if self.sandwich else h)
-        return constrain(x, ACT)
+        return constrain(x, ACT), aux
 
 
 class Embed(nnx.Module):
@@ -124,11 +120,14 @@ class TextDecoder(nnx.Module):
         index = jnp.broadcast_to(jnp.arange(segment_ids.shape[1], dtype=jnp.int32), segment_ids.shape)
         return AttentionContext(cos, sin, index, index, segment_ids, segment_ids)
 
-    def __call__(self, x: jax.Array, ctx: AttentionContext) -> jax.Array:
-        """x [B, T, D] input embeddings -> final-normed hidden states [B, T, D]."""
+    def __call__(self, x: jax.Array, ctx: AttentionContext) -> tuple[jax.Array, dict]:
+        """x [B, T, D] input embeddings -> (final-normed hidden states [B, T, D], aux). aux["moe"] holds
+        the routing statistics of the MoE layers stacked on a leading layer axis (moe.moe_layer)."""
         x = constrain(x.astype(self.dtype), ACT)
         call = lambda layer, h: layer(h, ctx)
-        for name in ("layers", "moe_layers"):
-            if hasattr(self, name):
-                x = run_stack(getattr(self, name), x, call, scan=self.scan, remat=self.remat)
-        return self.final_norm(x)
+        aux = {}
+        if hasattr(self, "layers"):
+            x, _ = run_stack(self.layers, x, call, scan=self.scan, remat=self.remat)
+        if hasattr(self, "moe_layers"):
+            x, aux["moe"] = run_stack(self.moe_layers, x, call, scan=self.scan, remat=self.remat)
+        return self.final_norm(x), aux

@@ -37,15 +37,15 @@ class GlmV(nnx.Module):
         self.text = TextDecoder(config, rngs)
         self.lm_head = linear(config.text.hidden_size, config.text.vocab_size, ("embed", "vocab"), rngs=rngs)
 
-    def __call__(self, batch: dict[str, jax.Array]) -> jax.Array:
+    def __call__(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
         x = self.text.embed(batch["input_ids"], self.dtype)
         if batch.get("pixel_values") is not None and batch["pixel_values"].shape[0]:
             features = self.vision(batch["pixel_values"], batch["patch_pos"], batch["patch_grid"],
                                    batch["patch_segment"])
             x = merge_vision_tokens(x, features, batch["token_type"])
-        hidden = self.text(x, self.text.context(batch["position_ids"], batch["segment_ids"]))
+        hidden, aux = self.text(x, self.text.context(batch["position_ids"], batch["segment_ids"]))
         kernel = self.lm_head.kernel[...].astype(hidden.dtype)
-        return jnp.einsum("BTD,DV->BTV", hidden, kernel, preferred_element_type=jnp.float32)
+        return jnp.einsum("BTD,DV->BTV", hidden, kernel, preferred_element_type=jnp.float32), aux
 
 
 def merge_vision_tokens(x: jax.Array, features: jax.Array, token_type: jax.Array) -> jax.Array:
@@ -89,6 +89,11 @@ def logical_axes(config: ModelConfig) -> dict[str, Any]:
 def apply(config: ModelConfig, params: Params, batch: dict[str, jax.Array]) -> jax.Array:
     """Logits [B, T, V] fp32 for a BATCH.md batch (keys input_ids, segment_ids, position_ids,
     token_type, and for vision pixel_values, patch_pos, patch_grid, patch_segment). Pure; jit it."""
+    return apply_with_aux(config, params, batch)[0]
+
+
+def apply_with_aux(config: ModelConfig, params: Params, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
+    """(logits, aux) where aux["moe"] holds per-MoE-layer routing statistics (empty for dense models)."""
     graphdef, _ = model_graph(config)
     return nnx.merge(graphdef, params)(batch)
 

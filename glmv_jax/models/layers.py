@@ -13,7 +13,7 @@ they are used. Norm statistics, softmax and rope tables are fp32 whatever the co
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -175,21 +175,21 @@ def remat_policy(name: str):
     return policies[name]
 
 
-def run_stack(stack: nnx.Module, x: jax.Array, call: Callable[[nnx.Module, jax.Array], jax.Array], *,
-              scan: bool, remat: str = "none") -> jax.Array:
-    """Applies the stacked layers in order: x <- call(layer_l, x) for l = 0..L-1."""
+def run_stack(stack: nnx.Module, x: jax.Array, call: Callable[[nnx.Module, jax.Array], tuple[jax.Array, Any]],
+              *, scan: bool, remat: str = "none") -> tuple[jax.Array, Any]:
+    """Applies the stacked layers in order, (x, out_l) = call(layer_l, x) for l = 0..L-1.
+    Returns the final x and the per-layer outputs stacked on a leading axis."""
     graphdef, state = nnx.split(stack)
 
     def body(carry, layer_state):
         return call(nnx.merge(graphdef, layer_state), carry)
 
-    policy = remat_policy(remat)
     if remat != "none":
-        body = jax.checkpoint(body, policy=policy)
+        body = jax.checkpoint(body, policy=remat_policy(remat))
     if scan:
-        x, _ = jax.lax.scan(lambda c, s: (body(c, s), None), x, state)
-        return x
-    count = jax.tree.leaves(state)[0].shape[0]
-    for i in range(count):
-        x = body(x, jax.tree.map(lambda a: a[i], state))
-    return x
+        return jax.lax.scan(body, x, state)
+    outs = []
+    for i in range(jax.tree.leaves(state)[0].shape[0]):
+        x, out = body(x, jax.tree.map(lambda a: a[i], state))
+        outs.append(out)
+    return x, jax.tree.map(lambda *leaves: jnp.stack(leaves), *outs)

@@ -161,8 +161,9 @@ class VisionTower(nnx.Module):
         x = x + self.pos_embed(patch_pos, patch_grid).astype(self.dtype)
         cos, sin = vision_rope_tables(patch_pos, v.head_dim, v.rope_theta)
         mask = segment_mask(patch_segment[None], patch_segment[None])
-        x = run_stack(self.blocks, x[None], lambda blk, h: blk(h, cos, sin, mask), scan=self.scan,
-                      remat=self.remat)[0]
+        x, _ = run_stack(self.blocks, x[None], lambda blk, h: (blk(h, cos, sin, mask), ()), scan=self.scan,
+                         remat=self.remat)
+        x = x[0]
         x = self.post_norm(x)
         x = self.downsample(x.reshape(-1, 4 * v.hidden_size))
         return self.merger(x)
