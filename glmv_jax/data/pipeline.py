@@ -6,7 +6,8 @@
 
 Graph: sources (JSONL / ArrayRecord / memory / synthetic) -> this host's shard (records index::count)
 -> shuffle (per-epoch reseeded) -> repeat -> TrainingExampleTransform (parse, images, tokens, positions)
--> to_iter_dataset (thread prefetch) -> optional mp_prefetch (worker processes) -> PackIterDataset.
+-> to_iter_dataset (thread prefetch) -> optional mp_prefetch (worker processes) -> PackIterDataset
+-> (micro_batches > 1) StackIterDataset: [k, ...] micro-batches for gradient accumulation.
 Every step before packing is a deterministic function of the record index, so the state is the element
 index plus the packer's carry-over and counters.
 
@@ -20,6 +21,7 @@ import dataclasses
 from typing import Any
 
 import grain
+import numpy as np
 
 from glmv_jax.data.packing import PackIterDataset
 from glmv_jax.data.records import BadRecord
@@ -39,6 +41,7 @@ class DataConfig:
     seq_len: int = 256                 # T
     batch_size: int = 8                # B (rows of this host)
     patch_budget: int = 512            # Np
+    micro_batches: int = 1             # k > 1: [k, ...]-stacked micro-batches of B/k rows and Np/k patches each
     loss_on: str = "auto"              # auto | all (see TrainingExampleTransform)
     on_bad_record: str = "skip"        # skip (counted) | raise
     max_consecutive_bad: int = 1000    # even when skipping: this many bad records in a row is an error
@@ -72,6 +75,9 @@ def data_config(cfg: Any = None, **overrides) -> DataConfig:
     if min(out.seq_len, out.batch_size, out.patch_budget) <= 0:
         raise ValueError(f"data.seq_len, batch_size, patch_budget must be positive, got {out.seq_len}, "
                          f"{out.batch_size}, {out.patch_budget}")
+    if out.micro_batches < 1 or out.batch_size % out.micro_batches or out.patch_budget % out.micro_batches:
+        raise ValueError(f"data.batch_size {out.batch_size} and patch_budget {out.patch_budget} must be divisible "
+                         f"by micro_batches {out.micro_batches}")
     if (out.shard_index is None) != (out.shard_count is None):
         raise ValueError("give both data.shard_index and data.shard_count, or neither")
     return out
@@ -135,12 +141,44 @@ def make_pipeline(data_cfg: Any, tokenizer, processor: Processor, sources: Any =
     """
     cfg = data_config(data_cfg, **overrides)
     ds = record_dataset(cfg, sources).map(TrainingExampleTransform(tokenizer, processor, cfg.loss_on))
-    packed = PackIterDataset(_to_iter(ds, cfg), batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                             patch_budget=cfg.patch_budget, patch_dim=processor.patch_dim,
+    k = cfg.micro_batches
+    packed = PackIterDataset(_to_iter(ds, cfg), batch_size=cfg.batch_size // k, seq_len=cfg.seq_len,
+                             patch_budget=cfg.patch_budget // k, patch_dim=processor.patch_dim,
                              on_bad_record=cfg.on_bad_record, check=cfg.check,
                              max_consecutive_bad=cfg.max_consecutive_bad,
                              merge_area=processor.merge_size ** 2)
-    return iter(packed)
+    return iter(StackIterDataset(packed, k) if k > 1 else packed)
+
+
+class StackIterDataset(grain.IterDataset):
+    """k consecutive packed batches stacked on a new leading axis (train.step's presplit micro-batches: each
+    holds its own patches, so the vision tower runs per micro-batch). The tail that does not fill k is dropped."""
+
+    def __init__(self, parent: grain.IterDataset, k: int):
+        super().__init__(parent)
+        self.k = k
+
+    def __iter__(self) -> "StackIterator":
+        return StackIterator(self._parent.__iter__(), self.k)
+
+
+class StackIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, k: int):
+        super().__init__(parent)
+        self.k = k
+
+    def __next__(self) -> dict:
+        parts = [next(self._parent) for _ in range(self.k)]
+        return {key: np.stack([p[key] for p in parts]) for key in parts[0]}
+
+    def stats(self) -> dict[str, Any]:
+        return self._parent.stats()
+
+    def get_state(self) -> dict[str, Any]:
+        return self._parent.get_state()     # always taken at a k boundary
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state)
 
 
 # --------------------------------------------------------------------------- RL / eval prompts

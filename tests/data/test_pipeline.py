@@ -169,3 +169,17 @@ def test_pipeline_images_as_uint8_pixels_not_stale(tok, proc, tmp_path):
     firsts = [next(make_pipeline(CFG, tok, proc, sources=str(tmp_path / d / "m.jsonl")))["pixel_values"][0, 0]
               for d in ("a", "b")]
     assert firsts[0] < firsts[1]
+
+
+def test_micro_batches_are_stacked_packed_batches(tok, proc, records):
+    cfg = dict(CFG, num_epochs=None)
+    stacked = take(make_pipeline(dict(cfg, micro_batches=2), tok, proc, sources=records), 2)
+    single = take(make_pipeline(dict(cfg, batch_size=1, patch_budget=128), tok, proc, sources=records), 4)
+    assert stacked[0]["input_ids"].shape == (2, 1, 96) and stacked[0]["position_ids"].shape == (2, 3, 1, 96)
+    assert stacked[0]["pixel_values"].shape == (2, 128, proc.patch_dim)
+    for i, batch in enumerate(stacked):
+        for j in range(2):
+            for key in batch:
+                np.testing.assert_array_equal(batch[key][j], single[2 * i + j][key], err_msg=key)
+    with pytest.raises(ValueError, match="divisible by micro_batches 3"):
+        make_pipeline(dict(cfg, micro_batches=3), tok, proc, sources=records)
