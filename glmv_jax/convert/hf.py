@@ -23,8 +23,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from glmv_jax.config import ConfigError, ModelConfig, from_hf_config, to_hf_config
-from glmv_jax.convert.mapping import (ConversionError, Entry, default_expert_layout, key_table, lookup_table,
-                                      mtp_layer, param_specs)
+from glmv_jax.convert.mapping import (ConversionError, Entry, key_table, lookup_table, mtp_layer,
+                                      param_specs)
 
 __all__ = ["ConversionError", "hf_state_dict_to_params", "params_to_hf_state_dict", "load_pretrained",
            "save_pretrained"]

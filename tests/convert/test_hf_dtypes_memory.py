@@ -10,7 +10,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from safetensors.numpy import load_file
 
 from glmv_jax.config import ModelConfig, TextConfig, VisionConfig
-from glmv_jax.convert.hf import flatten, hf_state_dict_to_params, load_pretrained, params_to_hf_state_dict, save_pretrained
+from glmv_jax.convert.hf import (flatten, hf_state_dict_to_params, load_pretrained, params_to_hf_state_dict,
+                                 save_pretrained, unflatten)
 from glmv_jax.convert.mapping import param_specs
 from tests.hf_oracle import hf_classes
 
@@ -103,7 +104,6 @@ def test_streaming_load_and_save_hold_no_second_copy(tmp_path):
     config = _medium_config()
     rng = np.random.default_rng(0)
     flat = {p: rng.standard_normal(s.shape, np.float32) for p, s in param_specs(config).items()}
-    from glmv_jax.convert.hf import unflatten
     params = unflatten(flat)
     model_bytes = sum(a.nbytes for a in flat.values())
     largest = max(a.nbytes for a in flat.values())
