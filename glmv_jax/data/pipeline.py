@@ -140,6 +140,8 @@ def make_pipeline(data_cfg: Any, tokenizer, processor: Processor, sources: Any =
     overrides: DataConfig fields, e.g. shard_index=0, shard_count=2, on_bad_record="raise".
     """
     cfg = data_config(data_cfg, **overrides)
+    if cfg.kind == "rl":
+        raise ValueError("data.kind='rl' makes prompts, not training batches: use make_prompt_pipeline")
     ds = record_dataset(cfg, sources).map(TrainingExampleTransform(tokenizer, processor, cfg.loss_on))
     k = cfg.micro_batches
     packed = PackIterDataset(_to_iter(ds, cfg), batch_size=cfg.batch_size // k, seq_len=cfg.seq_len,

@@ -155,6 +155,8 @@ def test_experiment_config_dict_and_synthetic_source(tok, proc):
     assert batches[0]["pixel_values"].shape == (256, proc.patch_dim)
     with pytest.raises(ValueError, match="on_bad_record"):
         data_config(cfg, on_bad_record="ignore")
+    with pytest.raises(ValueError, match="use make_prompt_pipeline"):
+        make_pipeline(dict(kind="rl"), tok, proc)
     with pytest.raises(ValueError, match="needs data.manifests"):
         make_pipeline(dict(source="jsonl"), tok, proc)
 
