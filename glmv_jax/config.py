@@ -277,8 +277,8 @@ def from_hf_config(hf: dict[str, Any] | str | Path) -> ModelConfig:
     text_kw.update(_rope_fields(text, 0.5 if moe else None))
     if moe:
         text_kw.update({k: text[k] for k in _MOE_KEYS if k in text})
-        text_kw.update(moe=True, head_dim=text.get("head_dim", 128),
-                       attention_bias=bool(text.get("attention_bias", False)))
+        # HF's Glm4vMoeTextConfig: attention_bias defaults to True; a missing head_dim means hidden / heads.
+        text_kw.update(moe=True, head_dim=text.get("head_dim"), attention_bias=bool(text.get("attention_bias", True)))
     eos = text.get("eos_token_id", hf.get("eos_token_id"))
     if eos is not None:
         text_kw["eos_token_id"] = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
