@@ -4,9 +4,9 @@
     r = compute_reward("math", response, "1/2", style="glm41v")   # RewardResult(reward, format_ok, extracted, info)
 """
 from glmv_jax.rewards import registry
-from glmv_jax.rewards.compute import compute_reward
+from glmv_jax.rewards.compute import compute_reward, compute_rewards
 from glmv_jax.rewards.judge import register_judge, unregister_judge
 from glmv_jax.rewards.result import STYLES, RewardConfig, RewardResult
 
-__all__ = ["compute_reward", "RewardResult", "RewardConfig", "STYLES", "registry", "register_judge",
+__all__ = ["compute_reward", "compute_rewards", "RewardResult", "RewardConfig", "STYLES", "registry", "register_judge",
            "unregister_judge"]

@@ -7,6 +7,7 @@ on both sides (chart values are often percentages).
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 from glmv_jax.rewards import numbers
 from glmv_jax.rewards.result import RewardConfig
@@ -26,18 +27,23 @@ def _text_key(text: str) -> str:
     return " ".join(numbers.clean(text).casefold().split())
 
 
-def score(extracted: str, answer, config: RewardConfig) -> tuple[float, dict]:
+def reference(answer) -> tuple[str, Fraction | None, bool]:
+    """(text key, numeric value or None for a text answer, looks like a year)."""
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
         raise ValueError(f"chart answer must be a number or a string, got {type(answer).__name__}: {answer!r}")
-    reference_text = _strip_percent(str(answer))
-    if not reference_text:
+    text = _strip_percent(str(answer))
+    if not text:
         raise ValueError("chart answer is empty")
-    reference = numbers.parse_number(reference_text)
-    if reference is None:  # a text answer (a label, a series name)
-        return float(_text_key(extracted) == _text_key(str(answer))), {"kind": "text"}
+    return _text_key(str(answer)), numbers.parse_number(text), bool(_YEAR.fullmatch(text))
+
+
+def score(extracted: str, reference: tuple, config: RewardConfig) -> tuple[float, dict]:
+    text_key, number, is_year = reference
+    if number is None:  # a text answer (a label, a series name)
+        return float(_text_key(extracted) == text_key), {"kind": "text"}
     value = numbers.parse_number(_strip_percent(extracted))
     if value is None:
         return 0.0, {"reason": "not_a_number"}
-    if _YEAR.fullmatch(reference_text):
-        return float(value == reference), {"kind": "year"}
-    return float(numbers.close(value, reference, config.chart_rel_tol)), {"kind": "number"}
+    if is_year:
+        return float(value == number), {"kind": "year"}
+    return float(numbers.close(value, number, config.chart_rel_tol)), {"kind": "number"}

@@ -28,19 +28,20 @@ def parse_letters(text: str) -> list[str] | None:
     return letters
 
 
-def _reference_letters(answer) -> frozenset[str]:
+def reference(answer) -> frozenset[str]:
     letters = None
     if isinstance(answer, str):
         letters = parse_letters(answer)
-    elif isinstance(answer, (list, tuple, set, frozenset)) and all(isinstance(a, str) for a in answer):
-        letters = parse_letters(",".join(answer))
+    elif isinstance(answer, (list, tuple, set, frozenset)):
+        singles = [parse_letters(a) if isinstance(a, str) else None for a in answer]
+        if all(single is not None and len(single) == 1 for single in singles):
+            letters = [single[0] for single in singles]
     if not letters:
         raise ValueError(f"choice answer must be letters like 'B' or 'A,C', got {answer!r}")
     return frozenset(letters)
 
 
-def score(extracted: str, answer, config: RewardConfig) -> tuple[float, dict]:
-    reference = _reference_letters(answer)
+def score(extracted: str, reference: frozenset[str], config: RewardConfig) -> tuple[float, dict]:
     letters = parse_letters(extracted)
     if letters is None:
         return 0.0, {"reason": "not_letters"}

@@ -1,7 +1,7 @@
-"""compute_reward: format gate -> repetition check -> the domain's verifier (or registered judge)."""
+"""compute_reward: reference check -> format gate -> repetition check -> the domain's verifier or judge."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from glmv_jax.rewards import format as fmt
 from glmv_jax.rewards import judge, registry
@@ -16,43 +16,57 @@ def compute_reward(domain: str, response: str | None, answer: Any, style: str = 
     """Score one response.
 
     domain: a verifiable domain (registry.VERIFIERS) or one with a registered judge; anything else raises.
-    response: the decoded completion (special tokens kept), None counts as empty.
-    answer: the reference, in the domain's form (design.md table); a malformed reference raises ValueError.
+    response: the decoded completion (special tokens kept); None counts as empty.
+    answer: the reference in the domain's form (design.md table); a malformed one raises ValueError.
     style: "glm41v" (answer tags), "glm45v" / "glm46v" (no answer tags), "glm45v_nothink" (no think block).
     context: passed to judges only (question, image paths, ...).
-    Never raises on the response's content; 0 reward with info["reason"] for every rejection.
+    Never raises on the response's content: every rejection is reward 0 with info["reason"].
     """
+    return compute_rewards(domain, [response], answer, style, config, context)[0]
+
+
+def compute_rewards(domain: str, responses: Sequence[str | None], answer: Any, style: str = "glm41v",
+                    config: RewardConfig | None = None, context: dict | None = None) -> list[RewardResult]:
+    """compute_reward for a group of responses to one prompt (the reference is checked once)."""
     registry.check_domain(domain)
     fmt.check_style(style)
     config = DEFAULT_CONFIG if config is None else config
+    verifier = registry.VERIFIERS.get(domain)
+    if verifier is not None:
+        reference = verifier.reference(answer)
+        return [_score_one(response, style, config,
+                           lambda text: verifier.score(text, reference, config), judged=False)
+                for response in responses]
+    judge_fn = judge.get_judge(domain)
+    return [_score_one(response, style, config,
+                       lambda text: (judge.run_judge(domain, judge_fn, text, answer, context or {}), {"judge": True}),
+                       judged=True)
+            for response in responses]
+
+
+def _score_one(response, style, config, grade, judged: bool) -> RewardResult:
     parsed = fmt.split_sections(response, style)
     if not parsed.ok:
         return fail(parsed.error, format_ok=False)
-
-    judge_fn = None if domain in registry.VERIFIERS else judge.get_judge(domain)
-    if judge_fn is not None:
-        extracted = parsed.answer.strip()
+    if judged:  # open-ended: the whole answer section, which must not hold a box
+        extracted, error = parsed.answer.strip(), None
         if fmt.has_box_marker(extracted):
-            return fail("box_in_open_ended_answer", extracted, format_ok=False)
-        if not extracted:
-            return fail("empty_answer", None, format_ok=False)
+            extracted, error = None, "box_in_open_ended_answer"
+        elif not extracted:
+            extracted, error = None, "empty_answer"
     else:
         extracted, error = fmt.extract_box(parsed.answer)
-        if error:
-            return fail(error, format_ok=False)
+    if error:
+        return fail(error, format_ok=False)
 
-    penalty = 1.0
-    info: dict = {}
+    penalty, info = 1.0, {}
     if config.repetition_penalty > 0:
         repetitive, count = is_heavily_repetitive(response, config.repetition_window,
                                                   config.repetition_max_repeats)
+        if repetitive and config.repetition_penalty >= 1.0:
+            return fail("repetition", extracted, repetition=count)
         if repetitive:
-            if config.repetition_penalty >= 1.0:
-                return fail("repetition", extracted, repetition=count)
             penalty, info["repetition"] = 1.0 - config.repetition_penalty, count
 
-    if judge_fn is not None:
-        reward, verdict = judge.run_judge(domain, judge_fn, extracted, answer, context or {}), {"judge": True}
-    else:
-        reward, verdict = registry.VERIFIERS[domain](extracted, answer, config)
+    reward, verdict = grade(extracted)
     return RewardResult(min(1.0, max(0.0, reward * penalty)), True, extracted, {**verdict, **info})

@@ -5,7 +5,7 @@ from glmv_jax.rewards import numbers
 from glmv_jax.rewards.result import RewardConfig
 
 
-def _reference_count(answer) -> int:
+def reference(answer) -> int:
     if isinstance(answer, bool):
         raise ValueError(f"counting answer must be an integer, got {answer!r}")
     if isinstance(answer, int):
@@ -16,8 +16,7 @@ def _reference_count(answer) -> int:
     return value
 
 
-def score(extracted: str, answer, config: RewardConfig) -> tuple[float, dict]:
-    reference = _reference_count(answer)
+def score(extracted: str, reference: int, config: RewardConfig) -> tuple[float, dict]:
     value = numbers.parse_integer(extracted)
     if value is None:
         return 0.0, {"reason": "not_an_integer"}

@@ -10,7 +10,7 @@ from glmv_jax.rewards import boxes
 from glmv_jax.rewards.result import RewardConfig
 
 
-def reference_boxes(answer) -> list[list[float]]:
+def reference(answer) -> list[list[float]]:
     """The reference as a list of valid boxes; accepts one box, a list of boxes, or their JSON text."""
     value = answer
     if isinstance(answer, str):
@@ -26,8 +26,7 @@ def reference_boxes(answer) -> list[list[float]]:
     return [list(b) for b in value]
 
 
-def score(extracted: str, answer, config: RewardConfig) -> tuple[float, dict]:
-    reference = reference_boxes(answer)
+def score(extracted: str, reference: list, config: RewardConfig) -> tuple[float, dict]:
     predicted = boxes.parse_boxes(extracted, config.max_boxes)
     if predicted is None:
         return 0.0, {"reason": "not_boxes"}

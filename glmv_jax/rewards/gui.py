@@ -15,7 +15,7 @@ from glmv_jax.rewards.result import RewardConfig
 MAX_ACTION_CHARS = 4096
 
 
-def reference_action(answer) -> dict:
+def reference(answer) -> dict:
     value = answer
     if isinstance(answer, str):
         try:
@@ -43,8 +43,7 @@ def _key_matches(key: str, pred, reference, config: RewardConfig) -> bool:
     return type(pred) is type(reference) and pred == reference
 
 
-def score(extracted: str, answer, config: RewardConfig) -> tuple[float, dict]:
-    reference = reference_action(answer)
+def score(extracted: str, reference: dict, config: RewardConfig) -> tuple[float, dict]:
     if len(extracted) > MAX_ACTION_CHARS:
         return 0.0, {"reason": "too_long"}
     try:

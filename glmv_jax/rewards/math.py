@@ -82,7 +82,8 @@ def hedge_markers(text: str) -> set[str]:
     return markers
 
 
-def _reference_text(answer) -> str:
+def reference(answer) -> str:
+    """The normalised reference text; raises ValueError if it is not a string or number."""
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float, Fraction)):
         raise ValueError(f"math answer must be a string or a number, got {type(answer).__name__}: {answer!r}")
     text = normalize(str(answer))
@@ -106,9 +107,8 @@ def _guard(pred: str, reference: str, config: RewardConfig) -> str | None:
     return None
 
 
-def score(extracted: str, answer, config: RewardConfig) -> tuple[float, dict]:
-    """(1.0 or 0.0, info); info["path"] is "string", "numeric" or "sympy" when a comparison ran."""
-    reference = _reference_text(answer)
+def score(extracted: str, reference: str, config: RewardConfig) -> tuple[float, dict]:
+    """(1.0 or 0.0, info) against reference(answer); info["path"]: "string", "numeric" or "sympy"."""
     if len(extracted) > 4 * config.math_max_chars:
         return 0.0, {"reason": "too_long"}
     pred = normalize(extracted)

@@ -14,9 +14,12 @@ def _normalize(text: str, ignore_case: bool) -> str:
     return text.casefold() if ignore_case else text
 
 
-def score(extracted: str, answer, config: RewardConfig) -> tuple[float, dict]:
+def reference(answer) -> str:
     if not isinstance(answer, str) or not answer.strip():
         raise ValueError(f"ocr answer must be a non-empty string, got {answer!r}")
+    return answer
+
+
+def score(extracted: str, reference: str, config: RewardConfig) -> tuple[float, dict]:
     pred = _normalize(extracted, config.ocr_ignore_case)
-    reference = _normalize(answer, config.ocr_ignore_case)
-    return float(Levenshtein.normalized_similarity(pred, reference)), {}
+    return float(Levenshtein.normalized_similarity(pred, _normalize(reference, config.ocr_ignore_case))), {}

@@ -1,21 +1,22 @@
-"""Domain -> verifier table. A verifier is score(extracted_box_text, answer, config) -> (reward, info)."""
+"""Domain -> verifier table.
+
+A verifier is a module with reference(answer) -> prepared reference (raises ValueError on a malformed
+one) and score(extracted_box_text, prepared_reference, config) -> (reward, info).
+"""
 from __future__ import annotations
 
-from typing import Any, Callable
+import types
 
 from glmv_jax.rewards import chart, choice, counting, grounding, gui, judge, math, ocr
-from glmv_jax.rewards.result import RewardConfig
 
-Verifier = Callable[[str, Any, RewardConfig], "tuple[float, dict]"]
-
-VERIFIERS: dict[str, Verifier] = {
-    "math": math.score,
-    "choice": choice.score,
-    "counting": counting.score,
-    "chart": chart.score,
-    "ocr": ocr.score,
-    "grounding": grounding.score,
-    "gui": gui.score,
+VERIFIERS: dict[str, types.ModuleType] = {
+    "math": math,
+    "choice": choice,
+    "counting": counting,
+    "chart": chart,
+    "ocr": ocr,
+    "grounding": grounding,
+    "gui": gui,
 }
 
 
