@@ -1,0 +1,98 @@
+"""TrainState: a plain pytree (step, params, opt_state, rng, nonfinite_count), born sharded.
+
+    opt = build_optimizer(config.optimizer)
+    shardings = state_shardings(opt, abstract_params, param_shardings, mesh)        # or None on one device
+    state = init_train_state(init_fn, opt, jax.random.PRNGKey(0), shardings)       # init_fn(rng) -> params
+    state = train_state_from_params(params, opt, jax.random.PRNGKey(0), shardings) # loaded weights
+
+`param_shardings` comes from the model's logical axes: `parallel.rules.tree_shardings(logical, params, mesh,
+rules)` (see `param_shardings_from_logical`). Optimizer moments take the sharding of their parameter,
+scalars (counts, step, rng) are replicated. `init_train_state` runs under `jax.jit(out_shardings=...)`, so
+no device ever holds an unsharded copy of the parameters or the optimizer state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from glmv_jax.parallel import rules as rules_lib
+from glmv_jax.train.optimizer import Optimizer
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array             # int32 [], number of train steps taken (batches consumed)
+    params: Any                 # nested dict of fp32 arrays (PARAM_TREE.md)
+    opt_state: Any              # optax state of `Optimizer.tx`
+    rng: jax.Array              # uint32 [2] raw PRNG key; per-step keys are fold_in(rng, step)
+    nonfinite_count: jax.Array  # int32 [], steps skipped because loss or gradients were NaN/Inf
+
+    @property
+    def applied_updates(self) -> jax.Array:
+        """Number of optimizer updates applied (= the learning-rate schedule's position)."""
+        return self.step - self.nonfinite_count
+
+
+def _raw_key(rng: jax.Array) -> jax.Array:
+    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.key_data(rng)
+    if rng.dtype != jnp.uint32:
+        raise ValueError(f"rng must be a PRNG key (jax.random.PRNGKey / jax.random.key), got dtype {rng.dtype}")
+    return rng
+
+
+def _new_state(params: Any, optimizer: Optimizer, rng: jax.Array) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.tx.init(params),
+                      rng=_raw_key(rng), nonfinite_count=jnp.zeros((), jnp.int32))
+
+
+def param_shardings_from_logical(logical_axes: Any, abstract_params: Any, mesh: Mesh,
+                                 rules: rules_lib.Rules = rules_lib.DEFAULT) -> Any:
+    """NamedShardings for params from the tree of logical axis-name tuples (parallel.rules)."""
+    return rules_lib.tree_shardings(logical_axes, abstract_params, mesh, rules)
+
+
+def state_shardings(optimizer: Optimizer, abstract_params: Any, param_shardings: Any, mesh: Mesh) -> TrainState:
+    """TrainState of NamedShardings: moments follow their parameter, everything else replicated."""
+    replicated = NamedSharding(mesh, P())
+    abstract_opt = jax.eval_shape(optimizer.tx.init, abstract_params)
+    opt_shardings = optax.tree_map_params(optimizer.tx, lambda _, s: s, abstract_opt, param_shardings,
+                                          transform_non_params=lambda _: replicated)
+    return TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings, rng=replicated,
+                      nonfinite_count=replicated)
+
+
+def abstract_train_state(optimizer: Optimizer, abstract_params: Any, shardings: TrainState | None = None,
+                         rng: jax.Array | None = None) -> TrainState:
+    """ShapeDtypeStruct tree of the state (with shardings when given): the target for checkpoint restore."""
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    shapes = jax.eval_shape(lambda p: _new_state(p, optimizer, rng), abstract_params)
+    if shardings is None:
+        return shapes
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def init_train_state(init_fn: Callable[[jax.Array], Any], optimizer: Optimizer, rng: jax.Array,
+                     shardings: TrainState | None = None) -> TrainState:
+    """Fresh state: params = init_fn(param_rng); the state keeps the other half of the split key."""
+    param_rng, state_rng = jax.random.split(rng)
+    build = lambda: _new_state(init_fn(param_rng), optimizer, state_rng)
+    return jax.jit(build, out_shardings=shardings)()
+
+
+def train_state_from_params(params: Any, optimizer: Optimizer, rng: jax.Array,
+                            shardings: TrainState | None = None) -> TrainState:
+    """State around existing params (e.g. loaded from HF or a previous stage), resharded as `shardings` says."""
+    if shardings is not None:
+        params = jax.device_put(params, shardings.params)
+    replicated = None if shardings is None else shardings.step
+    opt_state = jax.jit(optimizer.tx.init, out_shardings=None if shardings is None else shardings.opt_state)(params)
+    scalar = lambda x: jax.device_put(jnp.asarray(x), replicated)
+    return TrainState(step=scalar(jnp.zeros((), jnp.int32)), params=params, opt_state=opt_state,
+                      rng=scalar(_raw_key(rng)), nonfinite_count=scalar(jnp.zeros((), jnp.int32)))
