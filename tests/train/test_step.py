@@ -1,0 +1,140 @@
+"""Train step on a tiny real model: learning, accumulation == big batch, freezing, fixed router bias, NaN policy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from glmv_jax.train.loop import NonFiniteError, run_steps
+from glmv_jax.train.optimizer import build_optimizer
+from glmv_jax.train.state import train_state_from_params
+from glmv_jax.train.step import make_train_step, presplit, split_microbatches
+from tests.train import toy
+
+
+def bits(tree):
+    return jax.tree.map(lambda x: np.atleast_1d(np.asarray(x)).view(np.uint8).copy(), jax.device_get(tree))
+
+
+def assert_bit_equal(a, b):
+    jax.tree.map(np.testing.assert_array_equal, bits(a), bits(b))
+
+
+def toy_params():
+    params = toy.init_params()
+    params["vision"]["proj"]["kernel"][0, 0] = -0.0            # p + 0.0 would turn this into +0.0
+    params["text"]["moe"]["router"]["correction_bias"][0] = -0.0
+    return params
+
+
+@pytest.fixture(scope="module")
+def frozen_opt():
+    return build_optimizer(dict(toy.OPT_CFG, freeze=["vision"]))
+
+
+@pytest.fixture(scope="module")
+def main_step(frozen_opt):
+    return make_train_step(toy.make_loss_fn(dropout=0.1), frozen_opt, compiler_options=toy.COMPILER_OPTIONS)
+
+
+def fresh(opt):
+    return train_state_from_params(toy_params(), opt, jax.random.PRNGKey(0))
+
+
+def test_loss_decreases_frozen_and_fixed_leaves_bit_identical(frozen_opt, main_step):
+    state = fresh(frozen_opt)
+    start = jax.device_get(state.params)
+    batch = toy.make_batch()
+    losses = []
+    for _ in range(12):
+        state, metrics = main_step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.7 * losses[0], losses
+    end = jax.device_get(state.params)
+    assert_bit_equal(end["vision"], start["vision"])
+    assert_bit_equal(end["text"]["moe"]["router"]["correction_bias"], start["text"]["moe"]["router"]["correction_bias"])
+    for path in (("lm_head", "kernel"), ("text", "moe", "router", "kernel"), ("text", "layers", "mlp_norm", "scale")):
+        a, b = end, start
+        for key in path:
+            a, b = a[key], b[key]
+        assert np.abs(a - b).max() > 1e-4, path
+    assert int(state.step) == 12 and int(state.nonfinite_count) == 0
+
+
+def test_accumulation_equals_one_big_batch():
+    """k=4 micro-batches with different token counts give the big batch's loss, grad norm and update."""
+    opt = build_optimizer(toy.OPT_CFG)   # nothing frozen: the router bias must still stay untouched
+    loss_fn = toy.make_loss_fn(dropout=0.0)
+    batch = toy.make_batch(seed=3)
+    counts = batch["loss_mask"].reshape(2, 4, -1).transpose(1, 0, 2).sum(axis=(1, 2))
+    assert len(set(counts.tolist())) > 1, counts                 # micro-batches are unequal in tokens
+    results = []
+    for k in (1, 4):
+        state = train_state_from_params(toy_params(), opt, jax.random.PRNGKey(0))
+        step = make_train_step(loss_fn, opt, grad_accum_steps=k, compiler_options=toy.COMPILER_OPTIONS)
+        for _ in range(3):   # step 0 has lr 0 (warmup); later steps move the params
+            state, metrics = step(state, batch)
+        results.append((jax.device_get(state), jax.device_get(metrics)))
+    (big, m_big), (acc, m_acc) = results
+    for name in ("loss", "objective", "grad_norm", "moe_aux_loss", "ce_sum"):
+        np.testing.assert_allclose(m_acc[name], m_big[name], rtol=2e-6, err_msg=name)
+    assert m_acc["tokens"] == m_big["tokens"] == batch["loss_mask"].sum()
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), acc.params, big.params)
+    assert np.abs(acc.params["lm_head"]["kernel"] - toy_params()["lm_head"]["kernel"]).max() > 1e-3
+    assert_bit_equal(acc.params["text"]["moe"]["router"]["correction_bias"],
+                     toy_params()["text"]["moe"]["router"]["correction_bias"])
+
+
+def test_nonfinite_batch_is_skipped_and_counted(frozen_opt, main_step):
+    state = fresh(frozen_opt)
+    state, _ = main_step(state, toy.make_batch())
+    before = jax.device_get(state)
+    bad = toy.make_batch()
+    bad["feat"][3, 0] = np.nan
+    state, metrics = main_step(state, bad)
+    assert int(metrics["nonfinite"]) == 1 and int(state.nonfinite_count) == 1 and int(state.step) == 2
+    assert not np.isfinite(float(metrics["loss"]))
+    assert_bit_equal(state.params, before.params)
+    assert_bit_equal(state.opt_state, before.opt_state)
+    # The next good step applies an update at the schedule position of 1 applied update.
+    state, metrics = main_step(state, toy.make_batch())
+    assert int(metrics["nonfinite"]) == 0 and int(state.nonfinite_count) == 1
+    np.testing.assert_allclose(float(metrics["lr"]), float(frozen_opt.schedule(1)), rtol=1e-7)
+    assert np.abs(jax.device_get(state.params)["lm_head"]["kernel"] - before.params["lm_head"]["kernel"]).max() > 0
+
+
+def test_nonfinite_raise_stops_the_loop(frozen_opt, main_step):
+    bad = toy.make_batch()
+    bad["feat"][0, 0] = np.inf
+    batches = iter([toy.make_batch(), bad, toy.make_batch(), toy.make_batch()])
+    with pytest.raises(NonFiniteError, match="step 2: non-finite loss"):
+        run_steps(fresh(frozen_opt), batches, main_step, num_steps=4, nonfinite="raise")
+    # The same data in skip mode runs through and counts the step.
+    batches = iter([toy.make_batch(), bad, toy.make_batch(), toy.make_batch()])
+    state, history = run_steps(fresh(frozen_opt), batches, main_step, num_steps=4, nonfinite="skip")
+    assert [h["nonfinite"] for h in history] == [0, 1, 0, 0] and int(state.nonfinite_count) == 1
+
+
+def test_split_microbatches_strided_rows_and_position_axis():
+    B, T, k = 6, 4, 3
+    rows = np.arange(B, dtype=np.int32)
+    batch = {"input_ids": np.repeat(rows[:, None], T, 1), "position_ids": np.broadcast_to(rows[None, :, None], (3, B, T))}
+    micro = split_microbatches({k_: jnp.asarray(v) for k_, v in batch.items()}, k)
+    assert micro["input_ids"].shape == (k, B // k, T) and micro["position_ids"].shape == (k, 3, B // k, T)
+    for i in range(k):   # micro-batch i holds rows i, i+k, ...
+        np.testing.assert_array_equal(micro["input_ids"][i, :, 0], rows[i::k])
+        np.testing.assert_array_equal(micro["position_ids"][i, 1, :, 0], rows[i::k])
+    with pytest.raises(ValueError, match="pixel_values.*not per-row"):
+        split_microbatches({**batch, "pixel_values": np.zeros((10, 12))}, k)
+    with pytest.raises(ValueError, match="not divisible by grad_accum_steps=4"):
+        split_microbatches(batch, 4)
+    with pytest.raises(ValueError, match="leading axis of grad_accum_steps=3"):
+        presplit(batch, 3)
+
+
+def test_bad_step_arguments(frozen_opt):
+    loss_fn = toy.make_loss_fn()
+    with pytest.raises(ValueError, match="grad_accum_steps"):
+        make_train_step(loss_fn, frozen_opt, grad_accum_steps=0)
+    with pytest.raises(ValueError, match="nonfinite"):
+        make_train_step(loss_fn, frozen_opt, nonfinite="ignore")
