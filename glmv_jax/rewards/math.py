@@ -1,6 +1,7 @@
 """Math verifier: 1 if the boxed answer equals the reference symbolically or numerically.
 
-Cheapest first: guards on the raw text (characters, length, nesting, hedges, power towers), exact string
+Cheapest first: guards on the raw text (characters, length, nesting, hedges, power towers, huge exponents
+and factorials), exact string
 match, exact rational comparison of plain numbers (numbers.py), and only then math-verify / sympy in a
 worker process under a hard time budget (math_worker.py, workers.py).
 """
@@ -33,6 +34,7 @@ _HEDGE_SYMBOLS = ("<", ">", "~", "...", "|")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _TOWER = re.compile(r"\^\s*(?:\{[^{}]*\^|\(\s*[^()]*\^|[\w.]+\s*\^)")
 _BIG_EXPONENT = re.compile(r"\^\s*\{?\s*\(?\s*(\d{5,})")
+_BIG_FACTORIAL = re.compile(r"\d{4,}\s*\}?\s*\)?\s*!")
 _ALLOWED = re.compile(r"[\x20-\x7e]*")
 _BRACKETS = {"(": 1, "[": 1, "{": 1, ")": -1, "]": -1, "}": -1}
 
@@ -102,8 +104,8 @@ def _guard(pred: str, reference: str, config: RewardConfig) -> str | None:
         return "too_deep"
     if hedge_markers(pred) - hedge_markers(reference):
         return "hedge"
-    if _TOWER.search(pred) or _BIG_EXPONENT.search(pred):
-        return "huge_power"
+    if _TOWER.search(pred) or _BIG_EXPONENT.search(pred) or _BIG_FACTORIAL.search(pred):
+        return "huge_number"
     return None
 
 
@@ -119,9 +121,10 @@ def score(extracted: str, reference: str, config: RewardConfig) -> tuple[float, 
     pred_value, reference_value = numbers.parse_number(pred), numbers.parse_number(reference)
     if pred_value is not None and reference_value is not None:
         return float(numbers.close(pred_value, reference_value, config.math_rel_tol)), {"path": "numeric"}
-    result = worker_pool().call(EQUIVALENCE_FN, [reference, pred], config.math_time_limit_s)
+    result = worker_pool().call(EQUIVALENCE_FN, [reference, pred], config.math_time_limit_s,
+                                config.math_kill_grace_s)
     if result.timed_out:
-        return 0.0, {"path": "sympy", "reason": "timeout", "timeout": True}
+        return 0.0, {"path": "sympy", "reason": "timeout", "timeout": True, "worker_killed": result.killed}
     if result.error is not None:
         return 0.0, {"path": "sympy", "reason": "verifier_error", "error": result.error}
     info = {"path": "sympy"}

@@ -31,8 +31,9 @@ class RewardConfig:
     repetition_window / repetition_max_repeats: a response in which some `window`-char span occurs
       `max_repeats` or more times (non-overlapping) is "heavily repetitive"; its reward is multiplied by
       (1 - repetition_penalty). penalty 1.0 zeroes it, 0.0 disables the check.
-    math_time_limit_s: wall-clock budget of the sympy / math-verify work for one response (a worker
-      process is killed past it and the response scores 0 with info["timeout"]).
+    math_time_limit_s: wall-clock budget of the sympy / math-verify work for one response: an alarm in the
+      worker interrupts it and the response scores 0 with info["timeout"]; if the worker has not replied
+      math_kill_grace_s later (work the alarm cannot interrupt) it is killed and replaced.
     math_max_chars: longer math answers score 0 without parsing (info["reason"] == "too_long").
     math_max_depth: deeper bracket nesting ((, [, {) scores 0 without parsing.
     math_rel_tol: relative tolerance when both sides are plain numbers.
@@ -44,7 +45,8 @@ class RewardConfig:
     repetition_window: int = 50
     repetition_max_repeats: int = 10
     repetition_penalty: float = 1.0
-    math_time_limit_s: float = 0.8
+    math_time_limit_s: float = 0.7
+    math_kill_grace_s: float = 0.2
     math_max_chars: int = 400
     math_max_depth: int = 8
     math_rel_tol: float = 1e-6
@@ -59,8 +61,9 @@ class RewardConfig:
                              f"{self.repetition_window}, {self.repetition_max_repeats}")
         if not 0.0 <= self.repetition_penalty <= 1.0:
             raise ValueError(f"repetition_penalty must be in [0, 1], got {self.repetition_penalty}")
-        if self.math_time_limit_s <= 0:
-            raise ValueError(f"math_time_limit_s must be > 0, got {self.math_time_limit_s}")
+        if self.math_time_limit_s <= 0 or self.math_kill_grace_s <= 0:
+            raise ValueError(f"math_time_limit_s and math_kill_grace_s must be > 0, got "
+                             f"{self.math_time_limit_s}, {self.math_kill_grace_s}")
         if not 0.0 < self.iou_threshold <= 1.0:
             raise ValueError(f"iou_threshold must be in (0, 1], got {self.iou_threshold}")
         if self.chart_rel_tol < 0 or self.math_rel_tol < 0:

@@ -4,7 +4,10 @@
 
 imports each MODULE (calling its `warm_up()` if it has one), then speaks newline-delimited JSON on its
 original stdout: first {"ready": true} (or {"fatal": "..."} and exit 1), then for each request
-{"fn": "package.module:function", "args": [...]} on stdin one reply {"value": ...} or {"error": "..."}.
+{"fn": "package.module:function", "args": [...], "timeout_s": t} on stdin one reply {"value": ...},
+{"error": "..."} or {"timed_out": true}. The timeout is a SIGALRM timer (this process is single-threaded)
+raising a BaseException, which library `except Exception` blocks cannot swallow; work that never yields
+to the interpreter (one huge C-level big-integer operation) is left to the parent, which kills us.
 Library output is sent to stderr so it cannot corrupt the protocol. Exits when stdin closes.
 """
 from __future__ import annotations
@@ -12,7 +15,16 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import signal
 import sys
+
+
+class _Alarm(BaseException):
+    """Raised inside the running function when its time is up."""
+
+
+def _on_alarm(signum, frame):
+    raise _Alarm()
 
 
 def _resolve(path: str):
@@ -44,11 +56,20 @@ def main(argv: list[str]) -> int:
     except Exception as error:  # reported to the parent, which raises it as a setup error
         send({"fatal": f"{type(error).__name__}: {error}"})
         return 1
+    signal.signal(signal.SIGALRM, _on_alarm)
     send({"ready": True})
     for line in sys.stdin:
         try:
             request = json.loads(line)
-            send({"value": _resolve(request["fn"])(*request["args"])})
+            fn = _resolve(request["fn"])
+            signal.setitimer(signal.ITIMER_REAL, request["timeout_s"])
+            try:
+                value = fn(*request["args"])
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            send({"value": value})
+        except _Alarm:
+            send({"timed_out": True})
         except Exception as error:  # a failure on one input must not end the worker
             send({"error": f"{type(error).__name__}: {error}"[:500]})
     return 0

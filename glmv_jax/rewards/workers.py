@@ -3,8 +3,10 @@
 A pure-Python computation (sympy simplification, a big-integer power) cannot be interrupted from another
 thread, and signal alarms work only in the main thread. So the work runs in persistent child processes
 (worker_main.py, started with subprocess: no fork of a multithreaded JAX parent, no re-import of the
-caller's __main__); the parent waits on the reply pipe with a deadline and, past it, kills the child,
-starts a replacement in the background and reports a timeout. Safe to call from many threads: each call
+caller's __main__). Two layers enforce the budget: the child's own SIGALRM timer interrupts the function
+at timeout_s and replies "timed out" (the worker survives); the parent waits on the reply pipe until
+timeout_s + grace_s and, past that (C-level work the alarm cannot interrupt), kills the child, starts a
+replacement in the background and reports the timeout itself. Safe to call from many threads: each call
 holds one worker; up to `max_workers` exist.
 """
 from __future__ import annotations
@@ -26,9 +28,11 @@ _POOLS: "weakref.WeakSet[WorkerPool]" = weakref.WeakSet()
 
 @dataclasses.dataclass(frozen=True)
 class CallResult:
-    """value: the function's JSON result; timed_out: killed at the deadline; error: it raised or the worker died."""
+    """value: the function's JSON result; timed_out: stopped at the deadline (killed: by killing the worker,
+    because its own alarm did not end the call in time); error: the function raised or the worker died."""
     value: Any = None
     timed_out: bool = False
+    killed: bool = False
     error: str | None = None
 
 
@@ -73,15 +77,18 @@ class _Worker:
             raise RuntimeError(f"reward worker failed to start: {message['fatal']}")
         self.ready = True
 
-    def call(self, fn: str, args: list, timeout_s: float) -> CallResult:
-        self.proc.stdin.write((json.dumps({"fn": fn, "args": args}) + "\n").encode())
+    def call(self, fn: str, args: list, timeout_s: float, grace_s: float) -> tuple[CallResult, bool]:
+        """(result, whether the worker must be replaced)."""
+        self.proc.stdin.write((json.dumps({"fn": fn, "args": args, "timeout_s": timeout_s}) + "\n").encode())
         self.proc.stdin.flush()
-        message = self.read_message(time.monotonic() + timeout_s)
+        message = self.read_message(time.monotonic() + timeout_s + grace_s)
         if message is None:
-            return CallResult(timed_out=True)
+            return CallResult(timed_out=True, killed=True), True
+        if message.get("timed_out"):
+            return CallResult(timed_out=True), False
         if "error" in message:
-            return CallResult(error=message["error"])
-        return CallResult(value=message["value"])
+            return CallResult(error=message["error"]), False
+        return CallResult(value=message["value"]), False
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -150,7 +157,8 @@ class WorkerPool:
             raise
         self._release(worker)
 
-    def call(self, fn: str, args: list, timeout_s: float) -> CallResult:
+    def call(self, fn: str, args: list, timeout_s: float, grace_s: float = 0.2) -> CallResult:
+        """Run fn(*args) in a worker; a timed-out result comes back within about timeout_s + grace_s."""
         worker = self._acquire()
         try:
             worker.wait_ready(self.startup_timeout_s)
@@ -158,14 +166,14 @@ class WorkerPool:
             self._release(None)
             raise
         try:
-            result = worker.call(fn, list(args), timeout_s)
+            result, unresponsive = worker.call(fn, list(args), timeout_s, grace_s)
         except (EOFError, BrokenPipeError) as error:
             self._replace(worker)
             return CallResult(error=f"worker died: {error}")
         except BaseException:
             self._replace(worker)
             raise
-        if result.timed_out:
+        if unresponsive:
             self._replace(worker)
         else:
             self._release(worker)

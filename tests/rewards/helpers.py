@@ -29,3 +29,16 @@ def echo(value):
 
 def fail_loudly(reference: str, prediction: str) -> dict:
     raise ArithmeticError(f"cannot compare {reference} and {prediction}")
+
+
+def sleep_with_alarm_blocked(reference: str, prediction: str) -> dict:
+    """Stands in for work the worker's alarm cannot interrupt (a long C-level call): only a kill ends it."""
+    import signal
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+    time.sleep(60)
+    return {"equal": True}
+
+
+def worker_pid(*args) -> int:
+    import os
+    return os.getpid()

@@ -66,8 +66,8 @@ def test_reference_forms_and_errors():
     ("3 or 4", "hedge"), ("3 \\text{ or } 4", "hedge"), ("a number between 0 and 10", "hedge"),
     ("3, 4", "hedge"), ("\\{3, 4\\}", "hedge"), ("x < 10", "hedge"), ("\\approx 3", "hedge"),
     ("3 \\pm 1", "hedge"), ("~3", "hedge"), ("1, ..., 10", "hedge"),
-    ("9**9**9**9", "huge_power"), ("9^{9^{9^{9}}}", "huge_power"), ("(9^9)^(9^9)", "huge_power"),
-    ("2^{123456789}", "huge_power"),
+    ("9**9**9**9", "huge_number"), ("9^{9^{9^{9}}}", "huge_number"), ("(9^9)^(9^9)", "huge_number"),
+    ("2^{123456789}", "huge_number"), ("99999999!", "huge_number"), ("{12345}!", "huge_number"),
     ("(" * 40 + "3" + ")" * 40, "too_deep"),
     ("\\frac{" * 30 + "1" + "}{2}" * 30, "too_deep"),
     (LONG_LATEX, "too_long"), ("+".join(f"x_{{{i}}}" for i in range(60)), "too_long"),
@@ -87,15 +87,22 @@ def test_hedge_markers_allowed_when_the_reference_has_them():
     assert hedge_markers("1,000,000") == set()
 
 
-def test_timeout_gives_zero_and_the_worker_recovers(monkeypatch):
-    """A verifier that sleeps far past the budget: the call returns a timeout result at the default budget,
-    and the next response is scored by a fresh worker."""
-    monkeypatch.setattr(math_verifier, "EQUIVALENCE_FN", "tests.rewards.helpers:sleep_then_equal")
+@pytest.mark.parametrize("slow_fn, killed", [
+    ("tests.rewards.helpers:sleep_then_equal", False),          # interrupted by the worker's own alarm
+    ("tests.rewards.helpers:sleep_with_alarm_blocked", True),   # only killing the worker ends it
+])
+def test_slow_verifier_times_out_and_scoring_recovers(monkeypatch, slow_fn, killed):
+    """A verifier that sleeps 60 s: at the default budget the response scores 0 with a timeout, through
+    the alarm or the kill, and the next response is scored normally."""
+    monkeypatch.setattr(math_verifier, "EQUIVALENCE_FN", slow_fn)
+    math_verifier.warm_up()
     start = time.perf_counter()
     result = score("x+1", "1+x", config=RewardConfig())
     elapsed = time.perf_counter() - start
+    print(f"\n[rewards] timeout via {'kill' if killed else 'alarm'}: {elapsed:.3f} s")
     assert result.reward == 0.0 and result.format_ok
     assert result.info["timeout"] is True and result.info["reason"] == "timeout"
+    assert result.info["worker_killed"] is killed
     assert elapsed < 30  # far below the 60 s sleep: the budget, not the sleep, ended the call
     monkeypatch.undo()
     assert score("x+1", "1+x").reward == 1.0
