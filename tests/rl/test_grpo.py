@@ -1,0 +1,292 @@
+"""GRPO: advantages by hand, the loss against a NumPy reference, clip-higher, gradients, and the update
+learning a bandit with a tiny real (bigram softmax) policy."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from glmv_jax.rl import grpo
+from glmv_jax.rl.grpo import GRPOConfig
+from glmv_jax.train.optimizer import build_optimizer
+from glmv_jax.train.state import train_state_from_params
+
+
+# ------------------------------------------------------------------------------------------- advantages
+
+def test_advantages_by_hand():
+    rewards = np.array([[1, 0, 0, 1], [1, 1, 1, 1], [0.5, 0, 1, 0.5], [0, 0, 0, 0]], np.float32)
+    a = np.sqrt(3) / 2                                     # 0.5 / unbiased std sqrt(1/3)
+    b = 0.5 / np.sqrt(0.5 / 3)
+    expected = [[a, -a, -a, a], [0, 0, 0, 0], [0, -b, b, 0], [0, 0, 0, 0]]
+    np.testing.assert_allclose(grpo.group_advantages(rewards, std_eps=0.0), expected, rtol=1e-6)
+    centred = [[.5, -.5, -.5, .5], [0, 0, 0, 0], [0, -.5, .5, 0], [0, 0, 0, 0]]
+    np.testing.assert_allclose(grpo.group_advantages(rewards, normalize_std=False), centred, rtol=1e-6)
+    np.testing.assert_allclose(grpo.group_advantages(rewards, std_ddof=0, std_eps=0.0)[0], [1, -1, -1, 1], rtol=1e-6)
+    flat = grpo.group_advantages(rewards.reshape(-1), group_size=4, std_eps=0.0)
+    np.testing.assert_allclose(flat, np.reshape(expected, -1), rtol=1e-6)
+    np.testing.assert_array_equal(grpo.zero_variance(rewards), [False, True, False, True])
+
+
+def test_zero_variance_groups_get_exact_zero():
+    rewards = np.full((3, 5), 0.3, np.float32) + np.array([[0], [1e-8], [0.7]], np.float32)
+    assert np.all(np.asarray(grpo.group_advantages(rewards)) == 0.0)
+
+
+def test_advantage_errors():
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        grpo.group_advantages(np.zeros((4, 1)))
+    with pytest.raises(ValueError, match="group_size"):
+        grpo.group_advantages(np.zeros(10), group_size=4)
+    with pytest.raises(ValueError, match="num_groups, G"):
+        grpo.group_advantages(np.zeros((2, 2, 2)))
+
+
+# ------------------------------------------------------------------------------------------- log-probs
+
+def test_token_logprobs_and_entropy_match_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 11)).astype(np.float32) * 3
+    targets = rng.integers(0, 11, size=(2, 5))
+    for temp in (1.0, 0.7):
+        x = logits.astype(np.float64) / temp
+        logz = np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)
+        logp_ref = np.take_along_axis(x, targets[..., None], -1)[..., 0] - logz
+        p = np.exp(x - logz[..., None])
+        ent_ref = -(p * np.log(p)).sum(-1)
+        logp, ent = grpo.token_logprobs(jnp.asarray(logits), jnp.asarray(targets), temperature=temp, with_entropy=True)
+        np.testing.assert_allclose(logp, logp_ref, atol=2e-5)
+        np.testing.assert_allclose(ent, ent_ref, atol=2e-5)
+    bf16 = grpo.token_logprobs(jnp.asarray(logits, jnp.bfloat16), jnp.asarray(targets))
+    assert bf16.dtype == jnp.float32
+    with pytest.raises(ValueError, match="do not match"):
+        grpo.token_logprobs(jnp.asarray(logits), jnp.asarray(targets[:, :4]))
+
+
+# ------------------------------------------------------------------------------------------- the loss
+
+def numpy_loss(new, old, adv, mask, cfg, ref=None, ent=None):
+    """Straightforward loop reference of the GRPO loss."""
+    B, T = mask.shape
+    adv = np.broadcast_to(adv[:, None], (B, T)) if adv.ndim == 1 else adv
+    tok = np.zeros((B, T))
+    for b in range(B):
+        for t in range(T):
+            r = np.exp(new[b, t] - old[b, t])
+            rc = min(max(r, 1 - cfg.eps_low), 1 + cfg.eps_high)
+            loss = max(-adv[b, t] * r, -adv[b, t] * rc)
+            if cfg.dual_clip is not None and adv[b, t] < 0:
+                loss = min(loss, -adv[b, t] * cfg.dual_clip)
+            if cfg.kl_coef:
+                d = ref[b, t] - new[b, t]
+                loss += cfg.kl_coef * (np.exp(d) - d - 1)
+            if cfg.entropy_coef:
+                loss -= cfg.entropy_coef * ent[b, t]
+            tok[b, t] = loss
+    rows = [b for b in range(B) if mask[b].sum() > 0]
+    if cfg.aggregation == "per_sample":
+        return np.mean([(tok[b] * mask[b]).sum() / mask[b].sum() for b in rows])
+    if cfg.aggregation == "per_token":
+        return (tok * mask).sum() / mask.sum()
+    return (tok * mask).sum() / (len(rows) * (cfg.max_len or T))
+
+
+def random_inputs(seed=0, B=6, T=7):
+    rng = np.random.default_rng(seed)
+    old = rng.normal(-2.0, 0.5, size=(B, T))
+    new = old + rng.normal(0, 0.4, size=(B, T))           # ratios spread well past both clips
+    lengths = rng.integers(1, T + 1, size=B)
+    lengths[2] = 0                                        # a padding row
+    mask = (np.arange(T)[None] < lengths[:, None]).astype(np.float64)
+    adv = rng.normal(size=B)
+    return new, old, adv, mask, rng
+
+
+@pytest.mark.parametrize("aggregation", grpo.AGGREGATIONS)
+@pytest.mark.parametrize("extras", ["plain", "kl_entropy_dual", "token_adv"])
+def test_loss_matches_numpy_reference(aggregation, extras):
+    new, old, adv, mask, rng = random_inputs()
+    cfg = GRPOConfig(aggregation=aggregation, max_len=9 if aggregation == "dr_grpo" else None)
+    ref = ent = None
+    if extras == "kl_entropy_dual":
+        cfg = dataclasses.replace(cfg, kl_coef=0.1, entropy_coef=0.01, dual_clip=3.0)
+        ref, ent = old + rng.normal(0, 0.3, size=old.shape), rng.uniform(0, 2, size=old.shape)
+    if extras == "token_adv":
+        adv = rng.normal(size=mask.shape)
+    f32 = lambda x: None if x is None else jnp.asarray(x, jnp.float32)
+    loss, metrics = grpo.grpo_loss(f32(new), f32(old), f32(adv), f32(mask), cfg, ref_logp=f32(ref), entropy=f32(ent))
+    np.testing.assert_allclose(float(loss), numpy_loss(new, old, adv, mask, cfg, ref, ent), rtol=1e-5, atol=1e-6)
+    ratio = np.exp(new - old)
+    np.testing.assert_allclose(float(metrics["ratio_mean"]), (ratio * mask).sum() / mask.sum(), rtol=1e-5)
+    k3 = ratio - 1 - (new - old)
+    np.testing.assert_allclose(float(metrics["approx_kl"]), (k3 * mask).sum() / mask.sum(), rtol=1e-5)
+    assert float(metrics["tokens"]) == mask.sum() and float(metrics["samples"]) == (mask.sum(1) > 0).sum()
+
+
+def test_clip_higher_is_asymmetric_and_on_the_advantage_side():
+    cfg = GRPOConfig(eps_low=0.2, eps_high=0.28, aggregation="per_token")
+    ratios = np.array([1.5, 1.25, 0.5, 0.75, 0.5, 1.5, 1.25, 0.75])
+    adv = np.array([1.0, 1.0, 1.0, 1.0, -1.0, -1.0, -1.0, -1.0])
+    # A > 0: clipped only above 1.28 (1.25 is inside clip-higher's range, 0.5 never clipped);
+    # A < 0: clipped only below 0.8 (0.75 clipped, 1.5 never clipped).
+    clipped = np.array([True, False, False, False, True, False, False, True])
+    old = np.zeros((8, 1), np.float32)
+    new = jnp.asarray(np.log(ratios)[:, None], jnp.float32)
+    args = (jnp.asarray(old), jnp.asarray(adv, jnp.float32), jnp.ones((8, 1)), cfg)
+    loss_of = lambda n: grpo.grpo_loss(n, *args)[0]
+    grads = np.asarray(jax.grad(loss_of)(new))[:, 0]
+    np.testing.assert_array_equal(grads == 0.0, clipped)
+    np.testing.assert_allclose(grads[~clipped], (-adv * ratios / 8)[~clipped], rtol=1e-6)
+    _, metrics = grpo.grpo_loss(new, *args)
+    assert float(metrics["clip_frac_high"]) == 1 / 8 and float(metrics["clip_frac_low"]) == 2 / 8
+    symmetric = dataclasses.replace(cfg, eps_high=0.2)
+    grads_sym = np.asarray(jax.grad(lambda n: grpo.grpo_loss(n, *args[:3], symmetric)[0])(new))[:, 0]
+    assert grads_sym[1] == 0.0 and grads[1] != 0.0       # ratio 1.25 with A > 0: clipped only at eps_high 0.2
+
+
+@pytest.mark.parametrize("aggregation", grpo.AGGREGATIONS)
+def test_gradient_matches_analytic(aggregation):
+    new, old, adv, mask, rng = random_inputs(seed=1)
+    ref = old + rng.normal(0, 0.3, size=old.shape)
+    cfg = GRPOConfig(aggregation=aggregation, kl_coef=0.05)
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    grad = jax.grad(lambda n: grpo.grpo_loss(n, f32(old), f32(adv), f32(mask), cfg, ref_logp=f32(ref))[0])(f32(new))
+    r = np.exp(new - old)
+    A = adv[:, None]
+    clipped = ((A > 0) & (r > 1 + cfg.eps_high)) | ((A < 0) & (r < 1 - cfg.eps_low))
+    d_tok = np.where(clipped, 0.0, -A * r) + cfg.kl_coef * (1 - np.exp(ref - new))
+    rows, T = (mask.sum(1) > 0).sum(), mask.shape[1]
+    norm = {"per_sample": rows * np.maximum(mask.sum(1, keepdims=True), 1), "per_token": mask.sum(),
+            "dr_grpo": rows * T}[aggregation]
+    np.testing.assert_allclose(grad, d_tok * mask / norm, rtol=1e-4, atol=1e-7)
+
+
+def test_kl_off_needs_no_reference_and_errors_are_clear():
+    new, old, adv, mask, _ = random_inputs()
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    loss, metrics = grpo.grpo_loss(f32(new), f32(old), f32(adv), f32(mask), GRPOConfig())
+    assert np.isfinite(float(loss)) and "kl_ref" not in metrics
+    with pytest.raises(ValueError, match="ref_logp"):
+        grpo.grpo_loss(f32(new), f32(old), f32(adv), f32(mask), GRPOConfig(kl_coef=0.1))
+    with pytest.raises(ValueError, match="entropy"):
+        grpo.grpo_loss(f32(new), f32(old), f32(adv), f32(mask), GRPOConfig(entropy_coef=0.1))
+    with pytest.raises(ValueError, match="advantages"):
+        grpo.grpo_loss(f32(new), f32(old), f32(adv[:3]), f32(mask), GRPOConfig())
+    with pytest.raises(ValueError, match="old_logp"):
+        grpo.grpo_loss(f32(new), f32(old[:, :3]), f32(adv), f32(mask), GRPOConfig())
+    with pytest.raises(ValueError, match="aggregation"):
+        GRPOConfig(aggregation="mean")
+    with pytest.raises(ValueError, match="eps_low"):
+        GRPOConfig(eps_low=1.0)
+    with pytest.raises(ValueError, match="num_minibatches"):
+        GRPOConfig(num_minibatches=0)
+
+
+# ------------------------------------------------------------------------------------------- the update
+
+def test_loss_terms_add_up_over_row_splits():
+    """(loss_sum, weight) per split, summed, gives the whole batch's loss: what grad accumulation relies on."""
+    new, old, adv, mask, _ = random_inputs(seed=2, B=8)
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    for aggregation in grpo.AGGREGATIONS:
+        cfg = GRPOConfig(aggregation=aggregation)
+        whole, _ = grpo.grpo_loss(f32(new), f32(old), f32(adv), f32(mask), cfg)
+        parts = [grpo.policy_loss_terms(f32(new[i::4]), f32(old[i::4]), f32(adv[i::4]), f32(mask[i::4]), cfg)
+                 for i in range(4)]
+        total = sum(float(p[0]) for p in parts) / sum(float(p[1]) for p in parts)
+        assert total == pytest.approx(float(whole), rel=1e-5)
+
+
+V, L, PROMPTS, G = 6, 3, 4, 8            # vocab, response length, prompts per batch, group size
+GOAL = np.array([3, 5, 1, 4])            # prompt p is rewarded when >= 2 of its L response tokens are GOAL[p]
+
+
+def table_logp(params, batch):
+    """A tiny real policy: the logits of response position t are table[prompt token, t]."""
+    logits = params["table"][batch["input_ids"][:, :1], jnp.arange(L + 1)[None]]     # [B, L + 1, V]
+    return grpo.token_logprobs(logits, batch["targets"])
+
+
+def expected_reward(table):
+    q = np.asarray(jax.nn.softmax(table, axis=-1), np.float64)[np.arange(PROMPTS), :L, GOAL]   # [P, L] hit probs
+    q0, q1, q2 = q.T
+    at_least_two = q0 * q1 + q0 * q2 + q1 * q2 - 2 * q0 * q1 * q2
+    return float(at_least_two.mean())
+
+
+def rollout(params, key):
+    """G responses for each of the PROMPTS prompt tokens -> the update's batch (rows grouped by prompt)."""
+    prompts = np.repeat(np.arange(PROMPTS), G)
+    logits = params["table"][prompts, :L]                                        # [B, L, V]
+    response = np.asarray(jax.random.categorical(key, logits))
+    seq = np.concatenate([prompts[:, None], response], 1)                       # [B, L + 1]
+    rewards = ((response == GOAL[prompts][:, None]).sum(1) >= 2).astype(np.float32)
+    batch = {"input_ids": seq, "targets": np.concatenate([seq[:, 1:], np.zeros((len(seq), 1), int)], 1),
+             "response_mask": np.concatenate([np.ones((len(seq), L)), np.zeros((len(seq), 1))], 1).astype(np.float32)}
+    batch["old_logp"] = np.asarray(table_logp(params, batch))
+    batch["advantages"] = np.asarray(grpo.group_advantages(rewards.reshape(PROMPTS, G))).reshape(-1)
+    return {k: jnp.asarray(v) for k, v in batch.items()}, rewards
+
+
+def make_state(table=None, lr=0.1):
+    opt = build_optimizer(dict(lr=lr, total_steps=1000, clip_norm=1.0))
+    table = jnp.zeros((PROMPTS, L + 1, V)) if table is None else jnp.array(table)    # a copy: the update donates
+    return opt, train_state_from_params({"table": table}, opt, jax.random.PRNGKey(0))
+
+
+def test_update_learns_a_bandit():
+    """Stale old_logp from the rollout (off by 0.5) is replaced by recompute_old_logp: the first minibatch is
+    exactly on-policy, the later ones are not, and the expected reward climbs."""
+    cfg = GRPOConfig(num_minibatches=2, ppo_epochs=2, recompute_old_logp=True)
+    opt, state = make_state()
+    update = grpo.make_grpo_update(table_logp, opt, cfg)
+    key = jax.random.PRNGKey(1)
+    curve = [expected_reward(state.params["table"])]
+    for _ in range(10):
+        key, sub = jax.random.split(key)
+        batch, _ = rollout(state.params, sub)
+        state, metrics = update(state, dict(batch, old_logp=batch["old_logp"] - 0.5))
+        curve.append(expected_reward(state.params["table"]))
+        assert float(metrics["first/ratio_mean"]) == pytest.approx(1.0, abs=1e-6)
+        assert float(metrics["first/clip_frac"]) == 0.0
+        assert float(metrics["per_update/approx_kl"][-1]) > 0.0
+    assert int(state.step) == 10 * 4 and int(metrics["updates"]) == 4
+    assert curve[0] == pytest.approx(3 * (1 / 6) ** 2 - 2 * (1 / 6) ** 3)
+    assert curve[-1] > 0.5 and curve[-1] > curve[5] > curve[0], curve
+
+
+def test_grad_accumulation_and_presplit_give_the_same_update():
+    table = jax.random.normal(jax.random.PRNGKey(3), (PROMPTS, L + 1, V))
+    batch, _ = rollout({"table": table}, jax.random.PRNGKey(4))
+    batch["old_logp"] = batch["old_logp"] + 0.3 * jax.random.normal(jax.random.PRNGKey(5), batch["old_logp"].shape)
+    batch["response_mask"] = batch["response_mask"].at[::3, 1:].set(0.0)        # uneven response lengths
+    cfg = GRPOConfig(aggregation="per_sample", shuffle=False)
+    opt, state = make_state(table, lr=0.01)
+    ref_state, ref_metrics = grpo.make_grpo_update(table_logp, opt, cfg)(state, batch)
+    # 4 micro-batches inside the one minibatch, given presplit ([1, 4, B/4, ...]; micro-batch i = rows i::4).
+    micro = jax.tree.map(lambda x: jnp.stack([x[i::4] for i in range(4)])[None], batch)
+    opt, state = make_state(table, lr=0.01)
+    update = grpo.make_grpo_update(table_logp, opt, dataclasses.replace(cfg, grad_accum_steps=4), presplit=True)
+    new_state, metrics = update(state, micro)
+    np.testing.assert_allclose(new_state.params["table"], ref_state.params["table"], atol=2e-6)
+    assert float(metrics["loss"]) == pytest.approx(float(ref_metrics["loss"]), rel=1e-5)
+    assert float(metrics["approx_kl"]) == pytest.approx(float(ref_metrics["approx_kl"]), rel=1e-5)
+
+
+def test_update_batch_errors():
+    batch, _ = rollout({"table": jnp.zeros((PROMPTS, L + 1, V))}, jax.random.PRNGKey(8))
+    opt, state = make_state()
+    update = grpo.make_grpo_update(table_logp, opt, GRPOConfig(num_minibatches=3), jit=False)
+    with pytest.raises(ValueError, match="divisible by num_minibatches"):
+        update(state, batch)
+    update = grpo.make_grpo_update(table_logp, opt, GRPOConfig(num_minibatches=2), jit=False)
+    with pytest.raises(ValueError, match="lacks"):
+        update(state, {k: v for k, v in batch.items() if k != "advantages"})
+    with pytest.raises(ValueError, match="presplit=True"):
+        update(state, dict(batch, pixel_values=jnp.zeros((5, 12))))
+    with pytest.raises(ValueError, match="leading axis"):
+        grpo.make_grpo_update(table_logp, opt, GRPOConfig(num_minibatches=2), presplit=True, jit=False)(state, batch)
+    with pytest.raises(ValueError, match="ref_logp"):
+        grpo.make_grpo_update(table_logp, opt, GRPOConfig(kl_coef=0.1), jit=False)(state, batch)
