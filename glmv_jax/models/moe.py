@@ -141,6 +141,7 @@ def moe_layer(params, x, cfg: TextConfig, *, mask=None, options: MoEOptions = Mo
     """The MoE block (see the module docstring). Returns (y like x, aux dict)."""
     _check(params, x, cfg)
     options.validate()
+    params, x = jax.tree.map(jnp.asarray, params), jnp.asarray(x)
     shape, d = x.shape, x.shape[-1]
     x2 = x.reshape(-1, d)
     r = route(x2, params["router"]["kernel"], params["router"]["correction_bias"], cfg)
