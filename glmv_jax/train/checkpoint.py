@@ -24,14 +24,14 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from glmv_jax.train.state import TrainState
+from glmv_jax.train.state import TrainState, default_sharding
 
 STATE, DATA = "state", "data"
 
 
 def _restore_args(abstract_tree: Any) -> Any:
-    """Orbax restore args; leaves without a sharding restore onto the first local device (as jax.Arrays)."""
-    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    """Orbax restore args; leaves without a sharding restore onto `state.default_sharding()`."""
+    default = default_sharding()
     with_sharding = jax.tree.map(
         lambda x: x if getattr(x, "sharding", None) is not None else jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                                                            sharding=default),

@@ -18,11 +18,10 @@ from typing import Any, Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from glmv_jax.parallel import rules as rules_lib
-from glmv_jax.train.optimizer import Optimizer
+from glmv_jax.train.optimizer import Optimizer, path_str
 
 
 @flax.struct.dataclass
@@ -37,6 +36,12 @@ class TrainState:
     def applied_updates(self) -> jax.Array:
         """Number of optimizer updates applied (= the learning-rate schedule's position)."""
         return self.step - self.nonfinite_count
+
+
+def default_sharding() -> jax.sharding.Sharding:
+    """Where an unsharded state lives: the first local device, committed (as checkpoint restores place it,
+    so a restored state hits the same compiled step as a fresh one)."""
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
 def _raw_key(rng: jax.Array) -> jax.Array:
@@ -58,12 +63,31 @@ def param_shardings_from_logical(logical_axes: Any, abstract_params: Any, mesh: 
     return rules_lib.tree_shardings(logical_axes, abstract_params, mesh, rules)
 
 
+def _opt_state_shardings(abstract_opt: Any, abstract_params: Any, param_shardings: Any, replicated) -> Any:
+    """A leaf of the optimizer state whose key path ends with a parameter's path (and has its shape), such as
+    adam's mu['text']['embed']['embedding'], takes that parameter's sharding; other leaves are replicated."""
+    by_path = {}
+    for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+                                      jax.tree.leaves(param_shardings)):
+        by_path[tuple(path_str([k]) for k in path)] = (tuple(leaf.shape), sharding)
+    lengths = sorted({len(p) for p in by_path}, reverse=True)
+
+    def pick(path, leaf):
+        names = tuple(path_str([k]) for k in path)
+        for n in lengths:
+            shape, sharding = by_path.get(names[-n:], (None, None))
+            if sharding is not None and shape == tuple(leaf.shape):
+                return sharding
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt)
+
+
 def state_shardings(optimizer: Optimizer, abstract_params: Any, param_shardings: Any, mesh: Mesh) -> TrainState:
     """TrainState of NamedShardings: moments follow their parameter, everything else replicated."""
     replicated = NamedSharding(mesh, P())
     abstract_opt = jax.eval_shape(optimizer.tx.init, abstract_params)
-    opt_shardings = optax.tree_map_params(optimizer.tx, lambda _, s: s, abstract_opt, param_shardings,
-                                          transform_non_params=lambda _: replicated)
+    opt_shardings = _opt_state_shardings(abstract_opt, abstract_params, param_shardings, replicated)
     return TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings, rng=replicated,
                       nonfinite_count=replicated)
 
@@ -83,16 +107,17 @@ def init_train_state(init_fn: Callable[[jax.Array], Any], optimizer: Optimizer, 
     """Fresh state: params = init_fn(param_rng); the state keeps the other half of the split key."""
     param_rng, state_rng = jax.random.split(rng)
     build = lambda: _new_state(init_fn(param_rng), optimizer, state_rng)
-    return jax.jit(build, out_shardings=shardings)()
+    return jax.jit(build, out_shardings=default_sharding() if shardings is None else shardings)()
 
 
 def train_state_from_params(params: Any, optimizer: Optimizer, rng: jax.Array,
                             shardings: TrainState | None = None) -> TrainState:
     """State around existing params (e.g. loaded from HF or a previous stage), resharded as `shardings` says."""
-    if shardings is not None:
-        params = jax.device_put(params, shardings.params)
-    replicated = None if shardings is None else shardings.step
-    opt_state = jax.jit(optimizer.tx.init, out_shardings=None if shardings is None else shardings.opt_state)(params)
-    scalar = lambda x: jax.device_put(jnp.asarray(x), replicated)
+    param_sharding = default_sharding() if shardings is None else shardings.params
+    scalar_sharding = default_sharding() if shardings is None else shardings.step
+    opt_sharding = default_sharding() if shardings is None else shardings.opt_state
+    params = jax.device_put(params, param_sharding)
+    opt_state = jax.jit(optimizer.tx.init, out_shardings=opt_sharding)(params)
+    scalar = lambda x: jax.device_put(jnp.asarray(x), scalar_sharding)
     return TrainState(step=scalar(jnp.zeros((), jnp.int32)), params=params, opt_state=opt_state,
                       rng=scalar(_raw_key(rng)), nonfinite_count=scalar(jnp.zeros((), jnp.int32)))
