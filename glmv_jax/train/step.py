@@ -84,7 +84,9 @@ def make_train_step(loss_fn: LossFn, optimizer: Optimizer, *, grad_accum_steps: 
                     nonfinite: str = "skip", split_fn: Callable[[dict, int], dict] | None = None,
                     state_shardings: TrainState | None = None, batch_shardings: Any = None,
                     rules: rules_lib.Rules = rules_lib.DEFAULT, donate: bool = True,
-                    jit: bool = True, compiler_options: dict | None = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+                    jit: bool = True, compiler_options: dict | None = None,
+                    post_update: Callable[[Any, dict], Any] | None = None
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Jitted `step(state, batch) -> (new_state, metrics)`; the state buffers are donated.
 
     With `state_shardings` (TrainState of NamedShardings) the step is jitted with in/out shardings on that
@@ -94,6 +96,9 @@ def make_train_step(loss_fn: LossFn, optimizer: Optimizer, *, grad_accum_steps: 
     `NonFiniteError` (metrics["nonfinite"] is 1 for such a step).
     compiler_options: passed to jax.jit (XLA options, e.g. TPU scheduler flags); jit=False returns the
     plain function.
+    post_update(params, aux) -> params: runs after the optimizer update (not on skipped steps) with the
+    batch's reduced aux dict; the place for rules outside the optimizer, such as the MoE router's
+    aux-loss-free correction-bias update from summed expert loads (an aux entry like "moe_load_sum").
     """
     k = int(grad_accum_steps)
     if k < 1:
@@ -155,6 +160,8 @@ def make_train_step(loss_fn: LossFn, optimizer: Optimizer, *, grad_accum_steps: 
             updates, opt_state = optimizer.tx.update(full_grads, state.opt_state, state.params)
             # Only trainable leaves are written: frozen/fixed leaves stay bit-identical (even -0.0).
             params = jax.tree.map(lambda m, p, u: (p + u).astype(p.dtype) if m else p, mask, state.params, updates)
+            if post_update is not None:
+                params = post_update(params, aux)
             return params, opt_state
 
         params, opt_state = jax.lax.cond(finite, apply, lambda _: (state.params, state.opt_state), None)

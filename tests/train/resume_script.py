@@ -19,16 +19,13 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 from glmv_jax.train.checkpoint import Checkpointer  # noqa: E402
 from glmv_jax.train.loop import restore_or_init, run_steps  # noqa: E402
-from glmv_jax.train.optimizer import build_optimizer  # noqa: E402
 from glmv_jax.train.state import abstract_train_state, train_state_from_params  # noqa: E402
-from glmv_jax.train.step import make_train_step  # noqa: E402
 from tests.train import toy  # noqa: E402
 
 
 def build(workdir: str, save_every: int):
     """Everything a run needs; shared with the in-process reference in test_checkpoint.py."""
-    opt = build_optimizer(dict(toy.OPT_CFG, freeze=["vision"]))
-    step_fn = make_train_step(toy.make_loss_fn(dropout=0.1), opt, compiler_options=toy.COMPILER_OPTIONS)
+    opt, step_fn = toy.optimizer(), toy.train_step(dropout=0.1)
     params = toy.init_params()
     abstract = abstract_train_state(opt, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
     init = lambda: train_state_from_params(params, opt, jax.random.PRNGKey(0))

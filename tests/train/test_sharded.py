@@ -8,7 +8,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from glmv_jax.parallel.mesh import make_mesh
 from glmv_jax.parallel.rules import DEFAULT, logical_to_spec
 from glmv_jax.train.checkpoint import Checkpointer
-from glmv_jax.train.optimizer import build_optimizer
 from glmv_jax.train.state import (abstract_train_state, init_train_state, param_shardings_from_logical,
                                   state_shardings, train_state_from_params)
 from glmv_jax.train.step import make_train_step
@@ -28,7 +27,7 @@ def shardings_for(mesh, opt):
 
 @pytest.fixture(scope="module")
 def setup():
-    opt = build_optimizer(dict(toy.OPT_CFG, freeze=["vision"]))
+    opt = toy.optimizer()
     mesh = make_mesh({"fsdp": 8})
     return opt, mesh, shardings_for(mesh, opt)
 
@@ -57,7 +56,7 @@ def test_sharded_accumulating_step_matches_single_device(setup, tmp_path):
     row = NamedSharding(mesh, P(("data", "fsdp")))
     sharded_step = make_train_step(loss_fn, opt, grad_accum_steps=2, state_shardings=shardings,
                                    batch_shardings={k: row for k in batch}, compiler_options=toy.COMPILER_OPTIONS)
-    single_step = make_train_step(loss_fn, opt, compiler_options=toy.COMPILER_OPTIONS)
+    single_step = toy.train_step(dropout=0.0)
     sharded = train_state_from_params(toy.init_params(), opt, jax.random.PRNGKey(0), shardings)
     single = train_state_from_params(toy.init_params(), opt, jax.random.PRNGKey(0))
     for _ in range(3):

@@ -7,12 +7,16 @@ router `correction_bias` exclusion are exercised on the same names the real mode
 
 from __future__ import annotations
 
+import functools
+
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from glmv_jax.train.losses import cross_entropy
+from glmv_jax.train.optimizer import build_optimizer
+from glmv_jax.train.step import make_train_step
 
 V, D, H, F, E, L = 32, 16, 32, 8, 4, 2   # vocab, width, mlp width, vision feature, experts, layers
 B, T = 8, 8                              # rows, tokens per row
@@ -102,3 +106,16 @@ def data_iterator(seed: int = 0, rows: int = B):
 # not what it computes (up to rounding), and level 0 compiles about 3x faster on this 2-core machine.
 COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 OPT_CFG = dict(lr=1e-2, warmup_steps=2, total_steps=50, final_lr_fraction=0.1, weight_decay=0.1, clip_norm=1.0)
+
+
+@functools.lru_cache(maxsize=None)
+def optimizer():
+    """AdamW on the toy with the vision tower frozen (the router correction bias is never trained)."""
+    return build_optimizer(dict(OPT_CFG, freeze=["vision"]))
+
+
+@functools.lru_cache(maxsize=None)
+def train_step(dropout: float = 0.0, grad_accum_steps: int = 1):
+    """Jitted unsharded step, shared by the test modules of one pytest process (each compiles once)."""
+    return make_train_step(make_loss_fn(dropout), optimizer(), grad_accum_steps=grad_accum_steps,
+                           compiler_options=COMPILER_OPTIONS)
