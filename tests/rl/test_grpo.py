@@ -6,12 +6,18 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from glmv_jax.rl import grpo
 from glmv_jax.rl.grpo import GRPOConfig
 from glmv_jax.train.optimizer import build_optimizer
 from glmv_jax.train.state import train_state_from_params
+
+
+# Jitted once per (config, shapes): eager op-by-op dispatch of the loss and its gradient is slower on this CPU.
+loss_jit = jax.jit(grpo.grpo_loss, static_argnums=(4,))
+grad_jit = jax.jit(jax.grad(lambda new, *args, **kw: grpo.grpo_loss(new, *args, **kw)[0]), static_argnums=(4,))
 
 
 # ------------------------------------------------------------------------------------------- advantages
@@ -56,7 +62,8 @@ def test_token_logprobs_and_entropy_match_numpy():
         logp_ref = np.take_along_axis(x, targets[..., None], -1)[..., 0] - logz
         p = np.exp(x - logz[..., None])
         ent_ref = -(p * np.log(p)).sum(-1)
-        logp, ent = grpo.token_logprobs(jnp.asarray(logits), jnp.asarray(targets), temperature=temp, with_entropy=True)
+        logp, ent = jax.jit(grpo.token_logprobs, static_argnames=("temperature", "with_entropy"))(
+            jnp.asarray(logits), jnp.asarray(targets), temperature=temp, with_entropy=True)
         np.testing.assert_allclose(logp, logp_ref, atol=2e-5)
         np.testing.assert_allclose(ent, ent_ref, atol=2e-5)
     bf16 = grpo.token_logprobs(jnp.asarray(logits, jnp.bfloat16), jnp.asarray(targets))
@@ -116,13 +123,19 @@ def test_loss_matches_numpy_reference(aggregation, extras):
     if extras == "token_adv":
         adv = rng.normal(size=mask.shape)
     f32 = lambda x: None if x is None else jnp.asarray(x, jnp.float32)
-    loss, metrics = grpo.grpo_loss(f32(new), f32(old), f32(adv), f32(mask), cfg, ref_logp=f32(ref), entropy=f32(ent))
+    loss, metrics = loss_jit(f32(new), f32(old), f32(adv), f32(mask), cfg, ref_logp=f32(ref), entropy=f32(ent))
     np.testing.assert_allclose(float(loss), numpy_loss(new, old, adv, mask, cfg, ref, ent), rtol=1e-5, atol=1e-6)
     ratio = np.exp(new - old)
     np.testing.assert_allclose(float(metrics["ratio_mean"]), (ratio * mask).sum() / mask.sum(), rtol=1e-5)
     k3 = ratio - 1 - (new - old)
     np.testing.assert_allclose(float(metrics["approx_kl"]), (k3 * mask).sum() / mask.sum(), rtol=1e-5)
     assert float(metrics["tokens"]) == mask.sum() and float(metrics["samples"]) == (mask.sum(1) > 0).sum()
+    if extras == "plain":
+        # (loss_sum, weight) of row splits add up to the whole batch's loss: what grad accumulation relies on.
+        split = lambda x: f32(np.stack([x[i::3] for i in range(3)]))
+        terms = jax.jit(jax.vmap(lambda *a: grpo.policy_loss_terms(*a, cfg)[:2]))
+        loss_sums, weights = terms(split(new), split(old), split(adv), split(mask))
+        assert float(loss_sums.sum() / weights.sum()) == pytest.approx(float(loss), rel=1e-5)
 
 
 def test_clip_higher_is_asymmetric_and_on_the_advantage_side():
@@ -134,15 +147,14 @@ def test_clip_higher_is_asymmetric_and_on_the_advantage_side():
     clipped = np.array([True, False, False, False, True, False, False, True])
     old = np.zeros((8, 1), np.float32)
     new = jnp.asarray(np.log(ratios)[:, None], jnp.float32)
-    args = (jnp.asarray(old), jnp.asarray(adv, jnp.float32), jnp.ones((8, 1)), cfg)
-    loss_of = lambda n: grpo.grpo_loss(n, *args)[0]
-    grads = np.asarray(jax.grad(loss_of)(new))[:, 0]
+    args = (jnp.asarray(old), jnp.asarray(adv, jnp.float32), jnp.ones((8, 1)))
+    grads = np.asarray(grad_jit(new, *args, cfg))[:, 0]
     np.testing.assert_array_equal(grads == 0.0, clipped)
     np.testing.assert_allclose(grads[~clipped], (-adv * ratios / 8)[~clipped], rtol=1e-6)
-    _, metrics = grpo.grpo_loss(new, *args)
+    _, metrics = loss_jit(new, *args, cfg)
     assert float(metrics["clip_frac_high"]) == 1 / 8 and float(metrics["clip_frac_low"]) == 2 / 8
     symmetric = dataclasses.replace(cfg, eps_high=0.2)
-    grads_sym = np.asarray(jax.grad(lambda n: grpo.grpo_loss(n, *args[:3], symmetric)[0])(new))[:, 0]
+    grads_sym = np.asarray(grad_jit(new, *args, symmetric))[:, 0]
     assert grads_sym[1] == 0.0 and grads[1] != 0.0       # ratio 1.25 with A > 0: clipped only at eps_high 0.2
 
 
@@ -152,7 +164,7 @@ def test_gradient_matches_analytic(aggregation):
     ref = old + rng.normal(0, 0.3, size=old.shape)
     cfg = GRPOConfig(aggregation=aggregation, kl_coef=0.05)
     f32 = lambda x: jnp.asarray(x, jnp.float32)
-    grad = jax.grad(lambda n: grpo.grpo_loss(n, f32(old), f32(adv), f32(mask), cfg, ref_logp=f32(ref))[0])(f32(new))
+    grad = grad_jit(f32(new), f32(old), f32(adv), f32(mask), cfg, ref_logp=f32(ref))
     r = np.exp(new - old)
     A = adv[:, None]
     clipped = ((A > 0) & (r > 1 + cfg.eps_high)) | ((A < 0) & (r < 1 - cfg.eps_low))
@@ -166,16 +178,16 @@ def test_gradient_matches_analytic(aggregation):
 def test_kl_off_needs_no_reference_and_errors_are_clear():
     new, old, adv, mask, _ = random_inputs()
     f32 = lambda x: jnp.asarray(x, jnp.float32)
-    loss, metrics = grpo.grpo_loss(f32(new), f32(old), f32(adv), f32(mask), GRPOConfig())
+    loss, metrics = loss_jit(f32(new), f32(old), f32(adv), f32(mask), GRPOConfig())
     assert np.isfinite(float(loss)) and "kl_ref" not in metrics
     with pytest.raises(ValueError, match="ref_logp"):
-        grpo.grpo_loss(f32(new), f32(old), f32(adv), f32(mask), GRPOConfig(kl_coef=0.1))
+        loss_jit(f32(new), f32(old), f32(adv), f32(mask), GRPOConfig(kl_coef=0.1))
     with pytest.raises(ValueError, match="entropy"):
-        grpo.grpo_loss(f32(new), f32(old), f32(adv), f32(mask), GRPOConfig(entropy_coef=0.1))
+        loss_jit(f32(new), f32(old), f32(adv), f32(mask), GRPOConfig(entropy_coef=0.1))
     with pytest.raises(ValueError, match="advantages"):
-        grpo.grpo_loss(f32(new), f32(old), f32(adv[:3]), f32(mask), GRPOConfig())
+        loss_jit(f32(new), f32(old), f32(adv[:3]), f32(mask), GRPOConfig())
     with pytest.raises(ValueError, match="old_logp"):
-        grpo.grpo_loss(f32(new), f32(old[:, :3]), f32(adv), f32(mask), GRPOConfig())
+        loss_jit(f32(new), f32(old[:, :3]), f32(adv), f32(mask), GRPOConfig())
     with pytest.raises(ValueError, match="aggregation"):
         GRPOConfig(aggregation="mean")
     with pytest.raises(ValueError, match="eps_low"):
@@ -185,19 +197,6 @@ def test_kl_off_needs_no_reference_and_errors_are_clear():
 
 
 # ------------------------------------------------------------------------------------------- the update
-
-def test_loss_terms_add_up_over_row_splits():
-    """(loss_sum, weight) per split, summed, gives the whole batch's loss: what grad accumulation relies on."""
-    new, old, adv, mask, _ = random_inputs(seed=2, B=8)
-    f32 = lambda x: jnp.asarray(x, jnp.float32)
-    for aggregation in grpo.AGGREGATIONS:
-        cfg = GRPOConfig(aggregation=aggregation)
-        whole, _ = grpo.grpo_loss(f32(new), f32(old), f32(adv), f32(mask), cfg)
-        parts = [grpo.policy_loss_terms(f32(new[i::4]), f32(old[i::4]), f32(adv[i::4]), f32(mask[i::4]), cfg)
-                 for i in range(4)]
-        total = sum(float(p[0]) for p in parts) / sum(float(p[1]) for p in parts)
-        assert total == pytest.approx(float(whole), rel=1e-5)
-
 
 V, L, PROMPTS, G = 6, 3, 4, 8            # vocab, response length, prompts per batch, group size
 GOAL = np.array([3, 5, 1, 4])            # prompt p is rewarded when >= 2 of its L response tokens are GOAL[p]
@@ -209,6 +208,9 @@ def table_logp(params, batch):
     return grpo.token_logprobs(logits, batch["targets"])
 
 
+table_logp_jit = jax.jit(table_logp)
+
+
 def expected_reward(table):
     q = np.asarray(jax.nn.softmax(table, axis=-1), np.float64)[np.arange(PROMPTS), :L, GOAL]   # [P, L] hit probs
     q0, q1, q2 = q.T
@@ -216,16 +218,19 @@ def expected_reward(table):
     return float(at_least_two.mean())
 
 
-def rollout(params, key):
+def rollout(params, seed):
     """G responses for each of the PROMPTS prompt tokens -> the update's batch (rows grouped by prompt)."""
     prompts = np.repeat(np.arange(PROMPTS), G)
-    logits = params["table"][prompts, :L]                                        # [B, L, V]
-    response = np.asarray(jax.random.categorical(key, logits))
+    logits = np.asarray(params["table"], np.float64)[prompts, :L]                # [B, L, V]
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    cdf = np.cumsum(probs / probs.sum(-1, keepdims=True), -1)
+    u = np.random.default_rng(seed).random(cdf.shape[:-1] + (1,))
+    response = np.minimum((u > cdf).sum(-1), V - 1)                             # inverse-CDF sampling
     seq = np.concatenate([prompts[:, None], response], 1)                       # [B, L + 1]
     rewards = ((response == GOAL[prompts][:, None]).sum(1) >= 2).astype(np.float32)
     batch = {"input_ids": seq, "targets": np.concatenate([seq[:, 1:], np.zeros((len(seq), 1), int)], 1),
              "response_mask": np.concatenate([np.ones((len(seq), L)), np.zeros((len(seq), 1))], 1).astype(np.float32)}
-    batch["old_logp"] = np.asarray(table_logp(params, batch))
+    batch["old_logp"] = np.asarray(table_logp_jit(params, batch))
     batch["advantages"] = np.asarray(grpo.group_advantages(rewards.reshape(PROMPTS, G))).reshape(-1)
     return {k: jnp.asarray(v) for k, v in batch.items()}, rewards
 
@@ -242,11 +247,9 @@ def test_update_learns_a_bandit():
     cfg = GRPOConfig(num_minibatches=2, ppo_epochs=2, recompute_old_logp=True)
     opt, state = make_state()
     update = grpo.make_grpo_update(table_logp, opt, cfg)
-    key = jax.random.PRNGKey(1)
     curve = [expected_reward(state.params["table"])]
-    for _ in range(10):
-        key, sub = jax.random.split(key)
-        batch, _ = rollout(state.params, sub)
+    for iteration in range(10):
+        batch, _ = rollout(state.params, iteration)
         state, metrics = update(state, dict(batch, old_logp=batch["old_logp"] - 0.5))
         curve.append(expected_reward(state.params["table"]))
         assert float(metrics["first/ratio_mean"]) == pytest.approx(1.0, abs=1e-6)
@@ -257,26 +260,38 @@ def test_update_learns_a_bandit():
     assert curve[-1] > 0.5 and curve[-1] > curve[5] > curve[0], curve
 
 
-def test_grad_accumulation_and_presplit_give_the_same_update():
-    table = jax.random.normal(jax.random.PRNGKey(3), (PROMPTS, L + 1, V))
-    batch, _ = rollout({"table": table}, jax.random.PRNGKey(4))
-    batch["old_logp"] = batch["old_logp"] + 0.3 * jax.random.normal(jax.random.PRNGKey(5), batch["old_logp"].shape)
+def test_presplit_update_with_grad_accumulation_matches_a_direct_step():
+    table = jnp.asarray(np.random.default_rng(3).normal(size=(PROMPTS, L + 1, V)), jnp.float32)
+    batch, _ = rollout({"table": table}, 4)
+    batch["old_logp"] = batch["old_logp"] + 0.3 * jnp.asarray(np.random.default_rng(5).normal(size=batch["old_logp"].shape))
     batch["response_mask"] = batch["response_mask"].at[::3, 1:].set(0.0)        # uneven response lengths
     cfg = GRPOConfig(aggregation="per_sample", shuffle=False)
     opt, state = make_state(table, lr=0.01)
-    ref_state, ref_metrics = grpo.make_grpo_update(table_logp, opt, cfg)(state, batch)
+    # Reference: one optimizer step on the gradient of grpo_loss over the whole batch, computed directly.
+    loss_of = lambda params: grpo.grpo_loss(table_logp(params, batch), batch["old_logp"], batch["advantages"],
+                                            batch["response_mask"], cfg)
+
+    @jax.jit
+    def reference(state):
+        (loss, policy), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+        updates, _ = opt.tx.update(grads, state.opt_state, state.params)
+        return loss, policy, optax.global_norm(grads), state.params["table"] + updates["table"]
+
+    ref_loss, ref_policy, ref_grad_norm, ref_table = reference(state)
     # 4 micro-batches inside the one minibatch, given presplit ([1, 4, B/4, ...]; micro-batch i = rows i::4).
-    micro = jax.tree.map(lambda x: jnp.stack([x[i::4] for i in range(4)])[None], batch)
+    micro = {k: np.stack([np.asarray(v)[i::4] for i in range(4)])[None] for k, v in batch.items()}
     opt, state = make_state(table, lr=0.01)
     update = grpo.make_grpo_update(table_logp, opt, dataclasses.replace(cfg, grad_accum_steps=4), presplit=True)
     new_state, metrics = update(state, micro)
-    np.testing.assert_allclose(new_state.params["table"], ref_state.params["table"], atol=2e-6)
-    assert float(metrics["loss"]) == pytest.approx(float(ref_metrics["loss"]), rel=1e-5)
-    assert float(metrics["approx_kl"]) == pytest.approx(float(ref_metrics["approx_kl"]), rel=1e-5)
+    np.testing.assert_allclose(new_state.params["table"], ref_table, atol=2e-6)
+    assert float(metrics["loss"]) == pytest.approx(float(ref_loss), rel=1e-5)
+    for key in ("approx_kl", "clip_frac_low", "clip_frac_high", "ratio_mean"):
+        assert float(metrics[key]) == pytest.approx(float(ref_policy[key]), rel=1e-5, abs=1e-7)
+    assert float(metrics["grad_norm"]) == pytest.approx(float(ref_grad_norm), rel=1e-5)
 
 
 def test_update_batch_errors():
-    batch, _ = rollout({"table": jnp.zeros((PROMPTS, L + 1, V))}, jax.random.PRNGKey(8))
+    batch, _ = rollout({"table": jnp.zeros((PROMPTS, L + 1, V))}, 8)
     opt, state = make_state()
     update = grpo.make_grpo_update(table_logp, opt, GRPOConfig(num_minibatches=3), jit=False)
     with pytest.raises(ValueError, match="divisible by num_minibatches"):
