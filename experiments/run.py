@@ -1,0 +1,78 @@
+"""The one entry point: `python -m experiments.run --config=experiments/configs/<name>.py[:variants]`.
+
+    python -m experiments.run --config=experiments/configs/sft.py:model=tiny --config.train.steps=10
+    python -m experiments.run --config=experiments/configs/demo.py --workdir=runs/demo
+
+A config with a `stages` list (pipeline.py, demo.py) runs its stages in order, each starting from the
+previous stage's checkpoint; otherwise the config is one stage. Running the same command again resumes
+every stage from its last checkpoint (finished stages are skipped).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file[:variants]", lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, logs and plots (default: runs/<config>-<date>)")
+
+
+def default_workdir(config_path: str) -> str:
+    name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
+    return os.path.join("runs", f"{name}-{datetime.date.today():%Y%m%d}")
+
+
+def run_stage(cfg, workdir: str) -> dict:
+    """One stage in its own work directory."""
+    from glmv_jax.train.experiment import setup
+    exp = setup(cfg, workdir)
+    if cfg.stage in ("pretrain", "long_context", "sft"):
+        from glmv_jax.train.supervised import run_supervised
+        return run_supervised(exp)
+    if cfg.stage == "rl":
+        from glmv_jax.rl.stage import run_rl
+        return run_rl(exp)
+    if cfg.stage == "eval":
+        from glmv_jax.rl.evaluate import run_eval
+        return run_eval(exp)
+    raise ValueError(f"unknown stage {cfg.stage!r}")
+
+
+def run_pipeline(cfg, workdir: str) -> list[dict]:
+    from experiments.configs.base import validate
+    for stage in cfg.stages:          # every stage's config is checked before the first one compiles
+        validate(stage)
+    summaries, previous = [], ""
+    for i, stage in enumerate(cfg.stages):
+        stage_dir = os.path.join(workdir, f"{i}_{stage.stage}")
+        if previous and not stage.train.init_from:
+            stage.train.init_from = previous
+        summaries.append(run_stage(stage, stage_dir))
+        previous = stage_dir
+    if cfg.get("report", True):
+        from experiments.report import write_report
+        write_report(summaries, workdir)
+    return summaries
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)     # orbax logs every checkpoint step at INFO
+    cfg = _CONFIG.value
+    workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(cfg.to_json_best_effort(indent=1))
+    if "stages" in cfg:
+        run_pipeline(cfg, workdir)
+    else:
+        summary = run_stage(cfg, workdir)
+        print(json.dumps({k: v for k, v in summary.items() if k not in ("state", "history")}, default=str))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,93 @@
+"""A supervised stage (pretrain, long_context, sft) from its experiment config: data -> model -> loss ->
+step -> loop, with checkpoints, resume, metrics and the optional HF export.
+
+    summary = run_supervised(setup(cfg, workdir))
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from glmv_jax.models.flops import forward_flops
+from glmv_jax.train.experiment import Experiment, initial_params, param_shardings
+
+
+def make_loss_fn(exp: Experiment, z_loss: float = 0.0):
+    """loss_fn(params, batch, rng) -> (loss_sum, (token_count, aux)) over a BATCH.md batch."""
+    from glmv_jax.models.glmv import apply_with_aux
+    from glmv_jax.train.losses import cross_entropy
+    config = exp.model_config
+
+    def loss_fn(params, batch, rng):
+        del rng
+        logits, aux = apply_with_aux(config, params, batch)
+        loss_sum, count, extras = cross_entropy(logits, batch["targets"], batch["loss_mask"], z_loss)
+        out = {"ce_sum": extras["ce_sum"]}
+        moe = aux.get("moe") if isinstance(aux, dict) else None
+        if moe:
+            out.update({k: v for k, v in moe.items() if k.endswith("aux_loss") or k.endswith("_sum")})
+        return loss_sum, (count, out)
+
+    return loss_fn
+
+
+def flops_per_token(exp: Experiment) -> float:
+    """Training FLOPs per packed token (3x forward: forward + backward), counting the vision tower on a
+    full patch budget spread over the rows."""
+    d = exp.cfg.data
+    side = d.image_size // exp.model_config.vision.patch_size
+    images_per_row = max(1, d.patch_budget // max(1, side * side) // d.batch_size)
+    fwd = forward_flops(exp.model_config, 1, d.seq_len, [(1, side, side)] * images_per_row)
+    return 3.0 * fwd / d.seq_len
+
+
+def run_supervised(exp: Experiment, progress: bool = True) -> dict[str, Any]:
+    from glmv_jax.data.pipeline import make_pipeline
+    from glmv_jax.models.glmv import init_params
+    from glmv_jax.train.checkpoint import Checkpointer, export_hf
+    from glmv_jax.train.loop import restore_or_init, run_steps
+    from glmv_jax.train.metrics import MetricsWriter, measure_peak_flops
+    from glmv_jax.train.optimizer import build_optimizer
+    from glmv_jax.train.state import (abstract_train_state, init_train_state, state_shardings,
+                                      train_state_from_params)
+    from glmv_jax.train.step import make_train_step, presplit
+
+    cfg, k = exp.cfg, exp.cfg.train.grad_accum_steps
+    optimizer = build_optimizer(cfg.optimizer)
+    abstract_params, shardings = param_shardings(exp)
+    sharded = exp.mesh.size > 1
+    st_shardings = state_shardings(optimizer, abstract_params, shardings, exp.mesh) if sharded else None
+    step_fn = make_train_step(make_loss_fn(exp, cfg.train.z_loss), optimizer, grad_accum_steps=k,
+                              nonfinite=cfg.train.nonfinite, split_fn=presplit if k > 1 else None,
+                              state_shardings=st_shardings, rules=exp.rules)
+    batches = make_pipeline(cfg.data, exp.tokenizer, exp.processor, micro_batches=k, seed=cfg.seed)
+    rng = jax.random.key(cfg.seed)
+
+    def fresh_state():
+        params = initial_params(exp, abstract_params, shardings)
+        if params is None:
+            return init_train_state(lambda r: init_params(exp.model_config, r), optimizer, rng, st_shardings)
+        return train_state_from_params(params, optimizer, rng, st_shardings)
+
+    ckpt_dir = os.path.join(exp.workdir, "checkpoints")
+    with Checkpointer(ckpt_dir, save_every=cfg.train.save_every, keep=cfg.train.keep) as ckpt:
+        state = restore_or_init(ckpt, abstract_train_state(optimizer, abstract_params, st_shardings, rng),
+                                fresh_state, batches)
+        start = int(jax.device_get(state.step))
+        with MetricsWriter(os.path.join(exp.workdir, "logs"), cfg.train.steps, initial_step=start,
+                           flops_per_token=flops_per_token(exp), peak_flops=measure_peak_flops(1024),
+                           progress=progress, description=cfg.stage) as writer:
+            state, history = run_steps(state, batches, step_fn, num_steps=cfg.train.steps, checkpointer=ckpt,
+                                       metrics_writer=writer, nonfinite=cfg.train.nonfinite,
+                                       log_every=cfg.train.log_every)
+    if cfg.train.export_hf:
+        export_hf(exp.model_config, state.params, cfg.train.export_hf)
+    losses = [h["loss"] for h in history if "loss" in h]
+    return {"stage": cfg.stage, "start_step": start, "steps": int(jax.device_get(state.step)),
+            "first_loss": float(losses[0]) if losses else float("nan"),
+            "last_loss": float(np.mean(losses[-5:])) if losses else float("nan"),
+            "data": batches.stats() if hasattr(batches, "stats") else {}, "state": state, "history": history}
