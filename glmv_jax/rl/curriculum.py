@@ -177,7 +177,8 @@ def _check_rewards(indices: np.ndarray, rewards: Any, pool_size: int) -> np.ndar
 
 def iteration_metrics(pool: PromptPool, indices: np.ndarray, rewards: np.ndarray, kept: np.ndarray,
                       tiers: np.ndarray, num_tiers: int, eps: float) -> dict[str, float]:
-    """Per tier and per domain: count sampled, mean reward, zero-variance share; totals over rollout and kept."""
+    """Per tier and per domain: count sampled, mean reward, zero-variance share (per domain also its
+    1 / (1 - share)); totals over the rollout and the kept groups."""
     mean, _, zero = group_stats(rewards, eps)
     out = {"rollout_prompts": float(len(indices)), "kept_groups": float(len(kept)),
            "zero_var_share": float(zero.mean()) if len(zero) else 0.0,
@@ -189,6 +190,9 @@ def iteration_metrics(pool: PromptPool, indices: np.ndarray, rewards: np.ndarray
         out[f"{kind}/{name}/count"] = float(sel.sum())
         out[f"{kind}/{name}/mean_reward"] = float(mean[sel].mean()) if sel.any() else float("nan")
         out[f"{kind}/{name}/zero_var_share"] = float(zero[sel].mean()) if sel.any() else float("nan")
+        if kind == "domain":                                  # 1 / (1 - r) of this domain alone
+            informative = int(sel.sum() - zero[sel].sum())
+            out[f"domain/{name}/expansion_ratio"] = sel.sum() / informative if informative else float("nan")
     return out
 
 
@@ -208,7 +212,8 @@ def _domain_ratios(pool: PromptPool, ratios: Mapping[str, float] | None) -> np.n
 
 def _gumbel_top_k(rng: np.random.Generator, weights: np.ndarray, k: int) -> np.ndarray:
     """k indices drawn without replacement with probability proportional to weights (> 0)."""
-    keys = np.log(weights) + rng.gumbel(size=len(weights))
+    with np.errstate(divide="ignore"):                      # weight 0 -> key -inf: drawn only when nothing is left
+        keys = np.log(weights) + rng.gumbel(size=len(weights))
     return np.argsort(-keys, kind="stable")[:k]
 
 

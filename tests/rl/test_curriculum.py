@@ -118,6 +118,8 @@ def test_expansion_ema_and_balanced_selection_by_hand():
     kept, m = rlcs.observe(idx, rewards)
     assert m["expansion_ratio"] == 2.0 and m["expansion_ema"] == pytest.approx(1.2)
     assert m["zero_var_share"] == 0.5 and m["kept_informative_share"] == 0.5
+    assert m["domain/m/expansion_ratio"] == 2.0 and m["domain/m/count"] == 4 and m["domain/m/mean_reward"] == 0.4375
+    assert sum(m[f"tier/{k}/count"] for k in range(5)) == 4 and m["tier/2/zero_var_share"] == 0.5
     assert rlcs.rollout_size() == 5 == m["next_rollout_prompts"]           # ceil(4 * 1.2)
     idx = rlcs.propose()
     rewards = np.array([[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 0, 0], [0.5, 0.5, 0.5, 0.5]], float)
