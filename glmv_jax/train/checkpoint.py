@@ -136,7 +136,8 @@ class Checkpointer:
         return self.manager.restore(step, args=args)[STATE]["params"]
 
 
-def export_hf(config: Any, params: Any, out_dir: str | os.PathLike) -> None:
-    """Writes an HF checkpoint (config.json + safetensors) loadable by transformers' from_pretrained."""
+def export_hf(config: Any, params: Any, out_dir: str | os.PathLike, **kwargs) -> list:
+    """Writes an HF checkpoint (config.json + safetensors) loadable by transformers' from_pretrained;
+    kwargs (dtype, max_shard_size, ...) go to convert.hf.save_pretrained. Returns the files written."""
     from glmv_jax.convert.hf import save_pretrained  # lazy: the converter is optional for training
-    save_pretrained(config, jax.device_get(params), os.fspath(out_dir))
+    return save_pretrained(config, jax.device_get(params), os.fspath(out_dir), **kwargs)

@@ -4,7 +4,8 @@
     writer.write(step, metrics)     # metrics: scalars (loss, lr, grad_norm, tokens, ...) from the step
     writer.close()
 
-Each `write` adds throughput: tokens/s and steps/s since the previous write (wall clock), and MFU =
+Each `write` adds throughput: tokens/s (from the step's `seq_tokens`, the tokens processed, else `tokens`)
+and steps/s since the previous write (wall clock), and MFU =
 flops_per_token * tokens/s / peak_flops when both are given (peak_flops is the whole job's peak: per-chip
 peak times the number of chips, or `measure_peak_flops()` on CPU). Array-valued entries such as
 per-domain losses are written as "name/<index>" or "name/<domain>" when `domain_names` are given.
@@ -85,9 +86,11 @@ class MetricsWriter:
         record = flatten_metrics(metrics, self.domain_names)
         if steps > 0:
             record["steps_per_s"] = steps / elapsed
-            if "tokens" in record:
-                # `tokens` is per step; the steps since the last write are assumed alike.
-                record["tokens_per_s"] = record["tokens"] * steps / elapsed
+            tokens = record.get("seq_tokens", record.get("tokens"))
+            if tokens is not None:
+                # Tokens processed per step (the step's seq_tokens, else its loss tokens); the steps since
+                # the last write are assumed alike.
+                record["tokens_per_s"] = tokens * steps / elapsed
                 if self.flops_per_token and self.peak_flops:
                     record["mfu"] = self.flops_per_token * record["tokens_per_s"] / self.peak_flops
         for name, value in record.items():

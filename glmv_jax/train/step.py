@@ -11,8 +11,9 @@ Objective for a batch of k micro-batches with token counts n_i (N = sum n_i):
     (sum_i loss_sum_i + n_i * aux_i) / N,   aux_i = sum of the aux entries named "aux_loss" or "*_aux_loss"
 so k micro-batches give the gradient of one big batch (up to fp32 summation order), and aux losses
 (already scaled by their coefficient) are weighted by each micro-batch's share of tokens.
-Metrics: loss (= sum loss_sum / N), objective, grad_norm (before clipping), lr, tokens, nonfinite,
-nonfinite_count, and every aux entry: names ending in "_sum" are summed over micro-batches, the others
+Metrics: loss (= sum loss_sum / N), objective, grad_norm (before clipping), lr, tokens (N, loss tokens),
+seq_tokens (tokens processed: segment_ids > 0, else the size of input_ids), nonfinite, nonfinite_count,
+and every aux entry: names ending in "_sum" are summed over micro-batches, the others
 token-weighted averages.
 
 Micro-batches: by default every batch entry is split along its row axis B (axis 1 for `position_ids`
@@ -171,6 +172,10 @@ def make_train_step(loss_fn: LossFn, optimizer: Optimizer, *, grad_accum_steps: 
         metrics = {"loss": loss, "objective": loss + sum((v for n, v in aux.items() if _is_aux_loss(n)), 0.0),
                    "grad_norm": grad_norm, "lr": optimizer.schedule(state.applied_updates), "tokens": count,
                    "nonfinite": skipped, "nonfinite_count": new_state.nonfinite_count, **aux}
+        if "segment_ids" in batch:       # tokens the model processed (for throughput / MFU), not loss tokens
+            metrics["seq_tokens"] = jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)
+        elif "input_ids" in batch:
+            metrics["seq_tokens"] = jnp.float32(batch["input_ids"].size)
         return new_state, metrics
 
     if not jit:

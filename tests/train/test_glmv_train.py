@@ -1,5 +1,8 @@
 """The train step on the real tiny MoE GLM-V (vision tower + MoE decoder): learning with the vision tower
-frozen, the router correction bias moved only by the aux-loss-free rule (post_update), never by AdamW."""
+frozen, the router correction bias moved only by the aux-loss-free rule (post_update), never by AdamW;
+the result exported to HF safetensors and read back."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -7,14 +10,19 @@ import numpy as np
 
 from glmv_jax.config import tiny
 from glmv_jax.models import glmv
+from glmv_jax.convert.hf import load_pretrained
 from glmv_jax.models.moe_balance import update_correction_bias
+from glmv_jax.train.checkpoint import export_hf
 from glmv_jax.train.losses import cross_entropy
 from glmv_jax.train.optimizer import build_optimizer
 from glmv_jax.train.state import train_state_from_params
 from glmv_jax.train.step import make_train_step
 from tests.train import toy
 
-CONFIG = tiny(moe=True)
+# tiny(moe=True) trimmed for compile time: one ViT block, one dense + one MoE decoder layer.
+_BASE = tiny(moe=True)
+CONFIG = dataclasses.replace(_BASE, vision=dataclasses.replace(_BASE.vision, depth=1),
+                             text=dataclasses.replace(_BASE.text, num_hidden_layers=2)).validate()
 BIAS_RATE = 1e-2
 
 
@@ -62,7 +70,7 @@ def bias_rule(params, aux):
     return params
 
 
-def test_tiny_moe_glmv_trains_with_frozen_vision_and_bias_rule():
+def test_tiny_moe_glmv_trains_with_frozen_vision_and_bias_rule(tmp_path):
     opt = build_optimizer(dict(lr=3e-3, warmup_steps=0, total_steps=20, freeze=["vision"]))
     step = make_train_step(loss_fn, opt, post_update=bias_rule, compiler_options=toy.COMPILER_OPTIONS)
     params = random_params()
@@ -80,7 +88,14 @@ def test_tiny_moe_glmv_trains_with_frozen_vision_and_bias_rule():
         np.testing.assert_allclose(new_bias, expected, rtol=0, atol=1e-7)   # the rule alone moved it
         bias = new_bias
     assert losses[-1] < losses[0] - 0.3, losses
+    assert float(metrics["seq_tokens"]) == (batch["segment_ids"] > 0).sum()
     end = jax.device_get(state.params)
     jax.tree.map(np.testing.assert_array_equal, end["vision"], params["vision"])
     router = end["text"]["moe_layers"]["moe"]["router"]["kernel"]
     assert np.abs(router - params["text"]["moe_layers"]["moe"]["router"]["kernel"]).max() > 1e-4
+
+    # The trained params export to an HF checkpoint that reads back identically.
+    export_hf(CONFIG, state.params, tmp_path / "hf")
+    config, loaded = load_pretrained(tmp_path / "hf")
+    assert config.text == CONFIG.text and config.vision == CONFIG.vision
+    jax.tree.map(np.testing.assert_array_equal, loaded, end)

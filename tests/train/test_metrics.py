@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from glmv_jax.train.metrics import MetricsWriter, flatten_metrics
+from glmv_jax.train.metrics import MetricsWriter, flatten_metrics, measure_peak_flops
 
 
 def read_scalars(path) -> dict[str, list[tuple[int, float]]]:
@@ -49,6 +49,14 @@ def test_not_host0_writes_nothing(tmp_path):
     assert writer.write(1, {"loss": 1.0}) is None
     writer.close()
     assert not (tmp_path / "logs").exists()
+
+
+def test_seq_tokens_drive_throughput_and_peak_measure(tmp_path):
+    with MetricsWriter(tmp_path, total_steps=2, progress=False, is_host0=True) as writer:
+        writer.write(1, {"tokens": 10.0, "seq_tokens": 64.0})
+        record = writer.write(3, {"tokens": 10.0, "seq_tokens": 64.0})
+    assert record["tokens_per_s"] == pytest.approx(64.0 * record["steps_per_s"])
+    assert measure_peak_flops(n=64, repeats=1) > 0
 
 
 def test_flatten_and_bad_values():

@@ -1,11 +1,14 @@
 """Train step on a tiny real model: learning, accumulation == big batch, freezing, fixed router bias, NaN policy."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from glmv_jax.train.loop import NonFiniteError, run_steps
+from glmv_jax.train.metrics import MetricsWriter
 from glmv_jax.train.state import train_state_from_params
 from glmv_jax.train.step import make_train_step, presplit, split_microbatches
 from tests.train import toy
@@ -58,6 +61,7 @@ def test_loss_decreases_frozen_and_fixed_leaves_bit_identical(frozen_opt, main_s
             a, b = a[key], b[key]
         assert np.abs(a - b).max() > 1e-4, path
     assert int(state.step) == 12 and int(state.nonfinite_count) == 0
+    assert float(metrics["seq_tokens"]) == toy.B * toy.T and float(metrics["tokens"]) == batch["loss_mask"].sum()
 
 
 def test_accumulation_equals_one_big_batch(frozen_opt):
@@ -98,7 +102,7 @@ def test_nonfinite_batch_is_skipped_and_counted(frozen_opt, main_step):
     assert np.abs(jax.device_get(state.params)["lm_head"]["kernel"] - before.params["lm_head"]["kernel"]).max() > 0
 
 
-def test_nonfinite_raise_stops_the_loop(frozen_opt, main_step):
+def test_nonfinite_raise_stops_the_loop(frozen_opt, main_step, tmp_path):
     bad = toy.make_batch()
     bad["feat"][0, 0] = np.inf
     batches = iter([toy.make_batch(), bad, toy.make_batch(), toy.make_batch()])
@@ -106,8 +110,13 @@ def test_nonfinite_raise_stops_the_loop(frozen_opt, main_step):
         run_steps(fresh(frozen_opt), batches, main_step, num_steps=4, nonfinite="raise")
     # The same data in skip mode runs through and counts the step.
     batches = iter([toy.make_batch(), bad, toy.make_batch(), toy.make_batch()])
-    state, history = run_steps(fresh(frozen_opt), batches, main_step, num_steps=4, nonfinite="skip")
+    with MetricsWriter(tmp_path, total_steps=4, progress=False, is_host0=True) as writer:
+        state, history = run_steps(fresh(frozen_opt), batches, main_step, num_steps=4, nonfinite="skip",
+                                   metrics_writer=writer, log_every=2)
     assert [h["nonfinite"] for h in history] == [0, 1, 0, 0] and int(state.nonfinite_count) == 1
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["nonfinite_count"]) for r in logged] == [(2, 1), (4, 1)]
+    assert logged[1]["loss"] == history[3]["loss"]
 
 
 def test_split_microbatches_strided_rows_and_position_axis():
