@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -57,6 +58,22 @@ def split_microbatches(batch: dict, k: int) -> dict:
         return jnp.moveaxis(x, axis + 1, 0)
 
     return {key: split(key, value) for key, value in batch.items()}
+
+
+PATCH_KEYS = ("pixel_values", "patch_pos", "patch_grid", "patch_segment")   # [Np, ...] packed patch rows
+RESERVED_METRICS = ("loss", "objective", "grad_norm", "lr", "tokens", "seq_tokens", "nonfinite", "nonfinite_count")
+
+
+def batch_shardings(batch: dict, mesh, rules: rules_lib.Rules = rules_lib.DEFAULT) -> dict:
+    """NamedShardings for a BATCH.md batch: rows over the rules' act_batch axes (axis 1 of position_ids),
+    packed patch rows over act_tokens; mesh axes that do not divide a dimension are dropped."""
+    def names(key: str, ndim: int):
+        if key in PATCH_KEYS:
+            return ("act_tokens",) + (None,) * (ndim - 1)
+        axis = ROW_AXIS.get(key, 0)
+        return tuple("act_batch" if d == axis else None for d in range(ndim))
+    return {key: NamedSharding(mesh, rules_lib.logical_to_spec(names(key, np.ndim(x)), np.shape(x), mesh, rules))
+            for key, x in batch.items()}
 
 
 def presplit(batch: dict, k: int) -> dict:
@@ -91,7 +108,8 @@ def make_train_step(loss_fn: LossFn, optimizer: Optimizer, *, grad_accum_steps: 
     """Jitted `step(state, batch) -> (new_state, metrics)`; the state buffers are donated.
 
     With `state_shardings` (TrainState of NamedShardings) the step is jitted with in/out shardings on that
-    mesh and the model's activation constraints (`parallel.rules.constrain`) are active while tracing.
+    mesh and the model's activation constraints (`parallel.rules.constrain`) are active while tracing;
+    `batch_shardings` (e.g. from `batch_shardings(batch, mesh, rules)`) lays the host batch out on the mesh.
     nonfinite: "skip" leaves params and optimizer state unchanged on a NaN/Inf loss or gradient and counts
     it in `state.nonfinite_count`; "raise" does the same inside the step and `loop.run_steps` stops with
     `NonFiniteError` (metrics["nonfinite"] is 1 for such a step).
@@ -149,6 +167,9 @@ def make_train_step(loss_fn: LossFn, optimizer: Optimizer, *, grad_accum_steps: 
             mask = optimizer.trainable(state.params)
             rng = jax.random.fold_in(state.rng, state.step)
             grads, loss_sum, count, aux = accumulate(state.params, mask, batch, rng)
+        clash = sorted(set(aux) & set(RESERVED_METRICS))
+        if clash:
+            raise ValueError(f"loss_fn aux entries {clash} clash with the step's own metrics; rename them")
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         aux = {n: (v if n.endswith("_sum") else v / denom) for n, v in aux.items()}
@@ -184,5 +205,8 @@ def make_train_step(loss_fn: LossFn, optimizer: Optimizer, *, grad_accum_steps: 
     if state_shardings is None:
         return jax.jit(step, donate_argnums=donate_argnums, compiler_options=compiler_options)
     replicated = NamedSharding(mesh, P())
+    if batch_shardings is None:   # inputs keep the shardings they arrive with (the state is born sharded)
+        return jax.jit(step, out_shardings=(state_shardings, replicated), donate_argnums=donate_argnums,
+                       compiler_options=compiler_options)
     return jax.jit(step, in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, replicated),
                    donate_argnums=donate_argnums, compiler_options=compiler_options)

@@ -10,7 +10,7 @@ from glmv_jax.parallel.rules import DEFAULT, logical_to_spec
 from glmv_jax.train.checkpoint import Checkpointer
 from glmv_jax.train.state import (abstract_train_state, init_train_state, param_shardings_from_logical,
                                   state_shardings, train_state_from_params)
-from glmv_jax.train.step import make_train_step
+from glmv_jax.train.step import batch_shardings, make_train_step
 from tests.train import toy
 
 ROWS = 16
@@ -53,9 +53,10 @@ def test_sharded_accumulating_step_matches_single_device(setup, tmp_path):
     opt, mesh, shardings = setup
     loss_fn = toy.make_loss_fn()
     batch = toy.make_batch(seed=5, rows=ROWS)
-    row = NamedSharding(mesh, P(("data", "fsdp")))
+    layout = batch_shardings(batch, mesh)
+    assert layout["input_ids"].spec == P("fsdp", None) and layout["feat"].spec == P("fsdp", None)
     sharded_step = make_train_step(loss_fn, opt, grad_accum_steps=2, state_shardings=shardings,
-                                   batch_shardings={k: row for k in batch}, compiler_options=toy.COMPILER_OPTIONS)
+                                   batch_shardings=layout, compiler_options=toy.COMPILER_OPTIONS)
     single_step = toy.train_step(dropout=0.0)
     sharded = train_state_from_params(toy.init_params(), opt, jax.random.PRNGKey(0), shardings)
     single = train_state_from_params(toy.init_params(), opt, jax.random.PRNGKey(0))

@@ -6,11 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from glmv_jax.train.loop import NonFiniteError, run_steps
 from glmv_jax.train.metrics import MetricsWriter
 from glmv_jax.train.state import train_state_from_params
-from glmv_jax.train.step import make_train_step, presplit, split_microbatches
+from glmv_jax.parallel.mesh import make_mesh
+from glmv_jax.train.step import batch_shardings, make_train_step, presplit, split_microbatches
 from tests.train import toy
 
 
@@ -136,9 +138,26 @@ def test_split_microbatches_strided_rows_and_position_axis():
         presplit(batch, 3)
 
 
+def test_batch_shardings_rows_and_patches():
+    mesh = make_mesh({"data": 2, "fsdp": 4})
+    batch = {"input_ids": np.zeros((8, 5)), "position_ids": np.zeros((3, 8, 5)), "pixel_values": np.zeros((16, 12)),
+             "patch_segment": np.zeros((16,)), "loss_mask": np.zeros((2, 5))}
+    specs = {k: v.spec for k, v in batch_shardings(batch, mesh).items()}
+    assert specs["input_ids"] == P(("data", "fsdp"), None) and specs["position_ids"] == P(None, ("data", "fsdp"), None)
+    assert specs["pixel_values"] == P(("data", "fsdp"), None) and specs["patch_segment"] == P(("data", "fsdp"))
+    assert specs["loss_mask"] == P("data", None)     # 2 rows: only the axes that divide are kept
+
+
 def test_bad_step_arguments(frozen_opt):
     loss_fn = toy.make_loss_fn()
     with pytest.raises(ValueError, match="grad_accum_steps"):
         make_train_step(loss_fn, frozen_opt, grad_accum_steps=0)
     with pytest.raises(ValueError, match="nonfinite"):
         make_train_step(loss_fn, frozen_opt, nonfinite="ignore")
+
+    def clashing(params, batch, rng):
+        loss_sum, (count, aux) = loss_fn(params, batch, rng)
+        return loss_sum, (count, {**aux, "grad_norm": 0.0})
+
+    with pytest.raises(ValueError, match=r"aux entries \['grad_norm'\] clash"):
+        make_train_step(clashing, frozen_opt)(fresh(frozen_opt), toy.make_batch())
