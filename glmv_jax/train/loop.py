@@ -57,7 +57,7 @@ def run_steps(state: TrainState, batches: Iterator[dict], step_fn: Callable, *, 
     """
     if nonfinite not in ("skip", "raise"):
         raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
-    if data_iterator == "batches":
+    if isinstance(data_iterator, str) and data_iterator == "batches":
         data_iterator = batches if hasattr(batches, "get_state") else None
     history: list[dict] = []
     pending = None   # (step, device metrics) of the last dispatched step
