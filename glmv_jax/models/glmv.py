@@ -73,10 +73,18 @@ def model_graph(config: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
 
 
 def init_params(config: ModelConfig, rng) -> Params:
-    """A random init with the PARAM_TREE.md structure (HF-style: normal(0.02) kernels, unit norms)."""
+    """A random init with the PARAM_TREE.md structure (HF-style: normal(0.02) kernels, unit norms).
+    `rng` is an int seed or a PRNG key; jitted (wrap it in jax.jit with out_shardings to shard)."""
     key = jax.random.key(rng) if isinstance(rng, int) else rng
-    _, state = nnx.split(_build(config, nnx.Rngs(params=key)))
-    return state.to_pure_dict()
+    return _jitted_init(config)(key)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_init(config: ModelConfig):
+    def init(key):
+        _, state = nnx.split(_build(config, nnx.Rngs(params=key)))
+        return state.to_pure_dict()
+    return jax.jit(init)
 
 
 def logical_axes(config: ModelConfig) -> dict[str, Any]:
@@ -235,5 +243,5 @@ def forward(config: ModelConfig, params: Params, input_ids, attention_mask=None,
                               pixel_values_videos, video_grid_thw, mm_token_type_ids)
     length = batch["input_ids"].shape[1]
     patches = batch["pixel_values"].shape[0] if "pixel_values" in batch else 0
-    padded = pad_batch(batch, bucket(length, 32), bucket(patches, 64))
+    padded = pad_batch(batch, bucket(length, 64), bucket(patches, 256))
     return _jitted_apply(config)(params, padded)[:, :length]

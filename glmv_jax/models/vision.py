@@ -75,11 +75,11 @@ def resample_pos_embed(table: jax.Array, patch_pos: jax.Array, patch_grid: jax.A
 
     ys, wy = source(patch_pos[:, 0], patch_grid[:, 0])
     xs, wx = source(patch_pos[:, 1], patch_grid[:, 1])
-    rows = []
-    for i in range(4):            # along x within each of the 4 tap rows, then along y
-        tap = lambda j: image[ys[:, i], xs[:, j]]
-        rows.append(wx[:, 0:1] * tap(0) + wx[:, 1:2] * tap(1) + wx[:, 2:3] * tap(2) + wx[:, 3:4] * tap(3))
-    return wy[:, 0:1] * rows[0] + wy[:, 1:2] * rows[1] + wy[:, 2:3] * rows[2] + wy[:, 3:4] * rows[3]
+    taps = image[ys[:, :, None], xs[:, None, :]]                            # [N, 4, 4, D], one gather
+    wx, wy = wx[:, :, None], wy[:, :, None]
+    rows = [wx[:, 0] * taps[:, i, 0] + wx[:, 1] * taps[:, i, 1] + wx[:, 2] * taps[:, i, 2] + wx[:, 3] * taps[:, i, 3]
+            for i in range(4)]    # along x within each of the 4 tap rows, then along y (PyTorch's order)
+    return wy[:, 0] * rows[0] + wy[:, 1] * rows[1] + wy[:, 2] * rows[2] + wy[:, 3] * rows[3]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from glmv_jax.config import ModelConfig, tiny
+from glmv_jax.convert.hf import load_pretrained
 from tests.hf_oracle import build_hf_model
 
 
@@ -59,6 +60,24 @@ def reference_params(state_dict: dict[str, np.ndarray], config: ModelConfig) -> 
     return {"vision": vision, "text": text, "lm_head": {"kernel": sd["lm_head.weight"].T}}
 
 
+def pad_prompts(prompts: list[dict], padding: str) -> dict:
+    """Pads several multimodal_inputs prompts into one batch (left or right), grids in row order."""
+    length = max(p["input_ids"].shape[1] for p in prompts)
+    out = {k: [] for k in ("input_ids", "mm_token_type_ids", "attention_mask")}
+    for p in prompts:
+        extra = length - p["input_ids"].shape[1]
+        widths = [(0, 0), (extra, 0) if padding == "left" else (0, extra)]
+        for key in out:
+            out[key].append(np.pad(p[key], widths))
+    batch = {k: np.concatenate(v) for k, v in out.items()}
+    for grid, pixels in (("image_grid_thw", "pixel_values"), ("video_grid_thw", "pixel_values_videos")):
+        found = [p for p in prompts if grid in p]
+        if found:
+            batch[grid] = np.concatenate([p[grid] for p in found])
+            batch[pixels] = np.concatenate([p[pixels] for p in found])
+    return batch
+
+
 @pytest.fixture(scope="session")
 def config() -> ModelConfig:
     return tiny()
@@ -70,6 +89,10 @@ def hf_model(config):
 
 
 @pytest.fixture(scope="session")
-def params(config, hf_model):
-    state_dict = {k: v.numpy() for k, v in hf_model.state_dict().items()}
-    return reference_params(state_dict, config)
+def params(config, hf_model, tmp_path_factory):
+    """The HF checkpoint written by save_pretrained and read back by our converter."""
+    path = tmp_path_factory.mktemp("tiny_glm4v")
+    hf_model.save_pretrained(str(path))
+    loaded_config, loaded = load_pretrained(path)
+    assert loaded_config.text == config.text and loaded_config.vision == config.vision
+    return loaded
