@@ -183,12 +183,14 @@ def _param(init, key, shape, dtype, names, kind=nnx.Param):
 
 
 class MoE(nnx.Module):
-    """NNX holder of one MoE layer's params; `__call__(x, mask=None, options=...)` -> (y, aux)."""
+    """NNX holder of one MoE layer's params; `__call__(x, mask=None, options=None)` -> (y, aux); options
+    default to the ones given at construction (e.g. MoEOptions(parallel=ExpertParallel(mesh)))."""
 
-    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, init_std: float = 0.02):
+    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, init_std: float = 0.02,
+                 options: MoEOptions = MoEOptions()):
         d, e, f, fs = (cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size,
                        cfg.moe_intermediate_size * cfg.n_shared_experts)
-        self.cfg = cfg
+        self.cfg, self.options = cfg, options.validate()
         normal, zeros = nnx.initializers.normal(init_std), nnx.initializers.zeros_init()
         p = lambda shape, names, dtype=param_dtype: _param(normal, rngs.params(), shape, dtype, names)
         self.router = _Node(kernel=p((d, e), ("embed", None), jnp.float32),
@@ -200,6 +202,6 @@ class MoE(nnx.Module):
                             up=_Node(kernel=p((d, fs), ("embed", "mlp"))),
                             down=_Node(kernel=p((fs, d), ("mlp", "embed"))))
 
-    def __call__(self, x, mask=None, options: MoEOptions = MoEOptions()):
+    def __call__(self, x, mask=None, options: MoEOptions | None = None):
         params = nnx.to_pure_dict(nnx.state(self))
-        return moe_layer(params, x, self.cfg, mask=mask, options=options)
+        return moe_layer(params, x, self.cfg, mask=mask, options=self.options if options is None else options)
