@@ -124,7 +124,7 @@ def _layout(row_group, num_groups: int, max_rows: int, tile: int):
     counts = counts[:num_groups]
     padded = _round_up(counts, tile)
     padded_starts = _exclusive_cumsum(padded)
-    rp = _round_up(max_rows + num_groups * (tile - 1), tile)
+    rp = _round_up(max_rows + min(num_groups, max_rows) * (tile - 1), tile)   # padding only in non-empty groups
     order = jnp.argsort(row_group, stable=True)
     group_sorted = row_group[order]
     rank = jnp.arange(r, dtype=jnp.int32) - starts[group_sorted]
