@@ -19,7 +19,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from glmv_jax.config import ModelConfig, TextConfig
-from glmv_jax.models.layers import (INIT_STD, Einsum, RMSNorm, SwiGLU, causal_segment_mask,
+from glmv_jax.models.layers import (INIT_STD, Einsum, RMSNorm, SwiGLU, cached_attention, causal_segment_mask,
                                     dot_product_attention, make_stack, normal_init, param, run_stack)
 from glmv_jax.models.moe import MoE
 from glmv_jax.models.rope import apply_text_rope, text_rope_tables
@@ -39,6 +39,14 @@ class AttentionContext(NamedTuple):
     kv_segment: jax.Array   # [B, S] int
 
 
+class KVCache(NamedTuple):
+    """Keys/values of earlier tokens for one layer stack: k, v [L, B, S, K, H] (after rope), and which
+    slots hold a token a new query may attend to: valid [B, S] bool (shared by all layers)."""
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+
+
 class TextAttention(nnx.Module):
     def __init__(self, t: TextConfig, rngs: nnx.Rngs | None = None):
         d, n, k, h = t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.dim_per_head
@@ -52,15 +60,28 @@ class TextAttention(nnx.Module):
                         bias_shape=(k, h) if bias else None, bias_axes=("kv_heads", "head_dim"), rngs=rngs)
         self.o = Einsum("BTNH,NHD->BTD", (n, h, d), ("heads", "head_dim", "embed"), rngs=rngs)
 
-    def __call__(self, x: jax.Array, ctx: AttentionContext) -> jax.Array:
+    def qkv(self, x: jax.Array, ctx: AttentionContext) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Projections with rope applied to q and k: q [B,T,N,H], k/v [B,T,K,H]."""
         q = checkpoint_name(self.q(x), "query_proj")
         k = checkpoint_name(self.k(x), "key_proj")
         v = checkpoint_name(self.v(x), "value_proj")
-        q = apply_text_rope(q, ctx.cos, ctx.sin, self.layout)
-        k = apply_text_rope(k, ctx.cos, ctx.sin, self.layout)
-        mask = causal_segment_mask(ctx.q_index, ctx.kv_index, ctx.q_segment, ctx.kv_segment)
-        out = checkpoint_name(dot_product_attention(q, k, v, mask, self.head_dim ** -0.5), "attn_context")
-        return checkpoint_name(self.o(out), "attn_out")
+        return apply_text_rope(q, ctx.cos, ctx.sin, self.layout), apply_text_rope(k, ctx.cos, ctx.sin, self.layout), v
+
+    def __call__(self, x: jax.Array, ctx: AttentionContext) -> jax.Array:
+        return self.with_kv(x, ctx)[0]
+
+    def with_kv(self, x: jax.Array, ctx: AttentionContext, cache: tuple | None = None):
+        """-> (output [B,T,D], (k, v) of these tokens). cache None: attention among the T tokens (training,
+        prefill); cache (k [B,S,K,H], v, valid [B,S]): one decode step (T = 1) over the cache and itself."""
+        q, k, v = self.qkv(x, ctx)
+        scale = self.head_dim ** -0.5
+        if cache is None:
+            mask = causal_segment_mask(ctx.q_index, ctx.kv_index, ctx.q_segment, ctx.kv_segment)
+            out = dot_product_attention(q, k, v, mask, scale)
+        else:
+            out = cached_attention(q, k, v, *cache, scale)
+        out = checkpoint_name(out, "attn_context")
+        return checkpoint_name(self.o(out), "attn_out"), (k, v)
 
 
 class DecoderLayer(nnx.Module):
@@ -82,7 +103,11 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, ctx: AttentionContext) -> tuple[jax.Array, dict]:
         """-> (x, aux): aux holds the MoE routing statistics of a routed layer, else nothing."""
-        h = self.attn(self.attn_norm(x), ctx)
+        return self.with_kv(x, ctx)[:2]
+
+    def with_kv(self, x: jax.Array, ctx: AttentionContext, cache: tuple | None = None):
+        """-> (x, aux, (k, v)): as __call__, also returning this layer's keys/values (TextAttention.with_kv)."""
+        h, kv = self.attn.with_kv(self.attn_norm(x), ctx, cache)
         x = x + (self.attn_out_norm(h) if self.sandwich else h)
         h, aux = self.mlp_norm(x), {}
         if hasattr(self, "moe"):
@@ -90,7 +115,7 @@ class DecoderLayer(nnx.Module):
         else:
             h = self.mlp(h)
         x = x + (self.mlp_out_norm(h) if self.sandwich else h)
-        return constrain(x, ACT), aux
+        return constrain(x, ACT), aux, kv
 
 
 class Embed(nnx.Module):
@@ -131,3 +156,33 @@ class TextDecoder(nnx.Module):
         if hasattr(self, "moe_layers"):
             x, aux["moe"] = run_stack(self.moe_layers, x, call, scan=self.scan, remat=self.remat)
         return self.final_norm(x), aux
+
+    def stacks(self) -> list[str]:
+        """Names of the layer stacks in order ("layers" dense, "moe_layers" routed)."""
+        return [name for name in ("layers", "moe_layers") if hasattr(self, name)]
+
+    def prefill(self, x: jax.Array, ctx: AttentionContext) -> tuple[jax.Array, dict]:
+        """As __call__ over a whole prompt, also returning every stack's keys/values:
+        (hidden [B, T, D], {stack: (k, v) [L, B, T, K, H]})."""
+        x = constrain(x.astype(self.dtype), ACT)
+        kvs = {}
+        for name in self.stacks():
+            def call(layer, h):
+                h, _, kv = layer.with_kv(h, ctx)
+                return h, kv
+            x, kvs[name] = run_stack(getattr(self, name), x, call, scan=self.scan)
+        return self.final_norm(x), kvs
+
+    def decode(self, x: jax.Array, ctx: AttentionContext, caches: dict[str, KVCache]) -> tuple[jax.Array, dict]:
+        """One new token per row, x [B, 1, D], over `caches` ({stack: KVCache}, read only) ->
+        (hidden [B, 1, D], {stack: (k, v) [L, B, 1, K, H]}) for the caller to write at the token's slot."""
+        x = constrain(x.astype(self.dtype), ACT)
+        kvs = {}
+        for name in self.stacks():
+            valid = caches[name].valid
+            def call(layer, h, kv_l):
+                h, _, kv = layer.with_kv(h, ctx, (kv_l[0], kv_l[1], valid))
+                return h, kv
+            x, kvs[name] = run_stack(getattr(self, name), x, call, scan=self.scan,
+                                     xs=(caches[name].k, caches[name].v))
+        return self.final_norm(x), kvs

@@ -145,6 +145,27 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     return out.reshape(b, t, n, h)
 
 
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
+                     cache_mask: jax.Array, scale: float) -> jax.Array:
+    """One decode step over a KV cache plus the step's own key. q [B,1,N,H], k/v [B,1,K,H] (the new
+    token), cache_k/v [B,S,K,H] (earlier tokens), cache_mask [B,S] bool (valid earlier slots).
+
+    The new key is scored beside the cache instead of being written into it first, so the layer only
+    reads the cache (the caller writes all layers' new k/v in one update). Same math as
+    dot_product_attention over [cache; new]: fp32 scores and softmax, probabilities in v's dtype."""
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, n // kv_heads, h)
+    old = jnp.einsum("BTKGH,BSKH->BKGTS", q, cache_k, preferred_element_type=jnp.float32) * scale
+    old = jnp.where(cache_mask[:, None, None, None, :], old, jnp.finfo(jnp.float32).min)
+    new = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
+    probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1).astype(v.dtype)
+    s = cache_k.shape[1]
+    out = (jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., :s], cache_v)
+           + jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., s:], v))
+    return out.reshape(b, t, n, h)
+
+
 # ----------------------------------------------------------------------------------------------
 # Stacked layers: one module whose params carry a leading `layers` axis, applied by lax.scan or by an
 # unrolled Python loop over the same arrays (identical math), with an optional remat policy.
@@ -175,21 +196,24 @@ def remat_policy(name: str):
     return policies[name]
 
 
-def run_stack(stack: nnx.Module, x: jax.Array, call: Callable[[nnx.Module, jax.Array], tuple[jax.Array, Any]],
-              *, scan: bool, remat: str = "none") -> tuple[jax.Array, Any]:
-    """Applies the stacked layers in order, (x, out_l) = call(layer_l, x) for l = 0..L-1.
-    Returns the final x and the per-layer outputs stacked on a leading axis."""
+def run_stack(stack: nnx.Module, x: jax.Array, call: Callable[..., tuple[jax.Array, Any]], *, scan: bool,
+              remat: str = "none", xs: Any = None) -> tuple[jax.Array, Any]:
+    """Applies the stacked layers in order, (x, out_l) = call(layer_l, x) for l = 0..L-1, or
+    call(layer_l, x, xs_l) when per-layer inputs `xs` (a pytree with a leading L axis, e.g. a KV
+    cache) are given. Returns the final x and the per-layer outputs stacked on a leading axis."""
     graphdef, state = nnx.split(stack)
 
-    def body(carry, layer_state):
-        return call(nnx.merge(graphdef, layer_state), carry)
+    def body(carry, layer_in):
+        layer_state, extra = layer_in
+        layer = nnx.merge(graphdef, layer_state)
+        return call(layer, carry) if xs is None else call(layer, carry, extra)
 
     if remat != "none":
         body = jax.checkpoint(body, policy=remat_policy(remat))
     if scan:
-        return jax.lax.scan(body, x, state)
+        return jax.lax.scan(body, x, (state, xs))
     outs = []
     for i in range(jax.tree.leaves(state)[0].shape[0]):
-        x, out = body(x, jax.tree.map(lambda a: a[i], state))
+        x, out = body(x, jax.tree.map(lambda a: a[i], (state, xs)))
         outs.append(out)
     return x, jax.tree.map(lambda *leaves: jnp.stack(leaves), *outs)
