@@ -1,0 +1,193 @@
+"""Generation: a jitted prefill + `lax.while_loop` decode over a preallocated KV cache (rl/kv_cache.py).
+
+    out = generate(config, params, prompts, max_new_tokens=256, temperature=1.0, stop_ids=tok.stop_ids,
+                   rng=jax.random.key(0), thinking_budget=200, force_answer_ids=[id("</think>"), id("<answer>")])
+    out["tokens"] [B, N], out["logprobs"] [B, N], out["lengths"] [B], out["finished"] / ["truncated"] / ["forced"] [B],
+    out["response_mask"] [B, N] (sampled tokens: excludes forced tokens and everything after the end)
+
+Sampling per step: temperature 0 is greedy; otherwise logits / temperature, then top-k and top-p (nucleus)
+filtering, then a categorical draw with key fold_in(rng, step). The recorded log-prob of every emitted token
+is log_softmax(logits / temperature) (fp32, unfiltered: what grpo.token_logprobs computes at the same
+temperature; temperature 0 records log_softmax(logits)). A row ends after emitting any stop id (the stop
+token is kept with its log-prob) or after max_new_tokens. Forced answering (rl.md 1.7): a row that has
+produced `thinking_budget` tokens without emitting force_answer_ids[0] (`</think>`) gets force_answer_ids
+appended over the next steps (their log-probs are recorded, their response_mask is 0) and then continues.
+Shapes are fixed per (rows, bucketed prompt length, patch bucket, N), so recompiles are rare.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from glmv_jax.config import ModelConfig
+from glmv_jax.rl import kv_cache
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling one token
+
+def filter_logits(x: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """x [B, V] (already divided by the temperature) -> x with tokens outside the top-k and outside the
+    smallest set whose probability reaches top_p set to -inf (the most likely token always stays)."""
+    neg = jnp.finfo(x.dtype).min
+    if top_k > 0:
+        kth = jax.lax.top_k(x, min(top_k, x.shape[-1]))[0][:, -1:]
+        x = jnp.where(x < kth, neg, x)
+    if top_p < 1.0:
+        ordered = jnp.sort(x, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(ordered, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs            # mass of strictly more likely tokens
+        kept = jnp.sum(before < top_p, axis=-1, keepdims=True)  # >= 1
+        threshold = jnp.take_along_axis(ordered, kept - 1, axis=-1)
+        x = jnp.where(x < threshold, neg, x)
+    return x
+
+
+def sample_token(logits: jax.Array, key: jax.Array, temperature: float, top_k: int, top_p: float):
+    """logits [B, V] fp32 -> (tokens [B] int32, log_softmax [B, V] at the temperature)."""
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), jax.nn.log_softmax(logits, axis=-1)
+    x = logits / temperature
+    tokens = jax.random.categorical(key, filter_logits(x, top_k, top_p), axis=-1)
+    return tokens.astype(jnp.int32), jax.nn.log_softmax(x, axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The jitted generation loop
+
+@functools.lru_cache(maxsize=32)
+def _generation_fn(config: ModelConfig, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                   stop_ids: tuple[int, ...], force_ids: tuple[int, ...], budget: int, pad_id: int):
+    n = max_new_tokens
+    stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
+    forced_tokens = jnp.asarray(force_ids or (pad_id,), jnp.int32)
+    think_end = force_ids[0] if force_ids else -1
+
+    def run(params, batch, rng):
+        rows, tp = batch["input_ids"].shape
+        logits, caches = kv_cache.prefill(config, params, batch, tp + n)
+        zeros = lambda dtype: jnp.zeros((rows, n), dtype)
+        state = dict(j=jnp.int32(0), logits=logits, caches=caches, tokens=zeros(jnp.int32),
+                     logprobs=zeros(jnp.float32), forced_mask=zeros(bool), done=jnp.zeros(rows, bool),
+                     finished=jnp.zeros(rows, bool), closed=jnp.zeros(rows, bool),
+                     force_pos=jnp.full(rows, -1, jnp.int32), lengths=jnp.zeros(rows, jnp.int32))
+
+        def body(s):
+            j = s["j"]
+            sampled, logp_all = sample_token(s["logits"], jax.random.fold_in(rng, j), temperature, top_k, top_p)
+            active = ~s["done"]
+            start = (budget >= 0) & (j == budget) & active & ~s["closed"] & (s["force_pos"] < 0)
+            force_pos = jnp.where(start, 0, s["force_pos"])
+            forcing = active & (force_pos >= 0) & (force_pos < len(force_ids))
+            token = jnp.where(forcing, forced_tokens[jnp.clip(force_pos, 0, len(forced_tokens) - 1)], sampled)
+            logp = jnp.take_along_axis(logp_all, token[:, None], axis=-1)[:, 0]
+            token = jnp.where(active, token, pad_id)
+            stopped = active & ~forcing & jnp.isin(token, stops)
+            out = dict(s, j=j + 1,
+                       tokens=s["tokens"].at[:, j].set(token),
+                       logprobs=s["logprobs"].at[:, j].set(jnp.where(active, logp, 0.0)),
+                       forced_mask=s["forced_mask"].at[:, j].set(forcing),
+                       done=s["done"] | stopped, finished=s["finished"] | stopped,
+                       closed=s["closed"] | (active & (token == think_end)),
+                       force_pos=jnp.where(forcing, force_pos + 1, force_pos),
+                       lengths=s["lengths"] + active.astype(jnp.int32))
+            positions = batch["prompt_len"] + j + batch["rope_delta"]
+            out["logits"], out["caches"] = kv_cache.decode_step(config, params, s["caches"], token, tp + j,
+                                                                positions, active & ~stopped)
+            return out
+
+        s = jax.lax.while_loop(lambda s: (s["j"] < n) & ~jnp.all(s["done"]), body, state)
+        steps = jnp.arange(n)[None, :]
+        in_response = steps < s["lengths"][:, None]
+        return dict(tokens=s["tokens"], logprobs=s["logprobs"], lengths=s["lengths"], finished=s["finished"],
+                    truncated=~s["finished"], forced=jnp.any(s["forced_mask"], axis=1),
+                    forced_mask=s["forced_mask"], response_mask=in_response & ~s["forced_mask"])
+
+    return jax.jit(run)
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int, thinking_budget,
+                   force_answer_ids) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if thinking_budget is not None:
+        if not force_answer_ids:
+            raise ValueError("thinking_budget needs force_answer_ids (e.g. the ids of </think><answer>)")
+        if not 0 <= thinking_budget <= max_new_tokens - len(force_answer_ids):
+            raise ValueError(f"thinking_budget {thinking_budget} must be in [0, max_new_tokens - "
+                             f"len(force_answer_ids)] = [0, {max_new_tokens - len(force_answer_ids)}]")
+
+
+def generate(config: ModelConfig, params: Any, prompts: Sequence[dict] | dict, *, max_new_tokens: int,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_ids: Sequence[int] = (),
+             rng: Any = None, thinking_budget: int | None = None, force_answer_ids: Sequence[int] | None = None,
+             num_samples: int = 1, pad_id: int = 0) -> dict[str, np.ndarray]:
+    """Samples continuations of `prompts` (PromptTransform dicts, or a kv_cache.batch_prompts batch).
+
+    Rows: len(prompts) * num_samples, prompt i at rows [i * num_samples, (i + 1) * num_samples).
+    Returns numpy arrays: tokens [B, N] int32 (pad_id after the end), logprobs [B, N] fp32 (0 after the
+    end), lengths [B] (tokens emitted, stop token included), finished [B] (ended on a stop id), truncated
+    [B] (hit max_new_tokens), forced [B], forced_mask [B, N], response_mask [B, N] (emitted and not forced),
+    and batch (the prompt batch used)."""
+    check_sampling(max_new_tokens, temperature, top_p, top_k, thinking_budget, force_answer_ids)
+    vocab = config.text.vocab_size
+    bad = [int(i) for i in list(stop_ids) + list(force_answer_ids or []) if not 0 <= int(i) < vocab]
+    if bad:
+        raise ValueError(f"stop / forced token ids {bad} are outside the vocabulary of size {vocab}")
+    if isinstance(prompts, dict):
+        if num_samples != 1:
+            raise ValueError("num_samples applies to a list of prompt dicts; a prebuilt batch has its rows")
+        batch = prompts
+    else:
+        batch = kv_cache.batch_prompts(prompts, num_samples, pad_id=pad_id,
+                                       merge_area=config.vision.spatial_merge_size ** 2)
+    rng = jax.random.key(0) if rng is None else (jax.random.key(rng) if isinstance(rng, int) else rng)
+    fn = _generation_fn(config, int(max_new_tokens), float(temperature), int(top_k), float(top_p),
+                        tuple(int(i) for i in stop_ids), tuple(int(i) for i in force_answer_ids or ()),
+                        -1 if thinking_budget is None else int(thinking_budget), int(pad_id))
+    out = jax.device_get(fn(params, batch, rng))
+    out = {k: np.asarray(v) for k, v in out.items()}
+    out["batch"] = batch
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Text
+
+def response_text(tokenizer, tokens: Sequence[int], length: int, end_ids: Sequence[int] | None = None) -> str:
+    """The response as the verifier sees it: tokens[:length] decoded with special tokens kept
+    (`</think>`, `</answer>`, box tokens are content), without a final turn-ending token (end_ids, by
+    default tokenizer.stop_ids: `<|endoftext|>`, `<|user|>`, `<|observation|>`)."""
+    ids = [int(t) for t in tokens[:int(length)]]
+    ends = set(tokenizer.stop_ids if end_ids is None else end_ids)
+    if ids and ids[-1] in ends:
+        ids = ids[:-1]
+    return tokenizer.decode(ids)
+
+
+def answer_ids(tokenizer, style: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(force_answer_ids, extra stop ids) of a response style (chat_template.md section 6): glm41v forces
+    `</think><answer>` and also stops after `</answer>` (as GLM-V's bench script); glm45v/glm46v force
+    `</think>` and stop on the turn-ending ids only."""
+    ids = tokenizer.special_ids
+    if style == "glm41v":
+        if "<answer>" not in ids or "</answer>" not in ids:
+            raise ValueError("style glm41v needs <answer> and </answer> tokens in the tokenizer")
+        return (ids["</think>"], ids["<answer>"]), (ids["</answer>"],)
+    if style in ("glm45v", "glm46v"):
+        return (ids["</think>"],), ()
+    raise ValueError(f"unknown response style {style!r}; expected glm41v, glm45v or glm46v")
+
+
+from glmv_jax.rl.rollout import load_model, make_generate_fn, rollout_batch  # noqa: E402,F401  (public API)

@@ -1,0 +1,235 @@
+"""Generation engine: KV-cached decoding against full forwards, greedy against HF generate, sampling
+filters and log-probs, stop ids, forced answering, GRPO rollout batches, the chat command."""
+
+import io
+import contextlib
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from glmv_jax.config import tiny
+from glmv_jax.convert.hf import hf_state_dict_to_params
+from glmv_jax.models import glmv
+from glmv_jax.rl import kv_cache, sampler
+from glmv_jax.rl.grpo import token_logprobs
+from tests.hf_oracle import build_hf_model, multimodal_inputs
+
+SPANS = {"image": [("image", (1, 4, 6))], "video": [("video", (2, 4, 4))], "text": []}
+N = 6
+
+
+def rel_err(out, ref) -> float:
+    return float(np.abs(np.asarray(out) - ref).max() / np.abs(ref).max())
+
+
+@pytest.fixture(scope="module")
+def config():
+    return tiny()
+
+
+@pytest.fixture(scope="module")
+def hf_model(config):
+    return build_hf_model(config, seed=0)
+
+
+@pytest.fixture(scope="module")
+def params(config, hf_model):
+    return hf_state_dict_to_params({k: v.numpy() for k, v in hf_model.state_dict().items()}, config)
+
+
+def prompt_of(config, inputs: dict) -> dict:
+    """A PromptTransform-style dict from processor-shaped inputs of one prompt."""
+    batch, delta = glmv.prepare_inputs(config, **inputs)
+    out = dict(input_ids=batch["input_ids"][0], token_type=batch["token_type"][0],
+               position_ids=batch["position_ids"][:, 0], rope_delta=int(delta[0]))
+    if "pixel_values" in batch:
+        out.update(pixel_values=batch["pixel_values"], patch_pos=batch["patch_pos"], patch_grid=batch["patch_grid"],
+                   patch_frame=batch["patch_segment"] - 1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def inputs(config):
+    """image, video and text prompts of different lengths (12, 26 and 8 tokens)."""
+    return [multimodal_inputs(config, SPANS[name], seed=i, text_len=2 + 3 * i) for i, name in enumerate(SPANS)]
+
+
+@pytest.fixture(scope="module")
+def prompts(config, inputs):
+    return [prompt_of(config, x) for x in inputs]
+
+
+def full_logits(config, params, inputs: dict, extra: np.ndarray) -> np.ndarray:
+    """Logits [T, V] of one prompt followed by `extra` tokens, by the uncached forward."""
+    args = {k: v for k, v in inputs.items() if k not in ("mm_token_type_ids", "attention_mask")}
+    args["input_ids"] = np.concatenate([inputs["input_ids"], np.asarray(extra, np.int64)[None]], axis=1)
+    return np.asarray(glmv.forward(config, params, **args))[0]
+
+
+@pytest.fixture(scope="module")
+def greedy(config, params, prompts):
+    return sampler.generate(config, params, prompts, max_new_tokens=N, temperature=0.0)
+
+
+# ----------------------------------------------------------------------------------------------- KV cache
+
+def test_cached_decode_equals_full_forward(config, params, inputs, prompts):
+    batch = kv_cache.batch_prompts(prompts)
+    tp = batch["input_ids"].shape[1]
+    assert tp == 28 and (batch["segment_ids"].sum(1) == [12, 26, 8]).all() and batch["segment_ids"][:, -1].all()
+    feed = np.random.default_rng(0).integers(2, 200, size=(3, N)).astype(np.int32)
+    logits, caches = jax.jit(lambda p, b: kv_cache.prefill(config, p, b, tp + N))(params, batch)
+    assert caches["layers"].k.shape == (2, 3, tp + N, 2, 16)
+    step = jax.jit(lambda p, c, t, s, pos: kv_cache.decode_step(config, p, c, t, s, pos, np.ones(3, bool)))
+    got = [np.asarray(logits)]
+    for j in range(N - 1):
+        logits, caches = step(params, caches, feed[:, j], tp + j, batch["prompt_len"] + j + batch["rope_delta"])
+        got.append(np.asarray(logits))
+    got = np.stack(got, axis=1)
+    for r, (x, p) in enumerate(zip(inputs, prompts)):
+        length = len(p["input_ids"])
+        ref = full_logits(config, params, x, feed[r, :N - 1])[length - 1:]
+        assert rel_err(got[r], ref) <= 1e-5, r
+
+
+def test_batch_prompts_shares_vision_between_samples(config, prompts):
+    batch = kv_cache.batch_prompts(prompts, num_samples=2)
+    assert batch["input_ids"].shape[0] == 6 and (batch["prompt_len"] == [12, 12, 26, 26, 8, 8]).all()
+    real = int((batch["patch_segment"] > 0).sum())
+    assert real == len(prompts[0]["pixel_values"]) + len(prompts[1]["pixel_values"])   # patches once per prompt
+    vis = batch["token_type"] > 0
+    assert (batch["vision_index"][0][vis[0]] == batch["vision_index"][1][vis[1]]).all()
+    assert batch["vision_index"][2][vis[2]].min() == len(prompts[0]["pixel_values"]) // 4
+
+
+# ----------------------------------------------------------------------------------------------- greedy vs HF
+
+@pytest.mark.parametrize("name", ["image", "video"])
+def test_greedy_equals_hf_generate(name, config, hf_model, params, inputs, prompts):
+    i = list(SPANS).index(name)
+    hf_in = {k: torch.from_numpy(v) for k, v in inputs[i].items()}
+    with torch.no_grad():
+        ref = hf_model.generate(**hf_in, max_new_tokens=N, do_sample=False, eos_token_id=None, pad_token_id=0)
+    ref = ref[0, hf_in["input_ids"].shape[1]:].numpy()
+    out = sampler.generate(config, params, [prompts[i]], max_new_tokens=N, temperature=0.0)
+    assert out["tokens"][0].tolist() == ref.tolist()
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+
+def test_sampling_is_deterministic_and_filters_reduce_to_greedy(config, params, prompts, greedy):
+    kw = dict(max_new_tokens=N, temperature=1.0, num_samples=2)
+    a = sampler.generate(config, params, prompts, rng=jax.random.key(3), **kw)
+    b = sampler.generate(config, params, prompts, rng=jax.random.key(3), **kw)
+    c = sampler.generate(config, params, prompts, rng=jax.random.key(4), **kw)
+    assert (a["tokens"] == b["tokens"]).all() and (a["logprobs"] == b["logprobs"]).all()
+    assert (a["tokens"] != c["tokens"]).any() and (a["tokens"][0::2] != a["tokens"][1::2]).any()
+    for filt in (dict(top_k=1), dict(top_p=1e-6)):
+        out = sampler.generate(config, params, prompts, rng=jax.random.key(5), max_new_tokens=N, **filt)
+        assert (out["tokens"] == greedy["tokens"]).all(), filt
+
+
+def test_filter_logits():
+    x = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
+    kept = lambda **kw: np.isfinite(np.where(sampler.filter_logits(x, **kw) > -1e30, 1, np.inf))[0].tolist()
+    assert kept(top_k=2) == [True, True, False, False]
+    assert kept(top_p=0.5) == [True, False, False, False]
+    assert kept(top_p=0.75) == [True, True, False, False]
+    assert kept(top_p=0.81) == [True, True, True, False]
+    assert kept(top_k=3, top_p=0.9) == [True, True, True, False]
+
+
+def test_rollout_logprobs_equal_full_forward(config, params, prompts):
+    """old_logp of the rollout batch == token_logprobs(apply(batch), targets, T) wherever response_mask."""
+    temp = 0.7
+    out = sampler.rollout_batch(config, params, prompts, num_samples=2, max_new_tokens=N, stop_ids=(),
+                                rng=jax.random.key(1), temperature=temp)
+    batch = out["batch"]
+    mask = batch["response_mask"] > 0
+    assert mask.sum(1).tolist() == [N] * 6
+    assert (batch["targets"][mask].reshape(6, N) == out["generation"]["tokens"]).all()
+    logits = jax.jit(lambda p, b: glmv.apply(config, p, b))(params, {k: v for k, v in batch.items()})
+    ref = np.asarray(token_logprobs(logits, batch["targets"], temperature=temp))
+    np.testing.assert_allclose(batch["old_logp"][mask], ref[mask], rtol=0, atol=2e-5)
+    presplit = sampler.rollout_batch(config, params, prompts, num_samples=2, max_new_tokens=N, stop_ids=(),
+                                     rng=jax.random.key(1), temperature=temp, num_minibatches=3)["batch"]
+    assert presplit["input_ids"].shape == (3, 2) + batch["input_ids"].shape[1:]
+    assert presplit["position_ids"].shape[:3] == (3, 3, 2)
+    np.testing.assert_array_equal(presplit["old_logp"].reshape(batch["old_logp"].shape), batch["old_logp"])
+    assert int((presplit["patch_segment"][2] > 0).sum()) == 0                     # the text-only rows
+    assert int((presplit["patch_segment"][0] > 0).sum()) == 2 * len(prompts[0]["pixel_values"])
+
+
+# ----------------------------------------------------------------------------------------------- stop / force
+
+def test_stop_ids_end_rows_independently(config, params, prompts, greedy):
+    stop = int(greedy["tokens"][0, 2])
+    out = sampler.generate(config, params, prompts, max_new_tokens=N, temperature=0.0, stop_ids=[stop], pad_id=0)
+    for r in range(3):
+        hits = np.flatnonzero(greedy["tokens"][r] == stop)
+        length = int(hits[0]) + 1 if hits.size else N
+        assert out["lengths"][r] == length and out["finished"][r] == bool(hits.size)
+        assert out["truncated"][r] == (not hits.size)
+        assert (out["tokens"][r, :length] == greedy["tokens"][r, :length]).all()
+        assert (out["tokens"][r, length:] == 0).all() and (out["logprobs"][r, length:] == 0).all()
+        assert out["response_mask"][r].sum() == length
+    assert out["lengths"][0] <= 3 and out["finished"][0]
+    assert not out["finished"].all()              # another row ran on after row 0 stopped
+
+
+def test_forced_answering(config, params, inputs, prompts, greedy):
+    budget, n = 2, N + 2
+    first = greedy["tokens"][:, :budget]
+    # row 0 closes its thinking on its own (its 2nd greedy token plays `</think>`); the others get forced
+    think_end = int(first[0, 1])
+    assert not (first[1:] == think_end).any()
+    opener = next(t for t in range(2, 200) if t != think_end)
+    force = [think_end, opener]
+    out = sampler.generate(config, params, prompts, max_new_tokens=n, temperature=0.0, thinking_budget=budget,
+                           force_answer_ids=force)
+    assert out["forced"].tolist() == [False, True, True]
+    assert (out["tokens"][0] == sampler.generate(config, params, prompts[:1], max_new_tokens=n,
+                                                 temperature=0.0)["tokens"][0]).all()
+    for r in (1, 2):
+        assert (out["tokens"][r, :budget] == first[r]).all()
+        assert out["tokens"][r, budget:budget + 2].tolist() == force
+        assert out["forced_mask"][r].tolist() == [j in (budget, budget + 1) for j in range(n)]
+        assert out["response_mask"][r].tolist() == [j not in (budget, budget + 1) for j in range(n)]
+        # the forced tokens went through the cache: what follows is the full forward's greedy continuation
+        so_far = out["tokens"][r, :budget + 2]
+        ref = full_logits(config, params, inputs[r], so_far)[-1]
+        assert out["tokens"][r, budget + 2] == int(np.argmax(ref))
+    batch = sampler.rollout_batch(config, params, prompts, num_samples=1, max_new_tokens=n, stop_ids=(),
+                                  rng=None, temperature=0.0, thinking_budget=budget, force_answer_ids=force)["batch"]
+    plen = len(prompts[1]["input_ids"])
+    assert batch["response_mask"][1, plen - 1:plen - 1 + n].tolist() == out["response_mask"][1].tolist()
+
+
+def test_response_text_keeps_answer_drops_turn_end():
+    class Tok:
+        stop_ids = (9,)
+        def decode(self, ids):
+            return "|".join(map(str, ids))
+    assert sampler.response_text(Tok(), [3, 4, 9, 0], 3) == "3|4"
+    assert sampler.response_text(Tok(), [3, 4, 5, 0], 3) == "3|4|5"
+
+
+def test_bad_inputs_raise(config, params, prompts):
+    run = lambda **kw: sampler.generate(config, params, prompts, **{"max_new_tokens": 4, **kw})
+    with pytest.raises(ValueError, match="top_p"):
+        run(top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        run(temperature=-1.0)
+    with pytest.raises(ValueError, match="needs force_answer_ids"):
+        run(thinking_budget=2)
+    with pytest.raises(ValueError, match="thinking_budget 3 must be"):
+        run(thinking_budget=3, force_answer_ids=[5, 6])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        run(stop_ids=[10 ** 6])
+    with pytest.raises(ValueError, match="lacks"):
+        sampler.generate(config, params, [{"input_ids": [1]}], max_new_tokens=2)
+    bad = dict(prompts[0], pixel_values=prompts[0]["pixel_values"][:8])
+    with pytest.raises(ValueError, match="patch rows"):
+        sampler.generate(config, params, [bad], max_new_tokens=2)
