@@ -12,7 +12,8 @@ temperature; temperature 0 records log_softmax(logits)). A row ends after emitti
 token is kept with its log-prob) or after max_new_tokens. Forced answering (rl.md 1.7): a row that has
 produced `thinking_budget` tokens without emitting force_answer_ids[0] (`</think>`) gets force_answer_ids
 appended over the next steps (their log-probs are recorded, their response_mask is 0) and then continues.
-Shapes are fixed per (rows, bucketed prompt length, patch bucket, N), so recompiles are rare.
+Shapes are fixed per (rows, bucketed prompt length, patch bucket, N) and the sampling settings, stop ids
+and forced ids are traced arguments, so recompiles are rare.
 """
 
 from __future__ import annotations
@@ -31,29 +32,28 @@ from glmv_jax.rl import kv_cache
 # ----------------------------------------------------------------------------------------------
 # Sampling one token
 
-def filter_logits(x: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
-    """x [B, V] (already divided by the temperature) -> x with tokens outside the top-k and outside the
-    smallest set whose probability reaches top_p set to -inf (the most likely token always stays)."""
-    neg = jnp.finfo(x.dtype).min
-    if top_k > 0:
-        kth = jax.lax.top_k(x, min(top_k, x.shape[-1]))[0][:, -1:]
-        x = jnp.where(x < kth, neg, x)
-    if top_p < 1.0:
-        ordered = jnp.sort(x, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(ordered, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs            # mass of strictly more likely tokens
-        kept = jnp.sum(before < top_p, axis=-1, keepdims=True)  # >= 1
-        threshold = jnp.take_along_axis(ordered, kept - 1, axis=-1)
-        x = jnp.where(x < threshold, neg, x)
-    return x
+def filter_logits(x: jax.Array, top_k: Any = 0, top_p: Any = 1.0) -> jax.Array:
+    """x [B, V] (already divided by the temperature) -> x with every token outside the top_k (0 = all)
+    and outside the smallest set whose renormalized top-k probability reaches top_p set to -inf; the most
+    likely token always stays. top_k / top_p may be traced scalars (one compiled loop serves all values)."""
+    v = x.shape[-1]
+    ordered = jnp.sort(x, axis=-1)[:, ::-1]
+    rank = jnp.arange(v)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+    probs = jax.nn.softmax(jnp.where(rank < k, ordered, -jnp.inf), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs                  # mass of strictly more likely tokens
+    kept = jnp.sum((before < top_p) & (rank < k), axis=-1, keepdims=True)
+    threshold = jnp.take_along_axis(ordered, jnp.maximum(kept, 1) - 1, axis=-1)
+    return jnp.where(x < threshold, jnp.finfo(x.dtype).min, x)
 
 
-def sample_token(logits: jax.Array, key: jax.Array, temperature: float, top_k: int, top_p: float):
-    """logits [B, V] fp32 -> (tokens [B] int32, log_softmax [B, V] at the temperature)."""
-    if temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32), jax.nn.log_softmax(logits, axis=-1)
-    x = logits / temperature
-    tokens = jax.random.categorical(key, filter_logits(x, top_k, top_p), axis=-1)
+def sample_token(logits: jax.Array, key: jax.Array, temperature: Any, top_k: Any, top_p: Any, filtered: bool):
+    """logits [B, V] fp32 -> (tokens [B] int32, log_softmax [B, V] at the temperature). temperature 0 is
+    greedy (log-probs at temperature 1); `filtered` (static) turns the top-k / top-p pass on."""
+    greedy = temperature <= 0
+    x = logits / jnp.where(greedy, 1.0, temperature)
+    drawn = jax.random.categorical(key, filter_logits(x, top_k, top_p) if filtered else x, axis=-1)
+    tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn)
     return tokens.astype(jnp.int32), jax.nn.log_softmax(x, axis=-1)
 
 
@@ -61,15 +61,15 @@ def sample_token(logits: jax.Array, key: jax.Array, temperature: float, top_k: i
 # The jitted generation loop
 
 @functools.lru_cache(maxsize=32)
-def _generation_fn(config: ModelConfig, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-                   stop_ids: tuple[int, ...], force_ids: tuple[int, ...], budget: int, pad_id: int):
+def _generation_fn(config: ModelConfig, max_new_tokens: int, filtered: bool, pad_id: int):
+    """jit(run(params, batch, rng, settings)); settings are traced: temperature, top_k, top_p, stop_ids [s]
+    (-1 padded), force_ids [f] (padded), force_len, budget (-1 = no forced answering)."""
     n = max_new_tokens
-    stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
-    forced_tokens = jnp.asarray(force_ids or (pad_id,), jnp.int32)
-    think_end = force_ids[0] if force_ids else -1
 
-    def run(params, batch, rng):
+    def run(params, batch, rng, settings):
         rows, tp = batch["input_ids"].shape
+        force_ids, force_len, budget = settings["force_ids"], settings["force_len"], settings["budget"]
+        think_end = jnp.where(force_len > 0, force_ids[0], -1)
         logits, caches = kv_cache.prefill(config, params, batch, tp + n)
         zeros = lambda dtype: jnp.zeros((rows, n), dtype)
         state = dict(j=jnp.int32(0), logits=logits, caches=caches, tokens=zeros(jnp.int32),
@@ -79,15 +79,16 @@ def _generation_fn(config: ModelConfig, max_new_tokens: int, temperature: float,
 
         def body(s):
             j = s["j"]
-            sampled, logp_all = sample_token(s["logits"], jax.random.fold_in(rng, j), temperature, top_k, top_p)
+            sampled, logp_all = sample_token(s["logits"], jax.random.fold_in(rng, j), settings["temperature"],
+                                             settings["top_k"], settings["top_p"], filtered)
             active = ~s["done"]
             start = (budget >= 0) & (j == budget) & active & ~s["closed"] & (s["force_pos"] < 0)
             force_pos = jnp.where(start, 0, s["force_pos"])
-            forcing = active & (force_pos >= 0) & (force_pos < len(force_ids))
-            token = jnp.where(forcing, forced_tokens[jnp.clip(force_pos, 0, len(forced_tokens) - 1)], sampled)
+            forcing = active & (force_pos >= 0) & (force_pos < force_len)
+            token = jnp.where(forcing, force_ids[jnp.clip(force_pos, 0, force_ids.shape[0] - 1)], sampled)
             logp = jnp.take_along_axis(logp_all, token[:, None], axis=-1)[:, 0]
             token = jnp.where(active, token, pad_id)
-            stopped = active & ~forcing & jnp.isin(token, stops)
+            stopped = active & ~forcing & jnp.isin(token, settings["stop_ids"])
             out = dict(s, j=j + 1,
                        tokens=s["tokens"].at[:, j].set(token),
                        logprobs=s["logprobs"].at[:, j].set(jnp.where(active, logp, 0.0)),
@@ -102,13 +103,18 @@ def _generation_fn(config: ModelConfig, max_new_tokens: int, temperature: float,
             return out
 
         s = jax.lax.while_loop(lambda s: (s["j"] < n) & ~jnp.all(s["done"]), body, state)
-        steps = jnp.arange(n)[None, :]
-        in_response = steps < s["lengths"][:, None]
+        in_response = jnp.arange(n)[None, :] < s["lengths"][:, None]
         return dict(tokens=s["tokens"], logprobs=s["logprobs"], lengths=s["lengths"], finished=s["finished"],
                     truncated=~s["finished"], forced=jnp.any(s["forced_mask"], axis=1),
                     forced_mask=s["forced_mask"], response_mask=in_response & ~s["forced_mask"])
 
     return jax.jit(run)
+
+
+def _padded_ids(ids: Sequence[int], multiple: int, fill: int) -> np.ndarray:
+    """ids padded to a multiple of `multiple` (at least one), so changing id lists rarely recompiles."""
+    size = max(1, -(-len(ids) // multiple)) * multiple
+    return np.asarray(list(ids) + [fill] * (size - len(ids)), np.int32)
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int, thinking_budget,
@@ -153,10 +159,12 @@ def generate(config: ModelConfig, params: Any, prompts: Sequence[dict] | dict, *
         batch = kv_cache.batch_prompts(prompts, num_samples, pad_id=pad_id,
                                        merge_area=config.vision.spatial_merge_size ** 2)
     rng = jax.random.key(0) if rng is None else (jax.random.key(rng) if isinstance(rng, int) else rng)
-    fn = _generation_fn(config, int(max_new_tokens), float(temperature), int(top_k), float(top_p),
-                        tuple(int(i) for i in stop_ids), tuple(int(i) for i in force_answer_ids or ()),
-                        -1 if thinking_budget is None else int(thinking_budget), int(pad_id))
-    out = jax.device_get(fn(params, batch, rng))
+    force = [int(i) for i in force_answer_ids or ()]
+    settings = dict(temperature=np.float32(temperature), top_k=np.int32(top_k), top_p=np.float32(top_p),
+                    stop_ids=_padded_ids([int(i) for i in stop_ids], 8, -1), force_ids=_padded_ids(force, 4, pad_id),
+                    force_len=np.int32(len(force)), budget=np.int32(-1 if thinking_budget is None else thinking_budget))
+    fn = _generation_fn(config, int(max_new_tokens), bool(top_k > 0 or top_p < 1.0), int(pad_id))
+    out = jax.device_get(fn(params, batch, rng, settings))
     out = {k: np.asarray(v) for k, v in out.items()}
     out["batch"] = batch
     return out

@@ -107,28 +107,31 @@ def test_batch_prompts_shares_vision_between_samples(config, prompts):
 # ----------------------------------------------------------------------------------------------- greedy vs HF
 
 @pytest.mark.parametrize("name", ["image", "video"])
-def test_greedy_equals_hf_generate(name, config, hf_model, params, inputs, prompts):
+def test_greedy_equals_hf_generate(name, hf_model, inputs, greedy):
+    """HF generates each prompt alone; ours is the row of the left-padded 3-prompt batch."""
     i = list(SPANS).index(name)
     hf_in = {k: torch.from_numpy(v) for k, v in inputs[i].items()}
     with torch.no_grad():
         ref = hf_model.generate(**hf_in, max_new_tokens=N, do_sample=False, eos_token_id=None, pad_token_id=0)
     ref = ref[0, hf_in["input_ids"].shape[1]:].numpy()
-    out = sampler.generate(config, params, [prompts[i]], max_new_tokens=N, temperature=0.0)
-    assert out["tokens"][0].tolist() == ref.tolist()
+    assert greedy["tokens"][i].tolist() == ref.tolist()
+    assert greedy["lengths"][i] == N and greedy["truncated"][i] and not greedy["forced"][i]
 
 
 # ----------------------------------------------------------------------------------------------- sampling
 
 def test_sampling_is_deterministic_and_filters_reduce_to_greedy(config, params, prompts, greedy):
-    kw = dict(max_new_tokens=N, temperature=1.0, num_samples=2)
+    kw = dict(max_new_tokens=N, temperature=1.0)
     a = sampler.generate(config, params, prompts, rng=jax.random.key(3), **kw)
     b = sampler.generate(config, params, prompts, rng=jax.random.key(3), **kw)
     c = sampler.generate(config, params, prompts, rng=jax.random.key(4), **kw)
     assert (a["tokens"] == b["tokens"]).all() and (a["logprobs"] == b["logprobs"]).all()
-    assert (a["tokens"] != c["tokens"]).any() and (a["tokens"][0::2] != a["tokens"][1::2]).any()
-    for filt in (dict(top_k=1), dict(top_p=1e-6)):
-        out = sampler.generate(config, params, prompts, rng=jax.random.key(5), max_new_tokens=N, **filt)
+    assert (a["tokens"] != c["tokens"]).any() and (a["tokens"] != greedy["tokens"]).any()
+    for filt in (dict(top_k=1), dict(top_p=1e-6), dict(top_k=1, top_p=0.5)):
+        out = sampler.generate(config, params, prompts, rng=jax.random.key(5), **kw, **filt)
         assert (out["tokens"] == greedy["tokens"]).all(), filt
+    wide = sampler.generate(config, params, prompts, rng=jax.random.key(3), top_k=10 ** 6, top_p=1.0 - 1e-7, **kw)
+    assert (wide["tokens"] == a["tokens"]).all()            # filters that keep everything change nothing
 
 
 def test_filter_logits():
@@ -149,6 +152,7 @@ def test_rollout_logprobs_equal_full_forward(config, params, prompts):
     batch = out["batch"]
     mask = batch["response_mask"] > 0
     assert mask.sum(1).tolist() == [N] * 6
+    assert (out["generation"]["tokens"][0::2] != out["generation"]["tokens"][1::2]).any()   # group members differ
     assert (batch["targets"][mask].reshape(6, N) == out["generation"]["tokens"]).all()
     logits = jax.jit(lambda p, b: glmv.apply(config, p, b))(params, {k: v for k, v in batch.items()})
     ref = np.asarray(token_logprobs(logits, batch["targets"], temperature=temp))
@@ -180,7 +184,7 @@ def test_stop_ids_end_rows_independently(config, params, prompts, greedy):
 
 
 def test_forced_answering(config, params, inputs, prompts, greedy):
-    budget, n = 2, N + 2
+    budget, n = 2, N
     first = greedy["tokens"][:, :budget]
     # row 0 closes its thinking on its own (its 2nd greedy token plays `</think>`); the others get forced
     think_end = int(first[0, 1])
@@ -190,8 +194,7 @@ def test_forced_answering(config, params, inputs, prompts, greedy):
     out = sampler.generate(config, params, prompts, max_new_tokens=n, temperature=0.0, thinking_budget=budget,
                            force_answer_ids=force)
     assert out["forced"].tolist() == [False, True, True]
-    assert (out["tokens"][0] == sampler.generate(config, params, prompts[:1], max_new_tokens=n,
-                                                 temperature=0.0)["tokens"][0]).all()
+    assert (out["tokens"][0] == greedy["tokens"][0]).all()
     for r in (1, 2):
         assert (out["tokens"][r, :budget] == first[r]).all()
         assert out["tokens"][r, budget:budget + 2].tolist() == force
@@ -233,3 +236,60 @@ def test_bad_inputs_raise(config, params, prompts):
     bad = dict(prompts[0], pixel_values=prompts[0]["pixel_values"][:8])
     with pytest.raises(ValueError, match="patch rows"):
         sampler.generate(config, params, [bad], max_new_tokens=2)
+
+
+# ----------------------------------------------------------------------------------------------- chat / generate_fn
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny HF checkpoint whose vocabulary and special ids are those of a tokenizer.json built here."""
+    import dataclasses
+    from glmv_jax.data.tokenizer import load_tokenizer
+    from tests.data.test_tokenizer import build_tokenizer_json
+    from tests.hf_oracle import save_hf_model
+    path = tmp_path_factory.mktemp("tiny_chat")
+    build_tokenizer_json(path / "tokenizer.json")
+    tok = load_tokenizer(path)
+    base = tiny()
+    ids = tok.special_ids
+    cfg = base.replace(text=dataclasses.replace(base.text, vocab_size=tok.vocab_size, pad_token_id=tok.pad_id,
+                                                eos_token_id=tuple(tok.stop_ids)),
+                       image_token_id=tok.image_id, video_token_id=tok.video_id,
+                       image_start_token_id=ids["<|begin_of_image|>"], image_end_token_id=ids["<|end_of_image|>"],
+                       video_start_token_id=ids["<|begin_of_video|>"], video_end_token_id=ids["<|end_of_video|>"])
+    save_hf_model(cfg, path)
+    return path
+
+
+def test_chat_command_runs(hf_dir, tmp_path):
+    import PIL.Image
+    from experiments import chat
+    image = tmp_path / "img.png"
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 40, 3), dtype=np.uint8)).save(image)
+    argv = ["--checkpoint", str(hf_dir), "--image", str(image), "--prompt", "How many shapes?",
+            "--max-new-tokens", "8", "--min-pixels", "256", "--max-pixels", "1280"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        response = chat.main(argv)
+    assert printed.getvalue() == response + "\n" and response.strip()
+    assert chat.main(argv) == response                                  # greedy by default: reproducible
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        chat.main(["--checkpoint", str(hf_dir), "--image", str(tmp_path / "missing.png")])
+    with pytest.raises(FileNotFoundError, match="neither an HF checkpoint"):
+        chat.main(["--checkpoint", str(tmp_path), "--image", str(image)])
+
+
+def test_make_generate_fn_for_difficulty(hf_dir):
+    from glmv_jax.data.synthetic import generate as suite
+    from glmv_jax.data.transforms import Processor
+    from glmv_jax.rl.rollout import load_model
+    bundle = load_model(hf_dir)
+    processor = Processor.for_model(bundle.config, min_pixels=1024, max_pixels=1024)
+    records = suite("counting", 2, seed=0, kind="rl", image_size=32)
+    fn = sampler.make_generate_fn(bundle.params, bundle.config, bundle.tokenizer, processor, max_new_tokens=6,
+                                  temperature=1.0, top_p=1.0, seed=0, style="glm41v")
+    texts = fn(records, 2)
+    assert [len(group) for group in texts] == [2, 2] and all(isinstance(t, str) for g in texts for t in g)
+    again = sampler.make_generate_fn(bundle.params, bundle.config, bundle.tokenizer, processor, max_new_tokens=6,
+                                     temperature=1.0, top_p=1.0, seed=0, style="glm41v")(records, 2)
+    assert again == texts                                              # seeded
