@@ -13,7 +13,7 @@ def get_config(arg=None):
     c.optimizer.update(lr=1e-4, warmup_steps=200, total_steps=10_000)
     c.model.update(dtype="bfloat16", remat="full")
     c.mesh.ici = {"fsdp": -1, "sequence": 4}
-    if c.runlocal or c.model.preset == "tiny":
+    if c.runlocal or c.model.preset.startswith("tiny"):
         c.data.update(seq_len=512, batch_size=4, patch_budget=1024)
         c.train.update(steps=20, save_every=10, log_every=5)
         c.optimizer.update(lr=1e-3, warmup_steps=2, total_steps=20)

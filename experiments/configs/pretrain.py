@@ -12,7 +12,7 @@ def get_config(arg=None):
     c.train.steps = 120_000
     c.optimizer.update(lr=2e-4, warmup_steps=2000, total_steps=120_000)
     c.model.update(dtype="bfloat16", remat="save_dots_except_mlp")
-    if c.runlocal or c.model.preset == "tiny":
+    if c.runlocal or c.model.preset.startswith("tiny"):
         c.data.update(seq_len=256, batch_size=8, patch_budget=512)
         c.train.update(steps=50, save_every=25, log_every=5)
         c.optimizer.update(lr=2e-3, warmup_steps=5, total_steps=50)

@@ -12,7 +12,7 @@ def get_config(arg=None):
     c.train.steps = 5_000
     c.optimizer.update(lr=2e-5, warmup_steps=100, total_steps=5_000, weight_decay=0.0)
     c.model.update(dtype="bfloat16", remat="full")
-    if c.runlocal or c.model.preset == "tiny":
+    if c.runlocal or c.model.preset.startswith("tiny"):
         c.data.update(seq_len=256, batch_size=8, patch_budget=512)
         c.train.update(steps=50, save_every=25, log_every=5)
         c.optimizer.update(lr=1e-3, warmup_steps=5, total_steps=50)

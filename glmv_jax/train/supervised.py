@@ -10,14 +10,17 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from glmv_jax.models.flops import forward_flops
 from glmv_jax.train.experiment import Experiment, initial_params, param_shardings
 
 
-def make_loss_fn(exp: Experiment, z_loss: float = 0.0):
-    """loss_fn(params, batch, rng) -> (loss_sum, (token_count, aux)) over a BATCH.md batch."""
+def make_loss_fn(exp: Experiment, z_loss: float = 0.0, moe_seq_aux_coef: float = 0.0):
+    """loss_fn(params, batch, rng) -> (loss_sum, (token_count, aux)) over a BATCH.md batch. For MoE models
+    aux carries the per-layer expert loads ("moe_load_sum" [L, E]) for the correction-bias rule and, when
+    its coefficient is > 0, the sequence-level balance loss ("moe_seq_aux_loss")."""
     from glmv_jax.models.glmv import apply_with_aux
     from glmv_jax.train.losses import cross_entropy
     config = exp.model_config
@@ -29,10 +32,29 @@ def make_loss_fn(exp: Experiment, z_loss: float = 0.0):
         out = {"ce_sum": extras["ce_sum"]}
         moe = aux.get("moe") if isinstance(aux, dict) else None
         if moe:
-            out.update({k: v for k, v in moe.items() if k.endswith("aux_loss") or k.endswith("_sum")})
+            out["moe_load_sum"] = moe["load"].astype(jnp.float32)
+            out["moe_dropped_sum"] = jnp.sum(moe["dropped"]).astype(jnp.float32)
+            if moe_seq_aux_coef > 0:
+                out["moe_seq_aux_loss"] = moe_seq_aux_coef * jnp.sum(moe["seq_aux_loss"])
         return loss_sum, (count, out)
 
     return loss_fn
+
+
+def make_bias_rule(exp: Experiment, rate: float):
+    """post_update(params, aux): the MoE router's aux-loss-free correction-bias update from summed loads."""
+    from glmv_jax.models.moe_balance import update_correction_bias
+    if not exp.model_config.text.moe or rate <= 0:
+        return None
+
+    def rule(params, aux):
+        router = params["text"]["moe_layers"]["moe"]["router"]
+        bias = update_correction_bias(router["correction_bias"], aux["moe_load_sum"], rate)
+        new_router = {**router, "correction_bias": bias}
+        moe = {**params["text"]["moe_layers"]["moe"], "router": new_router}
+        return {**params, "text": {**params["text"], "moe_layers": {**params["text"]["moe_layers"], "moe": moe}}}
+
+    return rule
 
 
 def flops_per_token(exp: Experiment) -> float:
@@ -61,9 +83,10 @@ def run_supervised(exp: Experiment, progress: bool = True) -> dict[str, Any]:
     abstract_params, shardings = param_shardings(exp)
     sharded = exp.mesh.size > 1
     st_shardings = state_shardings(optimizer, abstract_params, shardings, exp.mesh) if sharded else None
-    step_fn = make_train_step(make_loss_fn(exp, cfg.train.z_loss), optimizer, grad_accum_steps=k,
-                              nonfinite=cfg.train.nonfinite, split_fn=presplit if k > 1 else None,
-                              state_shardings=st_shardings, rules=exp.rules)
+    loss_fn = make_loss_fn(exp, cfg.train.z_loss, cfg.train.get("moe_seq_aux_coef", 0.0))
+    step_fn = make_train_step(loss_fn, optimizer, grad_accum_steps=k, nonfinite=cfg.train.nonfinite,
+                              split_fn=presplit if k > 1 else None, state_shardings=st_shardings, rules=exp.rules,
+                              post_update=make_bias_rule(exp, cfg.train.get("moe_bias_rate", 1e-3)))
     batches = make_pipeline(cfg.data, exp.tokenizer, exp.processor, micro_batches=k, seed=cfg.seed)
     rng = jax.random.key(cfg.seed)
 
