@@ -103,5 +103,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ValueError(f"data.on_bad_record must be 'skip' or 'raise', got {c.data.on_bad_record!r}")
     if c.train.nonfinite not in ("skip", "raise"):
         raise ValueError(f"train.nonfinite must be 'skip' or 'raise', got {c.train.nonfinite!r}")
+    if c.stage == "rl" and "rl" not in c:
+        raise ValueError("an rl stage needs an `rl` config block (experiments/configs/rl.py: rl_block())")
+    if "rl" in c and c.rl.sampler not in ("rlcs", "uniform", "dapo"):
+        raise ValueError(f"rl.sampler must be rlcs, uniform or dapo, got {c.rl.sampler!r}")
     if c.data.source == "jsonl" and not c.data.manifests:
         raise ValueError("data.source='jsonl' needs data.manifests")

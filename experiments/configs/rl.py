@@ -1,0 +1,50 @@
+"""RL with curriculum sampling (RLCS) over GRPO, rewarded by the domain verifiers.
+
+Paper recipe (rl.md): GRPO without KL and entropy terms, clip-higher, per-sample loss aggregation,
+rollout top-p 1.0, forced answering at the thinking budget, RLCS tiers with ratio-EMA expansion.
+Unpublished numbers (group size, batch, lr, lengths) are set to common values; override them.
+"""
+import ml_collections
+
+from experiments.configs.base import base_config
+
+
+def rl_block(**kw) -> ml_collections.ConfigDict:
+    r = ml_collections.ConfigDict(dict(
+        sampler="rlcs",               # rlcs | uniform | dapo
+        batch_size=32,                # groups trained on per iteration
+        group_size=8,                 # G responses per prompt
+        iterations=1000,
+        max_new_tokens=8192,
+        thinking_budget=None,         # tokens before </think> is forced; None = no forcing
+        temperature=1.0,
+        top_p=1.0,
+        style="glm41v",               # response format (glm41v: <answer> tags; glm45v/glm46v: none)
+        prompts_per_domain=4096,
+        prompt_tiers=None,            # synthetic suite: tier weights of the prompt pool (None = all tiers)
+        save_every=10,
+        dapo_max_rounds=4,
+        curriculum=dict(num_tiers=5, weighting="informative", ema_decay=0.8, max_expansion=4.0),
+        grpo=dict(eps_low=0.2, eps_high=0.28, aggregation="per_sample", num_minibatches=4, ppo_epochs=1,
+                  normalize_std=True),
+    ))
+    r.update(kw)
+    return r
+
+
+def get_config(arg=None):
+    c = base_config(arg, stage="rl")
+    c.data.kind = "rl"
+    c.rl = rl_block()
+    c.optimizer.update(lr=1e-6, warmup_steps=0, total_steps=4000, weight_decay=0.0, final_lr_fraction=1.0)
+    c.model.update(dtype="bfloat16", remat="full")
+    c.eval = ml_collections.ConfigDict(dict(per_domain=64, max_new_tokens=8192, batch_size=64, style="glm41v",
+                                            seed=0, tiers=None))
+    if c.runlocal or c.model.preset.startswith("tiny"):
+        c.rl.update(batch_size=8, group_size=4, iterations=4, max_new_tokens=32, prompts_per_domain=16,
+                    save_every=2)
+        c.rl.grpo.num_minibatches = 2
+        c.optimizer.update(lr=1e-4, total_steps=16)
+        c.model.update(dtype="float32", remat="none")
+        c.eval.update(per_domain=8, max_new_tokens=32, batch_size=16)
+    return c

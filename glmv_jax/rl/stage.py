@@ -1,0 +1,157 @@
+"""The RL stage: RLCS (or uniform / DAPO) prompt selection -> rollouts with the KV-cache sampler -> verifier
+rewards -> group advantages -> the jitted GRPO update; checkpoints hold the train state and the sampler's
+state, so a rerun resumes at the same iteration with the same draws.
+
+Config block `rl` (experiments/configs/rl.py): sampler, batch_size (groups trained per iteration),
+group_size, iterations, max_new_tokens, temperature, top_p, thinking_budget, style, prompts_per_domain,
+prompt_tiers, curriculum (CurriculumConfig fields), grpo (GRPOConfig fields), save_every.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from glmv_jax.rewards import compute_reward
+
+
+def make_sampler(cfg, pool):
+    from glmv_jax.rl.curriculum import CurriculumConfig, DAPOSampler, RLCSCurriculum, UniformSampler
+    r = cfg.rl
+    if r.sampler == "rlcs":
+        return RLCSCurriculum(pool, CurriculumConfig(batch_size=r.batch_size, group_size=r.group_size, seed=cfg.seed,
+                                                     **dict(r.get("curriculum", {}) or {})))
+    if r.sampler == "uniform":
+        return UniformSampler(pool, r.batch_size, seed=cfg.seed)
+    if r.sampler == "dapo":
+        return DAPOSampler(pool, r.batch_size, seed=cfg.seed, max_rounds=r.get("dapo_max_rounds", 4))
+    raise ValueError(f"unknown rl.sampler {r.sampler!r}; expected rlcs, uniform or dapo")
+
+
+def _subset_generation(gen: dict, rows: np.ndarray) -> dict:
+    return {k: (v[rows] if isinstance(v, np.ndarray) and v.ndim >= 1 and k != "batch" else v)
+            for k, v in gen.items() if k != "batch"}
+
+
+class Rollouts:
+    """rollout_fn(indices) -> rewards [n, G], remembering every rollout of the iteration for the update."""
+
+    def __init__(self, exp, prompts, records, params_ref, rng):
+        from glmv_jax.rl.sampler import answer_ids
+        self.exp, self.prompts, self.records, self.params_ref, self.rng = exp, prompts, records, params_ref, rng
+        r = exp.cfg.rl
+        self.force, extra = answer_ids(exp.tokenizer, r.style)
+        self.stops = tuple(exp.tokenizer.stop_ids) + tuple(extra)
+        self.done: dict[int, tuple[dict, np.ndarray, list[str]]] = {}   # prompt index -> (gen rows, rewards, texts)
+        self.calls = 0
+
+    def __call__(self, indices) -> np.ndarray:
+        from glmv_jax.rl.rollout import rollout_batch
+        r, tok = self.exp.cfg.rl, self.exp.tokenizer
+        self.calls += 1
+        out = rollout_batch(self.exp.model_config, self.params_ref(), [self.prompts[i] for i in indices],
+                            num_samples=r.group_size, max_new_tokens=r.max_new_tokens, stop_ids=self.stops,
+                            rng=jax.random.fold_in(self.rng, self.calls), temperature=r.temperature, top_p=r.top_p,
+                            thinking_budget=r.get("thinking_budget"), force_answer_ids=self.force, tokenizer=tok)
+        g = r.group_size
+        rewards = np.zeros((len(indices), g), np.float32)
+        for j, i in enumerate(indices):
+            rec = self.records[i]
+            rows = np.arange(j * g, (j + 1) * g)
+            texts = [out["responses"][k] for k in rows]
+            rewards[j] = [compute_reward(rec["domain"], t, rec["answer"], style=r.style).reward for t in texts]
+            self.done[int(i)] = (_subset_generation(out["generation"], rows), rewards[j], texts)
+        return rewards
+
+
+def update_batch(exp, rollouts: Rollouts, kept_indices: np.ndarray) -> tuple[dict, dict]:
+    """The GRPO batch over the kept groups (presplit into minibatches) and rollout statistics."""
+    from glmv_jax.rl.grpo import group_advantages
+    from glmv_jax.rl.rollout import assemble_batch
+    r = exp.cfg.rl
+    gens = [rollouts.done[int(i)] for i in kept_indices]
+    gen = {k: np.concatenate([g[0][k] for g in gens]) for k in gens[0][0]}
+    rewards = np.stack([g[1] for g in gens])
+    adv = np.asarray(group_advantages(rewards, normalize_std=r.get("grpo", {}).get("normalize_std", True)))
+    prompts = [rollouts.prompts[int(i)] for i in kept_indices]
+    m = int((r.get("grpo", {}) or {}).get("num_minibatches", 1))
+    batch = assemble_batch(prompts, r.group_size, gen, num_minibatches=m,
+                           merge_area=exp.model_config.vision.spatial_merge_size ** 2)
+    batch["advantages"] = adv.reshape(m, -1).astype(np.float32)
+    lengths = gen["lengths"].astype(np.float32)
+    stats = {"reward": float(rewards.mean()), "response_length": float(lengths.mean()),
+             "truncated_rate": float(gen["truncated"].mean()), "forced_rate": float(gen["forced"].mean())}
+    return batch, stats
+
+
+def run_rl(exp) -> dict[str, Any]:
+    from glmv_jax.rl.curriculum import PromptPool
+    from glmv_jax.rl.evaluate import prompt_records
+    from glmv_jax.rl.grpo import GRPOConfig, make_grpo_update, make_model_logp_fn
+    from glmv_jax.rl.rollout import prompt_dicts
+    from glmv_jax.train.checkpoint import Checkpointer
+    from glmv_jax.train.experiment import initial_params, param_shardings
+    from glmv_jax.train.metrics import MetricsWriter
+    from glmv_jax.train.optimizer import build_optimizer
+    from glmv_jax.train.state import abstract_train_state, init_train_state, train_state_from_params
+    from glmv_jax.models.glmv import init_params
+
+    cfg, r = exp.cfg, exp.cfg.rl
+    records = prompt_records(cfg, "train", r.prompts_per_domain, seed=cfg.seed, tiers=r.get("prompt_tiers"))
+    prompts = prompt_dicts(records, exp.tokenizer, exp.processor)
+    sampler = make_sampler(cfg, PromptPool.from_records(records))
+    grpo_cfg = GRPOConfig(**dict(r.get("grpo", {}) or {}))
+    optimizer = build_optimizer(cfg.optimizer)
+    update = make_grpo_update(make_model_logp_fn(exp.model_config, temperature=r.temperature), optimizer, grpo_cfg,
+                              presplit=True, nonfinite=cfg.train.nonfinite)
+    abstract_params, shardings = param_shardings(exp)
+    rng = jax.random.key(cfg.seed)
+
+    def fresh():
+        params = initial_params(exp, abstract_params, shardings)
+        if params is None:
+            return init_train_state(lambda k: init_params(exp.model_config, k), optimizer, rng)
+        return train_state_from_params(params, optimizer, rng)
+
+    history, state_box = [], {}
+    with Checkpointer(os.path.join(exp.workdir, "checkpoints"), save_every=r.save_every, keep=cfg.train.keep) as ckpt:
+        restored = ckpt.restore_latest(abstract_train_state(optimizer, abstract_params, None, rng))
+        if restored is None:
+            state = fresh()
+        else:
+            state, sampler_state = restored
+            sampler.set_state(sampler_state)
+        start = sampler.iteration
+        state_box["params"] = state.params
+        rollouts = Rollouts(exp, prompts, records, lambda: state_box["params"], jax.random.fold_in(rng, 7))
+        with MetricsWriter(os.path.join(exp.workdir, "logs"), r.iterations, initial_step=start,
+                           description="rl") as writer:
+            for it in range(start, r.iterations):
+                t0 = time.perf_counter()
+                rollouts.done.clear()
+                iteration = sampler.run_iteration(rollouts)
+                kept = iteration.indices[iteration.kept]
+                batch, stats = update_batch(exp, rollouts, kept)
+                state, metrics = update(state, batch)
+                state_box["params"] = state.params
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
+                zero_var = float(np.mean(np.std(iteration.rewards, axis=1) <= 1e-6))
+                row = {"iteration": it + 1, **stats, "informative_share": 1.0 - zero_var,
+                       "kept_informative_share": float(np.mean(np.std(iteration.rewards[iteration.kept], axis=1)
+                                                               > 1e-6)),
+                       "prompts_rolled_out": int(len(iteration.indices)), "rollout_rounds": rollouts.calls,
+                       "seconds": time.perf_counter() - t0,
+                       **{f"grpo/{k}": v for k, v in metrics.items()},
+                       **{f"sampler/{k}": float(v) for k, v in iteration.metrics.items() if np.ndim(v) == 0}}
+                rollouts.calls = 0
+                history.append(row)
+                writer.write(it + 1, row)
+                if (it + 1) % r.save_every == 0 or it + 1 == r.iterations:
+                    ckpt.save(state, sampler.get_state(), it + 1)
+    return {"stage": "rl", "start_step": start, "steps": r.iterations, "state": state, "history": history,
+            "first_reward": history[0]["reward"] if history else float("nan"),
+            "last_reward": float(np.mean([h["reward"] for h in history[-5:]])) if history else float("nan")}
