@@ -166,9 +166,22 @@ def _run_stage(path: Path):
         if cfg_file.is_file():
             cfg = ml_collections.ConfigDict(json.loads(cfg_file.read_text()))
             if "stages" in cfg:
-                cfg = cfg.stages[int(stage_dir.name.split("_")[0])]
+                cfg = ml_collections.ConfigDict(dict(cfg.stages[int(stage_dir.name.split("_")[0])]))
             return cfg, stage_dir
     raise FileNotFoundError(f"no config.json (written by experiments.run) in {stage_dir} or its parent")
+
+
+def _run_tokenizer(cfg, stage_dir: Path):
+    """The run's tokenizer file when it saved one (tokenizer.model / tokenizer.json in the stage or work
+    directory), else rebuilt from the config as experiment.setup does (the suite tokenizer is retrained
+    from the current task-suite code, so a changed suite gives a different tokenizer)."""
+    from glmv_jax.data.tokenizer import load_tokenizer
+    from glmv_jax.train.experiment import _tokenizer
+    for folder in (stage_dir, stage_dir.parent):
+        for name in ("tokenizer.model", "tokenizer.json"):
+            if (folder / name).is_file():
+                return load_tokenizer(folder / name)
+    return _tokenizer(cfg)
 
 
 def load_model(path: str | Path, template: str | None = None) -> ModelBundle:
@@ -187,9 +200,9 @@ def load_model(path: str | Path, template: str | None = None) -> ModelBundle:
     else:
         from glmv_jax.models.glmv import init_params
         from glmv_jax.train.checkpoint import Checkpointer
-        from glmv_jax.train.experiment import _tokenizer, model_config_for
+        from glmv_jax.train.experiment import model_config_for
         cfg, stage_dir = _run_stage(path)
-        tokenizer = _tokenizer(cfg)
+        tokenizer = _run_tokenizer(cfg, stage_dir)
         config = model_config_for(cfg, tokenizer)
         side = cfg.data.image_size
         budget = dict(min_pixels=2 * side * side, max_pixels=2 * side * side) if cfg.data.source == "synthetic" else {}

@@ -118,6 +118,20 @@ def test_greedy_equals_hf_generate(name, hf_model, inputs, greedy):
     assert greedy["lengths"][i] == N and greedy["truncated"][i] and not greedy["forced"][i]
 
 
+def test_moe_greedy_equals_hf_generate():
+    """GLM-4.5V layout (half-split rope, routed experts on one token per step): image + text prompts batched."""
+    config = tiny(moe=True)
+    hf = build_hf_model(config, seed=0)
+    params = hf_state_dict_to_params({k: v.numpy() for k, v in hf.state_dict().items()}, config)
+    inputs = [multimodal_inputs(config, SPANS[name], seed=i, text_len=2 + 3 * i) for i, name in enumerate(("image", "text"))]
+    out = sampler.generate(config, params, [prompt_of(config, x) for x in inputs], max_new_tokens=4, temperature=0.0)
+    for r, x in enumerate(inputs):
+        with torch.no_grad():
+            ref = hf.generate(**{k: torch.from_numpy(v) for k, v in x.items()}, max_new_tokens=4, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+        assert out["tokens"][r].tolist() == ref[0, x["input_ids"].shape[1]:].tolist()
+
+
 # ----------------------------------------------------------------------------------------------- sampling
 
 def test_sampling_is_deterministic_and_filters_reduce_to_greedy(config, params, prompts, greedy):
@@ -147,23 +161,21 @@ def test_filter_logits():
 def test_rollout_logprobs_equal_full_forward(config, params, prompts):
     """old_logp of the rollout batch == token_logprobs(apply(batch), targets, T) wherever response_mask."""
     temp = 0.7
-    out = sampler.rollout_batch(config, params, prompts, num_samples=2, max_new_tokens=N, stop_ids=(),
-                                rng=jax.random.key(1), temperature=temp)
+    kw = dict(num_samples=1, max_new_tokens=N, stop_ids=(), rng=jax.random.key(1), temperature=temp)
+    out = sampler.rollout_batch(config, params, prompts, **kw)
     batch = out["batch"]
     mask = batch["response_mask"] > 0
-    assert mask.sum(1).tolist() == [N] * 6
-    assert (out["generation"]["tokens"][0::2] != out["generation"]["tokens"][1::2]).any()   # group members differ
-    assert (batch["targets"][mask].reshape(6, N) == out["generation"]["tokens"]).all()
-    logits = jax.jit(lambda p, b: glmv.apply(config, p, b))(params, {k: v for k, v in batch.items()})
+    assert mask.sum(1).tolist() == [N] * 3
+    assert (batch["targets"][mask].reshape(3, N) == out["generation"]["tokens"]).all()
+    logits = jax.jit(lambda p, b: glmv.apply(config, p, b))(params, batch)
     ref = np.asarray(token_logprobs(logits, batch["targets"], temperature=temp))
     np.testing.assert_allclose(batch["old_logp"][mask], ref[mask], rtol=0, atol=2e-5)
-    presplit = sampler.rollout_batch(config, params, prompts, num_samples=2, max_new_tokens=N, stop_ids=(),
-                                     rng=jax.random.key(1), temperature=temp, num_minibatches=3)["batch"]
-    assert presplit["input_ids"].shape == (3, 2) + batch["input_ids"].shape[1:]
-    assert presplit["position_ids"].shape[:3] == (3, 3, 2)
+    presplit = sampler.rollout_batch(config, params, prompts, num_minibatches=3, **kw)["batch"]
+    assert presplit["input_ids"].shape == (3, 1) + batch["input_ids"].shape[1:]
+    assert presplit["position_ids"].shape[:3] == (3, 3, 1)
     np.testing.assert_array_equal(presplit["old_logp"].reshape(batch["old_logp"].shape), batch["old_logp"])
-    assert int((presplit["patch_segment"][2] > 0).sum()) == 0                     # the text-only rows
-    assert int((presplit["patch_segment"][0] > 0).sum()) == 2 * len(prompts[0]["pixel_values"])
+    assert int((presplit["patch_segment"][2] > 0).sum()) == 0                     # the text-only row
+    assert int((presplit["patch_segment"][0] > 0).sum()) == len(prompts[0]["pixel_values"])
 
 
 # ----------------------------------------------------------------------------------------------- stop / force
@@ -293,3 +305,27 @@ def test_make_generate_fn_for_difficulty(hf_dir):
     again = sampler.make_generate_fn(bundle.params, bundle.config, bundle.tokenizer, processor, max_new_tokens=6,
                                      temperature=1.0, top_p=1.0, seed=0, style="glm41v")(records, 2)
     assert again == texts                                              # seeded
+
+
+def test_load_model_from_a_run_work_directory(tmp_path):
+    """experiments.run layout: <work>/config.json with stages, <work>/<i>_<stage>/checkpoints (orbax)."""
+    import json
+    from experiments.configs import sft
+    from glmv_jax.models.glmv import init_params
+    from glmv_jax.rl.rollout import load_model
+    from glmv_jax.train.checkpoint import Checkpointer
+    from glmv_jax.train.experiment import _tokenizer, model_config_for
+    from glmv_jax.train.optimizer import build_optimizer
+    from glmv_jax.train.state import train_state_from_params
+    cfg = sft.get_config("model=tiny")
+    stage = json.loads(cfg.to_json_best_effort())
+    (tmp_path / "config.json").write_text(json.dumps({"stages": [stage, stage]}))
+    model_config = model_config_for(cfg, _tokenizer(cfg))
+    abstract = jax.eval_shape(lambda: init_params(model_config, jax.random.key(0)))    # no init compile
+    rng = np.random.default_rng(7)
+    params = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(a.dtype), abstract)
+    with Checkpointer(tmp_path / "1_sft" / "checkpoints", save_every=1) as ckpt:
+        ckpt.save(train_state_from_params(params, build_optimizer(cfg.optimizer), jax.random.key(0)), None, 4)
+    bundle = load_model(tmp_path)               # the pipeline directory: its last stage with checkpoints
+    assert bundle.config == model_config and bundle.processor.template == "glm41v"
+    jax.tree.map(np.testing.assert_array_equal, bundle.params, jax.device_get(params))
