@@ -42,6 +42,20 @@ def run_stage(cfg, workdir: str) -> dict:
     raise ValueError(f"unknown stage {cfg.stage!r}")
 
 
+def evaluate_stage(cfg, workdir: str, params) -> dict:
+    """Held-out evaluation of a stage's final params (its `eval` block), cached in the stage directory."""
+    from glmv_jax.rl.evaluate import evaluate
+    from glmv_jax.train.experiment import setup
+    path = os.path.join(workdir, "eval.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    result = evaluate(setup(cfg, workdir), params)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
 def run_pipeline(cfg, workdir: str) -> list[dict]:
     from experiments.configs.base import validate
     for stage in cfg.stages:          # every stage's config is checked before the first one compiles
@@ -51,7 +65,10 @@ def run_pipeline(cfg, workdir: str) -> list[dict]:
         stage_dir = os.path.join(workdir, f"{i}_{stage.stage}")
         if previous and not stage.train.init_from:
             stage.train.init_from = previous
-        summaries.append(run_stage(stage, stage_dir))
+        summary = run_stage(stage, stage_dir)
+        if stage.stage in cfg.get("eval_after", ()):
+            summary["eval"] = evaluate_stage(stage, stage_dir, summary["state"].params)
+        summaries.append(summary)
         previous = stage_dir
     if cfg.get("report", True):
         from experiments.report import write_report
@@ -59,9 +76,18 @@ def run_pipeline(cfg, workdir: str) -> list[dict]:
     return summaries
 
 
+def enable_compilation_cache() -> None:
+    """XLA executables cached on disk: identical steps of later stages and reruns skip compilation."""
+    import jax
+    path = os.environ.get("GLMV_JAX_XLA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "glmv_jax", "xla")
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)     # orbax logs every checkpoint step at INFO
+    enable_compilation_cache()
     cfg = _CONFIG.value
     workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
     os.makedirs(workdir, exist_ok=True)

@@ -107,5 +107,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ValueError("an rl stage needs an `rl` config block (experiments/configs/rl.py: rl_block())")
     if "rl" in c and c.rl.sampler not in ("rlcs", "uniform", "dapo"):
         raise ValueError(f"rl.sampler must be rlcs, uniform or dapo, got {c.rl.sampler!r}")
+    from glmv_jax.train.optimizer import build_optimizer
+    build_optimizer(c.optimizer)          # raises on a bad optimizer block
     if c.data.source == "jsonl" and not c.data.manifests:
         raise ValueError("data.source='jsonl' needs data.manifests")

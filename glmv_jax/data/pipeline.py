@@ -38,6 +38,7 @@ class DataConfig:
     split: str = "train"
     num_records: int = 256             # synthetic records per domain
     image_size: int = 56               # synthetic image side
+    tiers: Any = None                  # synthetic tier mix: None (all), a tier index, or {tier: weight}
     seq_len: int = 256                 # T
     batch_size: int = 8                # B (rows of this host)
     patch_budget: int = 512            # Np
@@ -97,7 +98,14 @@ def synthetic_records(cfg: DataConfig) -> list[dict]:
     from glmv_jax.data.synthetic import generate
     return [r for domain in cfg.domains
             for r in generate(domain, cfg.num_records, seed=cfg.seed, split=cfg.split, kind=cfg.kind,
-                              image_size=cfg.image_size)]
+                              image_size=cfg.image_size, tiers=_tiers(cfg.tiers))]
+
+
+def _tiers(tiers):
+    """ConfigDicts hold tier weights with string keys; the suite wants int tiers."""
+    if hasattr(tiers, "items"):
+        return {int(k): float(v) for k, v in tiers.items()}
+    return tiers
 
 
 def record_dataset(cfg: DataConfig, sources: Any = None) -> grain.MapDataset:

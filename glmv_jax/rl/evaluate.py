@@ -19,7 +19,9 @@ from glmv_jax.rewards import compute_reward
 def prompt_records(cfg, split: str, per_domain: int, seed: int, tiers: Any = None) -> list[dict]:
     """RL/eval prompt records: the synthetic suite by domain, or the configured JSONL manifests."""
     if cfg.data.source == "synthetic":
+        from glmv_jax.data.pipeline import _tiers
         from glmv_jax.data.synthetic import generate
+        tiers = _tiers(tiers)
         records = []
         for domain in cfg.data.domains:
             records += generate(domain, per_domain, seed=seed, split=split, kind="rl", tiers=tiers,

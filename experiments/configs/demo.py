@@ -1,0 +1,66 @@
+"""The embedded default: the whole pipeline on a laptop CPU in minutes, no downloads.
+
+Builds the built-in task suite (Pillow-rendered counting, arithmetic, reading, bar charts, grounding,
+GUI clicks, multiple choice), trains an ~0.8M-parameter GLM-V-shaped model through
+pretrain (captions) -> SFT (think/answer traces) -> RL (RLCS + GRPO) and evaluates greedy answers on
+the held-out split after each stage: a per-domain accuracy table and a PNG of the curves in the
+work directory. Sizes follow demo_feasibility.md: easy tiers the tiny model learns, harder ones it
+does not, RL prompts from the tiers in between.
+
+    python -m experiments.run --config=experiments/configs/demo.py
+    python -m experiments.run --config=experiments/configs/demo.py:smoke     # seconds-long test setting
+"""
+import ml_collections
+
+from experiments.configs.base import base_config, parse_variants
+from experiments.configs.rl import rl_block
+
+VISION = dict(depth=2, hidden_size=64, num_heads=4, out_hidden_size=128, intermediate_size=256, patch_size=8,
+              image_size=64)
+TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, mrope_section=(2, 3, 3), max_position_embeddings=1024)
+SFT_TIERS = {"0": 0.6, "1": 0.3, "2": 0.1}
+EVAL = dict(per_domain=24, max_new_tokens=40, batch_size=56, style="glm41v", seed=0, tiers={"0": 0.6, "1": 0.4})
+
+
+def _stage(name: str, smoke: bool) -> ml_collections.ConfigDict:
+    c = base_config("", stage=name)
+    c.model.update(preset="tiny", vision=dict(VISION), text=dict(TEXT))
+    c.mesh.ici = {"data": 1}
+    c.data.update(image_size=64, seq_len=256, batch_size=8, patch_budget=1536, num_records=1500, tiers=SFT_TIERS)
+    c.train.update(save_every=100, log_every=10, keep=1)
+    c.eval = ml_collections.ConfigDict(EVAL)
+    if smoke:
+        c.data.update(num_records=16, batch_size=4, patch_budget=768)
+        c.train.update(save_every=2, log_every=1)
+        c.eval.update(per_domain=2, max_new_tokens=8, batch_size=14)
+    return c
+
+
+def get_config(arg=None):
+    smoke = "smoke" in parse_variants(arg)
+    pretrain = _stage("pretrain", smoke)
+    pretrain.data.kind = "caption"
+    pretrain.train.steps = 3 if smoke else 150
+    pretrain.optimizer.update(lr=3e-3, warmup_steps=min(10, pretrain.train.steps // 3), total_steps=pretrain.train.steps, b2=0.98)
+
+    sft = _stage("sft", smoke)
+    sft.data.kind = "sft"
+    sft.train.steps = 3 if smoke else 450
+    sft.optimizer.update(lr=2e-3, warmup_steps=min(15, sft.train.steps // 3), total_steps=sft.train.steps, b2=0.98)
+
+    rl = _stage("rl", smoke)
+    rl.data.kind = "rl"
+    rl.rl = rl_block(sampler="rlcs", batch_size=14, group_size=8, iterations=2 if smoke else 25,
+                     max_new_tokens=8 if smoke else 40, prompts_per_domain=4 if smoke else 96,
+                     prompt_tiers={"0": 0.5, "1": 0.5}, save_every=5)
+    rl.rl.grpo.update(num_minibatches=2)
+    if smoke:
+        rl.rl.update(batch_size=4, group_size=2)
+    rl.optimizer.update(lr=3e-4, warmup_steps=0, total_steps=100, weight_decay=0.0, final_lr_fraction=1.0)
+
+    c = ml_collections.ConfigDict()
+    c.stages = [pretrain, sft, rl]
+    c.eval_after = ["sft", "rl"]          # stages followed by a held-out evaluation
+    c.report = True
+    return c
