@@ -55,6 +55,7 @@ def base_config(arg: str | None, stage: str) -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(
         ici=MESHES.get(variants.get("mesh", "auto"), None) or _bad("mesh", variants.get("mesh"), MESHES),
         dcn={},
+        devices=0,                # 0: all devices; n: only the first n
         rules=variants.get("rules", "default"),
         max_replicated_fraction=0.05,
     ))

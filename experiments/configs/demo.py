@@ -27,6 +27,7 @@ def _stage(name: str, smoke: bool) -> ml_collections.ConfigDict:
     c = base_config("", stage=name)
     c.model.update(preset="tiny", vision=dict(VISION), text=dict(TEXT))
     c.mesh.ici = {"data": 1}
+    c.mesh.devices = 1                    # one device even on a multi-device host: the model is tiny
     c.data.update(image_size=64, seq_len=256, batch_size=8, patch_budget=1536, num_records=1500, tiers=SFT_TIERS)
     c.train.update(save_every=100, log_every=10, keep=1)
     c.eval = ml_collections.ConfigDict(EVAL)

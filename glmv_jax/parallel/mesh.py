@@ -70,7 +70,12 @@ def make_mesh(ici: Mapping[str, int] | None = None, dcn: Mapping[str, int] | Non
 
 
 def mesh_from_config(mesh_cfg: Mapping) -> Mesh:
-    """`mesh_cfg` is the experiment config's `mesh` block: {"ici": {...}, "dcn": {...}} or a flat axis dict."""
+    """`mesh_cfg` is the experiment config's `mesh` block: {"ici": {...}, "dcn": {...}, "devices": n} or a flat
+    axis dict. `devices` (optional) uses only the first n devices (e.g. 1 for a tiny demo on a TPU host)."""
+    count = mesh_cfg.get("devices")
+    devices = jax.devices()[:int(count)] if count else None
+    if count and len(devices) < int(count):
+        raise MeshError(f"mesh.devices={count} but only {len(devices)} devices are available")
     if "ici" in mesh_cfg or "dcn" in mesh_cfg:
-        return make_mesh(dict(mesh_cfg.get("ici") or {}), dict(mesh_cfg.get("dcn") or {}))
-    return make_mesh(dict(mesh_cfg))
+        return make_mesh(dict(mesh_cfg.get("ici") or {}), dict(mesh_cfg.get("dcn") or {}), devices=devices)
+    return make_mesh({k: v for k, v in mesh_cfg.items() if k != "devices"}, devices=devices)

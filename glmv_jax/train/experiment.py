@@ -64,7 +64,8 @@ def setup(cfg, workdir: str) -> Experiment:
     from experiments.configs.base import validate
     from glmv_jax.data.transforms import Processor
     validate(cfg)
-    mesh = mesh_from_config({"ici": dict(cfg.mesh.ici), "dcn": dict(cfg.mesh.dcn)})
+    mesh = mesh_from_config({"ici": dict(cfg.mesh.ici), "dcn": dict(cfg.mesh.dcn),
+                             "devices": cfg.mesh.get("devices")})
     rules = rules_lib.get_rules(cfg.mesh.rules)
     tokenizer = _tokenizer(cfg)
     model_config = model_config_for(cfg, tokenizer)
@@ -72,7 +73,22 @@ def setup(cfg, workdir: str) -> Experiment:
     budget = dict(min_pixels=2 * side * side, max_pixels=2 * side * side) if cfg.data.source == "synthetic" else {}
     processor = Processor.for_model(model_config, template=cfg.data.get("template", "glm41v"), **budget)
     os.makedirs(workdir, exist_ok=True)
+    record_model(workdir, model_config, tokenizer)
     return Experiment(cfg, os.path.abspath(workdir), mesh, rules, model_config, tokenizer, processor)
+
+
+def record_model(workdir: str, model_config: ModelConfig, tokenizer) -> None:
+    """Writes what rebuilds this stage's model outside the run: model_config.json (HF config.json form plus
+    the runtime knobs) and the tokenizer file (tokenizer.model for SentencePiece, tokenizer.json for HF)."""
+    import json
+    from glmv_jax.config import to_hf_config
+    runtime = {k: getattr(model_config, k) for k in ("dtype", "param_dtype", "scan_layers", "remat", "attention")}
+    with open(os.path.join(workdir, "model_config.json"), "w") as f:
+        json.dump({**to_hf_config(model_config), "glmv_jax_runtime": runtime}, f, indent=1)
+    if hasattr(tokenizer, "save"):
+        tokenizer.save(os.path.join(workdir, "tokenizer.model"))
+    elif getattr(tokenizer, "_tok", None) is not None and hasattr(tokenizer._tok, "save"):
+        tokenizer._tok.save(os.path.join(workdir, "tokenizer.json"))
 
 
 def param_shardings(exp: Experiment):

@@ -59,3 +59,11 @@ def test_constrain_is_noop_outside_context_and_shards_inside():
         y = jax.jit(lambda a: constrain(a * 2, ("act_batch", None)))(x)
     assert y.sharding.spec[0] == ("data", "fsdp")
     np.testing.assert_array_equal(np.asarray(y), 2 * np.ones((8, 4)))
+
+
+def test_mesh_on_a_subset_of_devices():
+    mesh = mesh_from_config({"ici": {"data": 1}, "devices": 1})
+    assert mesh.size == 1 and list(mesh.devices.flat) == jax.devices()[:1]
+    assert mesh_from_config({"ici": {"fsdp": -1}, "devices": 4}).shape["fsdp"] == 4
+    with pytest.raises(MeshError, match="only 8 devices"):
+        mesh_from_config({"ici": {"fsdp": -1}, "devices": 16})
