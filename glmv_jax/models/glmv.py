@@ -25,7 +25,7 @@ from glmv_jax.config import ModelConfig
 from glmv_jax.models.decoder import TextDecoder
 from glmv_jax.models.layers import linear
 from glmv_jax.models.rope import frame_grids, get_rope_index
-from glmv_jax.models.vision import VisionTower, patch_layout
+from glmv_jax.models.vision import VisionTower, frame_slots, patch_layout
 
 Params = dict[str, Any]
 
@@ -41,7 +41,7 @@ class GlmV(nnx.Module):
         x = self.text.embed(batch["input_ids"], self.dtype)
         if batch.get("pixel_values") is not None and batch["pixel_values"].shape[0]:
             features = self.vision(batch["pixel_values"], batch["patch_pos"], batch["patch_grid"],
-                                   batch["patch_segment"])
+                                   batch["patch_segment"], batch.get("patch_frames"))
             x = merge_vision_tokens(x, features, batch["token_type"])
         hidden, aux = self.text(x, self.text.context(batch["position_ids"], batch["segment_ids"]))
         kernel = self.lm_head.kernel[...].astype(hidden.dtype)
@@ -96,7 +96,8 @@ def logical_axes(config: ModelConfig) -> dict[str, Any]:
 
 def apply(config: ModelConfig, params: Params, batch: dict[str, jax.Array]) -> jax.Array:
     """Logits [B, T, V] fp32 for a BATCH.md batch (keys input_ids, segment_ids, position_ids,
-    token_type, and for vision pixel_values, patch_pos, patch_grid, patch_segment). Pure; jit it."""
+    token_type, and for vision pixel_values, patch_pos, patch_grid, patch_segment, optionally patch_frames).
+    Pure; jit it."""
     return apply_with_aux(config, params, batch)[0]
 
 
@@ -113,9 +114,9 @@ def _jitted_apply(config: ModelConfig):
 
 @functools.lru_cache(maxsize=16)
 def _jitted_vision(config: ModelConfig):
-    def run(params, pixel_values, patch_pos, patch_grid, patch_segment):
+    def run(params, pixel_values, patch_pos, patch_grid, patch_segment, patch_frames=None):
         graphdef, _ = model_graph(config)
-        return nnx.merge(graphdef, params).vision(pixel_values, patch_pos, patch_grid, patch_segment)
+        return nnx.merge(graphdef, params).vision(pixel_values, patch_pos, patch_grid, patch_segment, patch_frames)
     return jax.jit(run)
 
 
@@ -123,6 +124,7 @@ def vision_features(config: ModelConfig, params: Params, pixel_values, grid_thw)
     """Merged visual tokens per grid row (HF get_image_features' pooler_output), each [t*h*w/4, O]."""
     grid = _check_grid(config, "grid_thw", grid_thw, pixel_values)
     layout = patch_layout(grid, config.vision.spatial_merge_size)
+    layout["patch_frames"] = frame_slots(layout["patch_segment"])
     out = np.asarray(_jitted_vision(config)(params, np.asarray(pixel_values, np.float32), **layout))
     return np.split(out, np.cumsum(grid.prod(-1) // 4)[:-1])
 
@@ -203,6 +205,7 @@ def prepare_inputs(config: ModelConfig, input_ids, attention_mask=None, pixel_va
     if order:
         batch["pixel_values"] = np.concatenate([rows for _, rows, _ in order])
         batch.update(patch_layout([g for _, _, g in order], config.vision.spatial_merge_size))
+        batch["patch_frames"] = frame_slots(batch["patch_segment"])
     return batch, deltas
 
 

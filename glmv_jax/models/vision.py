@@ -1,14 +1,19 @@
 """The ViT and the adapter (architecture.md section 2): patch rows in, merged visual tokens out.
 
 pixel rows [N, Pd] -> patch_embed -> RMSNorm -> + bicubic-resampled position table -> depth x ViT
-block (block-diagonal attention per image / video frame, 2D rope) -> RMSNorm -> 2x2 downsample ->
-merger (proj, LayerNorm, GELU, SwiGLU) -> [N/4, O]. Every image and every temporal patch of a video
-is an independent "frame" with its own attention segment and its own position-table resampling.
+block (attention per image / video frame, 2D rope) -> RMSNorm -> 2x2 downsample -> merger (proj,
+LayerNorm, GELU, SwiGLU) -> [N/4, O]. Every image and every temporal patch of a video is an independent
+"frame" with its own attention segment and its own position-table resampling.
+
+Attention runs frame by frame: `frame_slots` (numpy) lays the patch rows out as [F, L] slots (frame f's
+rows, then empty slots), the ViT gathers q/k/v into that layout and computes each (frame, head) pair
+alone, in query blocks small enough to keep the scores in cache. Without that layout all patch rows form
+one frame with a same-segment mask: the same values at O(N^2) cost.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,11 +22,12 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from glmv_jax.config import ModelConfig, VisionConfig
-from glmv_jax.models.layers import (INIT_STD, Kernel, LayerNorm, RMSNorm, SwiGLU, dot_product_attention, linear,
-                                    make_stack, normal_init, param, run_stack, segment_mask)
+from glmv_jax.models.layers import (INIT_STD, Kernel, LayerNorm, RMSNorm, SwiGLU, linear, make_stack, normal_init,
+                                    param, run_stack)
 from glmv_jax.models.rope import apply_vision_rope, vision_rope_tables
 
 CUBIC_A = -0.75   # PyTorch's bicubic kernel constant
+QUERY_BLOCK = 256  # ViT attention query rows per step: [256, L] fp32 scores stay in cache
 
 
 # ----------------------------------------------------------------------------------------------
@@ -47,6 +53,30 @@ def patch_layout(frames: Sequence[Sequence[int]], merge: int = 2) -> dict[str, n
                     patch_segment=np.zeros((0,), np.int32))
     return dict(patch_pos=np.concatenate(pos).astype(np.int32), patch_grid=np.concatenate(grid).astype(np.int32),
                 patch_segment=np.concatenate(segment).astype(np.int32))
+
+
+def frame_slots(patch_segment, frames: int | None = None, frame_len: int | None = None) -> np.ndarray:
+    """patch_segment [N] (frames 1..n, each a contiguous run of rows; 0 on padding rows) -> patch_frames
+    [F, L] int32: the rows of frame f in slots 0.., then -1. F, L default to the number of frames and the
+    longest frame; pass them (at least those sizes) for a fixed shape, e.g. a training batch."""
+    seg = np.asarray(patch_segment).reshape(-1).astype(np.int64)
+    rows = np.flatnonzero(seg > 0)
+    real = seg[rows]
+    n = int(real.max()) if rows.size else 0
+    first, last = np.full(n + 1, seg.size), np.full(n + 1, -1)
+    np.minimum.at(first, real, rows)
+    np.maximum.at(last, real, rows)
+    lengths = np.bincount(real, minlength=n + 1)[1:]
+    if (lengths == 0).any() or (last[1:] - first[1:] + 1 != lengths).any():
+        raise ValueError("patch_segment must number the frames 1..n, each a contiguous run of patch rows")
+    longest = int(lengths.max()) if n else 1
+    frames = n if frames is None else frames
+    frame_len = longest if frame_len is None else frame_len
+    if frames < n or frame_len < longest:
+        raise ValueError(f"{n} frames of up to {longest} patches do not fit patch_frames [{frames}, {frame_len}]")
+    out = np.full((max(frames, 1), frame_len), -1, np.int32)
+    out[real - 1, rows - first[real]] = rows
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,8 +124,63 @@ class PositionTable(nnx.Module):
         return resample_pos_embed(self.embedding[...], patch_pos, patch_grid)
 
 
+class FrameLayout(NamedTuple):
+    """Where each patch row sits in the [F, L] frame slots (built once per call, shared by the blocks)."""
+    rows: jax.Array      # [F, L] int: the patch row in each slot (0 in empty slots)
+    segment: jax.Array   # [F, L] int: that row's patch_segment, -1 in empty slots
+    slot: jax.Array      # [N] int: each row's flat slot f * L + i; F * L for rows in no frame
+
+
+def frame_layout(patch_segment: jax.Array, patch_frames: jax.Array | None) -> FrameLayout:
+    """patch_segment [N]; patch_frames [F, L] (frame_slots) or None: all rows one frame, masked by segment."""
+    patch_segment = jnp.asarray(patch_segment)
+    n = patch_segment.shape[0]
+    patch_frames = jnp.arange(n, dtype=jnp.int32)[None] if patch_frames is None else jnp.asarray(patch_frames)
+    f, l = patch_frames.shape
+    valid = patch_frames >= 0
+    rows = jnp.where(valid, patch_frames, 0)
+    segment = jnp.where(valid, patch_segment[rows], -1)
+    slot = jnp.full((n,), f * l, jnp.int32).at[jnp.where(valid, patch_frames, n).reshape(-1)].set(
+        jnp.arange(f * l, dtype=jnp.int32), mode="drop")
+    return FrameLayout(rows, segment, slot)
+
+
+def frame_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: FrameLayout, scale: float,
+                    block: int = QUERY_BLOCK) -> jax.Array:
+    """q, k, v [N, Nv, Hv] per patch row -> [N, Nv, Hv]: attention inside each frame of `layout`.
+
+    Each (frame, head) pair runs alone and its queries in blocks of `block`, so the [block, L] scores stay
+    in cache instead of an [F, Nv, L, L] array streaming through memory. Keys in empty slots or another
+    segment are masked; fp32 scores and softmax, probabilities in v's dtype (as HF's eager attention).
+    Rows in no frame (padding) get zeros."""
+    f, l = layout.rows.shape
+    heads, hd = q.shape[1:]
+    to_slots = lambda a: a[layout.rows].transpose(0, 2, 1, 3).reshape(f * heads, l, hd)
+    segments = jnp.repeat(layout.segment, heads, axis=0)                       # [F*Nv, L]
+    blocks = -(-l // block)
+    lq = blocks * block if blocks > 1 else l                                    # queries padded to whole blocks
+
+    def one_head(args):
+        q1, k1, v1, seg1 = args                                                 # [L, Hv] x3, [L]
+        qb = jnp.pad(q1, ((0, lq - l), (0, 0))).reshape(blocks, -1, hd)
+        sb = jnp.pad(seg1, (0, lq - l), constant_values=-2).reshape(blocks, -1)
+
+        def one_block(args):
+            qq, sq = args
+            scores = jnp.einsum("TH,SH->TS", qq, k1, preferred_element_type=jnp.float32) * scale
+            scores = jnp.where(sq[:, None] == seg1[None, :], scores, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1).astype(v1.dtype)
+            return jnp.einsum("TS,SH->TH", probs, v1)
+
+        return jax.lax.map(one_block, (qb, sb)).reshape(lq, hd)[:l]
+
+    out = jax.lax.map(one_head, (to_slots(q), to_slots(k), to_slots(v), segments))   # [F*Nv, L, Hv]
+    out = out.reshape(f, heads, l, hd).transpose(0, 2, 1, 3).reshape(f * l, heads, hd)
+    return jnp.take(out, layout.slot, axis=0, mode="fill", fill_value=0)
+
+
 class VisionAttention(nnx.Module):
-    """Non-causal, block-diagonal MHA with 2D rope; qkv kernel (Dv, 3, Nv, Hv), out kernel (Nv, Hv, Dv)."""
+    """Non-causal MHA inside each frame with 2D rope; qkv kernel (Dv, 3, Nv, Hv), out kernel (Nv, Hv, Dv)."""
 
     def __init__(self, v: VisionConfig, rngs: nnx.Rngs | None = None):
         self.head_dim = v.head_dim
@@ -103,12 +188,13 @@ class VisionAttention(nnx.Module):
                           rngs)
         self.out = Kernel((v.num_heads, v.head_dim, v.hidden_size), ("vit_heads", "head_dim", "vit_embed"), rngs)
 
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, layout: FrameLayout):
+        """x [N, Dv] -> [N, Dv]."""
         w = self.qkv.kernel[...].astype(x.dtype)
-        q, k, v = (jnp.einsum("BTD,DNH->BTNH", x, w[:, i]) for i in range(3))
+        q, k, v = (jnp.einsum("TD,DNH->TNH", x, w[:, i]) for i in range(3))
         q, k = apply_vision_rope(q, cos, sin), apply_vision_rope(k, cos, sin)
-        ctx = dot_product_attention(q, k, v, mask, self.head_dim ** -0.5)
-        return jnp.einsum("BTNH,NHD->BTD", ctx, self.out.kernel[...].astype(x.dtype))
+        ctx = frame_attention(q, k, v, layout, self.head_dim ** -0.5)
+        return jnp.einsum("TNH,NHD->TD", ctx, self.out.kernel[...].astype(x.dtype))
 
 
 class VisionBlock(nnx.Module):
@@ -120,8 +206,8 @@ class VisionBlock(nnx.Module):
         self.attn = VisionAttention(v, rngs)
         self.mlp = SwiGLU(v.hidden_size, v.out_hidden_size, "vit_embed", "vit_mlp", rngs)
 
-    def __call__(self, x, cos, sin, mask):
-        x = x + checkpoint_name(self.attn(self.norm1(x), cos, sin, mask), "attn_out")
+    def __call__(self, x, cos, sin, layout: FrameLayout):
+        x = x + checkpoint_name(self.attn(self.norm1(x), cos, sin, layout), "attn_out")
         return x + self.mlp(self.norm2(x))
 
 
@@ -154,16 +240,16 @@ class VisionTower(nnx.Module):
         self.downsample = linear(4 * v.hidden_size, v.out_hidden_size, ("vit_embed", "embed"), bias=True, rngs=rngs)
         self.merger = Merger(v, rngs)
 
-    def __call__(self, pixel_values, patch_pos, patch_grid, patch_segment) -> jax.Array:
-        """pixel_values [N, Pd]; patch_pos, patch_grid [N, 2]; patch_segment [N] -> [N/4, O] merged tokens."""
+    def __call__(self, pixel_values, patch_pos, patch_grid, patch_segment, patch_frames=None) -> jax.Array:
+        """pixel_values [N, Pd]; patch_pos, patch_grid [N, 2]; patch_segment [N]; patch_frames [F, L] or None
+        (frame_slots) -> [N/4, O] merged tokens."""
         v = self.v
         x = self.post_conv_norm(self.patch_embed(pixel_values.astype(self.dtype)))
         x = x + self.pos_embed(patch_pos, patch_grid).astype(self.dtype)
         cos, sin = vision_rope_tables(patch_pos, v.head_dim, v.rope_theta)
-        mask = segment_mask(patch_segment[None], patch_segment[None])
-        x, _ = run_stack(self.blocks, x[None], lambda blk, h: (blk(h, cos, sin, mask), ()), scan=self.scan,
+        layout = frame_layout(patch_segment, patch_frames)
+        x, _ = run_stack(self.blocks, x, lambda blk, h: (blk(h, cos, sin, layout), ()), scan=self.scan,
                          remat=self.remat)
-        x = x[0]
         x = self.post_norm(x)
         x = self.downsample(x.reshape(-1, 4 * v.hidden_size))
         return self.merger(x)
