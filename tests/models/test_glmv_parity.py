@@ -103,12 +103,19 @@ def test_grad_through_forward_is_finite(config, params):
     np.testing.assert_allclose(float(value), expect, rtol=1e-5)
 
 
-def test_moe_decoder_logits_match_hf():
-    """GLM-4.5V layout: 2-norm layers, half-split M-RoPE, dense layer 0 then routed layers (models.moe)."""
-    config = tiny(moe=True)
+@pytest.fixture(scope="module")
+def moe_model():
+    config = tiny(moe=True)       # n_group 2, topk_group 1: group-limited routing is exercised
     model = build_hf_model(config, seed=1)
-    params = hf_state_dict_to_params({k: v.numpy() for k, v in model.state_dict().items()}, config)
-    inputs = multimodal_inputs(config, [("image", (1, 4, 6)), ("image", (1, 2, 4))])
+    return config, model, hf_state_dict_to_params({k: v.numpy() for k, v in model.state_dict().items()}, config)
+
+
+@pytest.mark.parametrize("spans", [[("image", (1, 4, 6)), ("image", (1, 2, 4))], [("video", (2, 4, 4))]],
+                         ids=["images", "video"])
+def test_moe_decoder_logits_match_hf(moe_model, spans):
+    """GLM-4.5V layout: 2-norm layers, half-split M-RoPE, dense layer 0 then routed layers (models.moe)."""
+    config, model, params = moe_model
+    inputs = multimodal_inputs(config, spans)
     assert rel_err(glmv.forward(config, params, **inputs), hf_logits(model, inputs)) <= TOL
 
 
