@@ -2,6 +2,8 @@
 the domain verifiers. Accuracy = mean reward per domain (and per tier).
 
     result = evaluate(exp, params)      # {"accuracy": {domain: a}, "by_tier": {domain: {tier: a}}, ...}
+    texts = sample_answers(exp, params, records, n=8, max_new_tokens=256, batch_size=32, temperature=1.0)
+    table = pass_at_k_table(records, rewards, k=4)   # rewards [prompts, n]: unbiased pass@k per domain / tier
 """
 
 from __future__ import annotations
@@ -58,6 +60,71 @@ def generate_answers(exp, params, records: Sequence[dict], *, max_new_tokens: in
                        pad_id=exp.tokenizer.pad_id)
         texts += [response_text(exp.tokenizer, out["tokens"][r], out["lengths"][r]) for r in range(len(chunk))]
     return texts[:len(prompts)]
+
+
+def sample_answers(exp, params, records: Sequence[dict], n: int, *, max_new_tokens: int, batch_size: int,
+                   temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, style: str = "glm41v"
+                   ) -> list[list[str]]:
+    """n response texts per record ([[str] * n] per record; n=1 with temperature 0 is greedy decoding).
+
+    Each generate call holds max(1, batch_size // n) prompts (each image encoded once for its n rows), and
+    every call of an evaluation is padded to one shape (prompt length of the longest record, patch rows of
+    batch_size of the largest images), so greedy (n=1) and sampled (n | batch_size) passes share one
+    compiled loop."""
+    from glmv_jax.rl import kv_cache
+    from glmv_jax.rl.rollout import prompt_dicts
+    from glmv_jax.rl.sampler import answer_ids, generate, response_text
+    if n < 1 or batch_size < 1:
+        raise ValueError(f"samples per prompt and batch_size must be >= 1, got {n}, {batch_size}")
+    force, extra_stops = answer_ids(exp.tokenizer, style)
+    stops = tuple(exp.tokenizer.stop_ids) + tuple(extra_stops)
+    prompts = prompt_dicts(records, exp.tokenizer, exp.processor)
+    most_patches = max(0 if p.get("pixel_values") is None else len(p["pixel_values"]) for p in prompts)
+    shape = dict(min_length=max(len(p["input_ids"]) for p in prompts), min_patches=max(64, batch_size * most_patches),
+                 merge_area=exp.model_config.vision.spatial_merge_size ** 2, pad_id=exp.tokenizer.pad_id)
+    per_call = max(1, batch_size // n)
+    groups = []
+    for start in range(0, len(prompts), per_call):
+        chunk = prompts[start:start + per_call]
+        chunk = chunk + [chunk[-1]] * (per_call - len(chunk))
+        batch = kv_cache.batch_prompts(chunk, n, **shape)
+        out = generate(exp.model_config, params, batch, max_new_tokens=max_new_tokens, temperature=temperature,
+                       top_p=top_p, stop_ids=stops, rng=jax.random.key(seed + start), force_answer_ids=force,
+                       pad_id=exp.tokenizer.pad_id)
+        texts = [response_text(exp.tokenizer, out["tokens"][r], out["lengths"][r]) for r in range(len(out["lengths"]))]
+        groups += [texts[i * n:(i + 1) * n] for i in range(len(chunk))]
+    return groups[:len(prompts)]
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c pass: 1 - C(n - c, k) / C(n, k) (Chen et al. 2021),
+    as the stable product 1 - prod_{i = n - c + 1}^{n} (1 - k / i)."""
+    if not 1 <= k <= n or not 0 <= c <= n:
+        raise ValueError(f"pass@k needs 1 <= k <= n and 0 <= c <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def pass_at_k_table(records: Sequence[dict], rewards: Any, k: int, threshold: float = 0.75) -> dict[str, Any]:
+    """rewards [prompts, n] of n samples per record; a sample passes when its reward > threshold (rl.md 2.2:
+    GLM-V's pass@k logging). -> {"pass_at_k": {domain: mean over prompts}, "by_tier": {domain: {tier: ...}},
+    "sample_reward": {domain: mean reward of all samples}, "sample_reward_by_tier": {domain: {tier: ...}}}."""
+    rewards = np.asarray(rewards, np.float64)
+    if rewards.ndim != 2 or rewards.shape[0] != len(records):
+        raise ValueError(f"rewards must be [len(records)={len(records)}, n], got shape {rewards.shape}")
+    per_prompt = [pass_at_k(rewards.shape[1], int((row > threshold).sum()), k) for row in rewards]
+    by_domain, sample = defaultdict(list), defaultdict(list)
+    by_tier, sample_tier = defaultdict(lambda: defaultdict(list)), defaultdict(lambda: defaultdict(list))
+    for rec, value, row in zip(records, per_prompt, rewards):
+        domain, tier = rec["domain"], str(rec.get("tier", "all"))
+        by_domain[domain].append(value)
+        by_tier[domain][tier].append(value)
+        sample[domain].extend(row.tolist())
+        sample_tier[domain][tier].extend(row.tolist())
+    means = lambda groups: {d: float(np.mean(v)) for d, v in sorted(groups.items())}
+    return {"pass_at_k": means(by_domain), "by_tier": {d: means(ts) for d, ts in sorted(by_tier.items())},
+            "sample_reward": means(sample), "sample_reward_by_tier": {d: means(ts) for d, ts in sorted(sample_tier.items())}}
 
 
 def score(records: Sequence[dict], texts: Sequence[str], style: str) -> dict[str, Any]:
