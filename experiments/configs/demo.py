@@ -28,7 +28,7 @@ def _stage(name: str, smoke: bool) -> ml_collections.ConfigDict:
     c.model.update(preset="tiny", vision=dict(VISION), text=dict(TEXT))
     c.mesh.ici = {"data": 1}
     c.mesh.devices = 1                    # one device even on a multi-device host: the model is tiny
-    c.data.update(image_size=64, seq_len=256, batch_size=8, patch_budget=1536, num_records=1500, tiers=SFT_TIERS)
+    c.data.update(image_size=64, seq_len=256, batch_size=8, patch_budget=2560, num_records=1500, tiers=SFT_TIERS)
     c.train.update(save_every=100, log_every=10, keep=1)
     c.eval = ml_collections.ConfigDict(EVAL)
     if smoke:
@@ -42,17 +42,17 @@ def get_config(arg=None):
     smoke = "smoke" in parse_variants(arg)
     pretrain = _stage("pretrain", smoke)
     pretrain.data.kind = "caption"
-    pretrain.train.steps = 3 if smoke else 150
+    pretrain.train.steps = 3 if smoke else 100
     pretrain.optimizer.update(lr=3e-3, warmup_steps=min(10, pretrain.train.steps // 3), total_steps=pretrain.train.steps, b2=0.98)
 
     sft = _stage("sft", smoke)
     sft.data.kind = "sft"
-    sft.train.steps = 3 if smoke else 450
+    sft.train.steps = 3 if smoke else 350
     sft.optimizer.update(lr=2e-3, warmup_steps=min(15, sft.train.steps // 3), total_steps=sft.train.steps, b2=0.98)
 
     rl = _stage("rl", smoke)
     rl.data.kind = "rl"
-    rl.rl = rl_block(sampler="rlcs", batch_size=14, group_size=8, iterations=2 if smoke else 25,
+    rl.rl = rl_block(sampler="rlcs", batch_size=14, group_size=8, iterations=2 if smoke else 20,
                      max_new_tokens=8 if smoke else 40, prompts_per_domain=4 if smoke else 96,
                      prompt_tiers={"0": 0.5, "1": 0.5}, save_every=5)
     rl.rl.grpo.update(num_minibatches=2)
