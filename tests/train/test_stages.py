@@ -1,0 +1,159 @@
+"""Each supervised stage (pretrain captions, long_context, sft) learns on the tiny model through the runner's
+code path: the stage's config -> setup -> make_pipeline on the synthetic suite -> supervised.make_loss_fn ->
+step.make_train_step, repeating one fixed batch. The pipeline config (pretrain -> long_context -> sft -> rl)
+builds and validates for the real presets and for runlocal, variants reaching every stage.
+
+The stages use one optimizer block and small batches; pretrain and sft have the same shapes and share one
+compiled step, long_context packs the same number of tokens into rows twice as long (a second compile).
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.configs import long_context, pipeline, pretrain, sft
+from glmv_jax.data.pipeline import make_pipeline
+from glmv_jax.train.experiment import _tokenizer, model_config_for, setup
+from glmv_jax.train.optimizer import build_optimizer
+from glmv_jax.train.state import train_state_from_params
+from glmv_jax.train.step import make_train_step
+from glmv_jax.train.supervised import make_loss_fn
+
+COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}    # same math, ~3x faster compile on this CPU
+SHAPES = dict(seq_len=128, batch_size=2, patch_budget=256, image_size=32, num_records=6)
+LONG_ROWS = dict(seq_len=256, batch_size=1)       # long_context: the same tokens in rows twice as long
+OPTIMIZER = dict(lr=3e-3, warmup_steps=0, total_steps=100, final_lr_fraction=1.0, weight_decay=0.0)
+STEPS = 6
+
+
+def stage_config(module):
+    cfg = module.get_config("model=tiny")
+    cfg.data.update(SHAPES)
+    if cfg.stage == "long_context":
+        cfg.data.update(LONG_ROWS)
+    cfg.optimizer.update(OPTIMIZER)
+    cfg.mesh.ici, cfg.mesh.devices = {"data": 1}, 1
+    return cfg
+
+
+def random_init(rng):
+    """Numpy init by leaf name: norm scales 1, biases 0, embeddings N(0, 1), kernels N(0, 1/fan_in)."""
+    def init(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if "scale" in name or "bias" in name:
+            return np.full(leaf.shape, float("scale" in name), np.float32)
+        std = 1.0 if "embedding" in name or len(leaf.shape) < 2 else leaf.shape[-2] ** -0.5
+        return (std * rng.standard_normal(leaf.shape)).astype(np.float32)
+    return init
+
+
+@pytest.fixture(scope="module")
+def experiments(tmp_path_factory):
+    modules = {"pretrain": pretrain, "long_context": long_context, "sft": sft}
+    return {name: setup(stage_config(m), str(tmp_path_factory.mktemp(name))) for name, m in modules.items()}
+
+
+@pytest.fixture(scope="module")
+def shared_step(experiments):
+    """One jitted step function for the three stages (their model configs and optimizer blocks are equal);
+    it compiles once per batch shape."""
+    exps = list(experiments.values())
+    assert all(e.model_config == exps[0].model_config for e in exps)
+    optimizer = build_optimizer(exps[0].cfg.optimizer)
+    step = make_train_step(make_loss_fn(exps[0]), optimizer, compiler_options=COMPILER_OPTIONS)
+    from glmv_jax.models.glmv import init_params
+    abstract = jax.eval_shape(lambda: init_params(exps[0].model_config, jax.random.key(0)))   # no init compile
+    params = jax.tree_util.tree_map_with_path(random_init(np.random.default_rng(0)), abstract)
+    return step, lambda: train_state_from_params(params, optimizer, jax.random.key(0))
+
+
+def first_batch(exp):
+    return next(make_pipeline(exp.cfg.data, exp.tokenizer, exp.processor, seed=exp.cfg.seed))
+
+
+@pytest.mark.parametrize("name", ["pretrain", "long_context", "sft"])
+def test_stage_learns_a_fixed_batch(name, experiments, shared_step):
+    step, fresh_state = shared_step
+    exp = experiments[name]
+    assert exp.cfg.stage == name and exp.cfg.data.kind == ("sft" if name == "sft" else "caption")
+    batch = first_batch(exp)
+    real = batch["segment_ids"] > 0
+    text = real & (batch["token_type"] == 0)
+    if name == "sft":   # loss only on part of the text (assistant turns)
+        assert 0 < batch["loss_mask"].sum() < text.sum() - 10
+    else:               # captions: every text token that has a next text token in its segment
+        assert batch["loss_mask"].sum() > 0.6 * text.sum()
+    assert batch["segment_ids"].max() >= 2                         # packed: several samples in a row
+    assert (batch["token_type"] == 1).sum() * 4 == (batch["patch_segment"] > 0).sum()
+
+    state, losses = fresh_state(), []
+    for _ in range(STEPS):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+        assert float(metrics["tokens"]) == batch["loss_mask"].sum()
+        assert float(metrics["seq_tokens"]) == real.sum()
+    assert np.isfinite(losses).all() and int(metrics["nonfinite_count"]) == 0
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses     # decreases at every step
+    assert losses[-1] < losses[0] - 1.0, losses                        # by more than a nat
+
+
+# ------------------------------------------------------------------------------ the pipeline config
+
+
+def test_runlocal_pipeline_chains_four_stages_of_one_tiny_model():
+    c = pipeline.get_config("runlocal")
+    assert [s.stage for s in c.stages] == ["pretrain", "long_context", "sft", "rl"]
+    assert [s.data.kind for s in c.stages] == ["caption", "caption", "sft", "rl"]
+    assert list(c.eval_after) == ["sft", "rl"] and all("eval" in s for s in c.stages[2:])
+    assert not any(s.train.init_from for s in c.stages)                   # run_pipeline chains them
+    assert c.stages[1].data.seq_len > c.stages[0].data.seq_len            # long context is longer
+    tokenizer = _tokenizer(c.stages[0])
+    configs = [model_config_for(s, tokenizer) for s in c.stages]
+    assert all(m == configs[0] for m in configs) and configs[0].text.hidden_size == 64   # the tiny preset
+    for s in c.stages:
+        assert s.model.dtype == "float32" and s.train.steps <= 100
+
+
+@pytest.mark.parametrize("arg, preset, ici", [
+    ("", "glm41v_9b", None),
+    ("model=glm45v,mesh=fsdp2_ep4", "glm45v", {"fsdp": 2, "expert": 4}),
+    ("model=glm46v,mesh=fsdp8,rules=default", "glm46v", {"fsdp": 8}),
+])
+def test_real_preset_pipeline_follows_the_paper_and_the_variants(arg, preset, ici):
+    c = pipeline.get_config(arg)
+    pre, lc, ft, r = c.stages
+    assert all(s.model.preset == preset for s in c.stages)
+    assert (pre.data.seq_len, lc.data.seq_len) == (8192, 32768)             # 8K pretraining, 32K long context
+    assert pre.train.steps == 120_000 and lc.train.steps == 10_000
+    assert ft.data.kind == "sft" and r.rl.sampler == "rlcs"
+    assert all(s.model.dtype == "bfloat16" for s in c.stages)
+    if ici is None:
+        assert dict(lc.mesh.ici) == {"fsdp": -1, "sequence": 4}              # the stage's own default
+    else:
+        assert all(dict(s.mesh.ici) == ici for s in c.stages)               # an explicit mesh wins everywhere
+    pipeline.validate_pipeline(c)
+
+
+def test_pipeline_config_errors_are_clear():
+    with pytest.raises(ValueError, match="unknown config variants"):
+        pipeline.get_config("runlocal,modle=tiny")
+    with pytest.raises(ValueError, match="unknown mesh variant"):
+        pipeline.get_config("runlocal,mesh=nope")
+    with pytest.raises(ValueError, match="unknown model preset"):
+        pipeline.get_config("model=glm99")
+    c = pipeline.get_config("runlocal")
+    c.stages[2].model.preset = "tiny_moe"
+    with pytest.raises(ValueError, match="share one model"):
+        pipeline.validate_pipeline(c)
+    c = pipeline.get_config("runlocal")
+    c.stages[1].train.init_from = "/somewhere"
+    with pytest.raises(ValueError, match="previous stage's checkpoint"):
+        pipeline.validate_pipeline(c)
+    c = pipeline.get_config("runlocal")
+    c.eval_after = ["sft", "pretrain", "eval"]
+    with pytest.raises(ValueError, match=r"not stages of this pipeline"):
+        pipeline.validate_pipeline(c)
+    c = pipeline.get_config("runlocal")
+    c.stages[0].optimizer.lr = -1.0
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        pipeline.validate_pipeline(c)
