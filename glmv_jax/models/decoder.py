@@ -19,8 +19,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from glmv_jax.config import ModelConfig, TextConfig
-from glmv_jax.models.layers import (INIT_STD, Einsum, RMSNorm, SwiGLU, cached_attention, causal_segment_mask,
-                                    dot_product_attention, make_stack, normal_init, param, run_stack)
+from glmv_jax.models.layers import (INIT_STD, Einsum, RMSNorm, SwiGLU, blocked_attention, cached_attention,
+                                    make_stack, normal_init, param, run_stack)
 from glmv_jax.models.moe import MoE
 from glmv_jax.models.rope import apply_text_rope, text_rope_tables
 from glmv_jax.parallel.rules import constrain
@@ -71,13 +71,13 @@ class TextAttention(nnx.Module):
         return self.with_kv(x, ctx)[0]
 
     def with_kv(self, x: jax.Array, ctx: AttentionContext, cache: tuple | None = None):
-        """-> (output [B,T,D], (k, v) of these tokens). cache None: attention among the T tokens (training,
-        prefill); cache (k [B,S,K,H], v, valid [B,S]): one decode step (T = 1) over the cache and itself."""
+        """-> (output [B,T,D], (k, v) of these tokens). cache None: causal attention among the T tokens by
+        sequence slot inside segments (training, prefill: ctx from `TextDecoder.context`); cache (k [B,S,K,H],
+        v, valid [B,S]): one decode step (T = 1) over the cache and itself."""
         q, k, v = self.qkv(x, ctx)
         scale = self.head_dim ** -0.5
         if cache is None:
-            mask = causal_segment_mask(ctx.q_index, ctx.kv_index, ctx.q_segment, ctx.kv_segment)
-            out = dot_product_attention(q, k, v, mask, scale)
+            out = blocked_attention(q, k, v, ctx.q_segment, ctx.kv_segment, scale, causal=True)
         else:
             out = cached_attention(q, k, v, *cache, scale)
         out = checkpoint_name(out, "attn_context")

@@ -145,6 +145,50 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     return out.reshape(b, t, n, h)
 
 
+def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment: jax.Array, kv_segment: jax.Array,
+                      scale: float, *, causal: bool, block: int = 128, max_blocks: int = 16,
+                      per_pair: bool | None = None) -> jax.Array:
+    """Attention where query t sees key s iff q_segment[t] == kv_segment[s] > 0, and, when `causal`, s <= t
+    by sequence slot (self-attention: keys in query order, T == S). q [B,T,N,H], k/v [B,S,K,H] (GQA, N = K*G),
+    q_segment [B,T], kv_segment [B,S] int -> [B,T,N,H].
+
+    The values of dot_product_attention with that mask (fp32 scores and softmax, probabilities in v's dtype;
+    a query that sees no key, i.e. padding, gets some finite average), computed in query blocks of `block`
+    rows (at most `max_blocks` blocks) whose keys stop at the block's last query when causal, so the masked
+    upper triangle is never computed. `per_pair` (default: on CPU) runs each (row, kv head) pair alone
+    (lax.map), which keeps a block's [G, block, S] scores in cache instead of streaming a [B, K, G, T, S]
+    array through memory; otherwise (accelerators) rows and heads stay batched."""
+    b, t, n, h = q.shape
+    s, kv_heads = k.shape[1], k.shape[2]
+    g = n // kv_heads
+    block = max(block, -(-t // (8 * max_blocks)) * 8)     # at most max_blocks blocks, multiples of 8
+    qx = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4).reshape(b * kv_heads, g, t, h)
+    kx, vx = (a.transpose(0, 2, 1, 3).reshape(b * kv_heads, s, h) for a in (k, v))
+    qs, ks = (jnp.repeat(a, kv_heads, axis=0) for a in (q_segment, kv_segment))
+
+    def attend(qx, kx, vx, qs, ks):       # [X, G, T, H], [X, S, H] x2, [X, T], [X, S] -> [X, G, T, H]
+        outs = []
+        for lo in range(0, t, block):
+            hi = min(t, lo + block)
+            stop = hi if causal else s
+            kb, vb, ksb = kx[:, :stop], vx[:, :stop], ks[:, :stop]
+            scores = jnp.einsum("XGTH,XSH->XGTS", qx[:, :, lo:hi], kb, preferred_element_type=jnp.float32) * scale
+            mask = (qs[:, lo:hi, None] == ksb[:, None, :]) & (ksb[:, None, :] > 0)
+            if causal:
+                mask &= jnp.arange(stop)[None, None, :] <= jnp.arange(lo, hi)[None, :, None]
+            scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+            outs.append(jnp.einsum("XGTS,XSH->XGTH", probs, vb))
+        return jnp.concatenate(outs, axis=2)
+
+    if jax.default_backend() == "cpu" if per_pair is None else per_pair:
+        one = lambda args: attend(*(a[None] for a in args))[0]
+        out = jax.lax.map(one, (qx, kx, vx, qs, ks))
+    else:
+        out = attend(qx, kx, vx, qs, ks)
+    return out.reshape(b, kv_heads, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
                      cache_mask: jax.Array, scale: float) -> jax.Array:
     """One decode step over a KV cache plus the step's own key. q [B,1,N,H], k/v [B,1,K,H] (the new

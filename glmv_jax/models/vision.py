@@ -6,9 +6,9 @@ LayerNorm, GELU, SwiGLU) -> [N/4, O]. Every image and every temporal patch of a 
 "frame" with its own attention segment and its own position-table resampling.
 
 Attention runs frame by frame: `frame_slots` (numpy) lays the patch rows out as [F, L] slots (frame f's
-rows, then empty slots), the ViT gathers q/k/v into that layout and computes each (frame, head) pair
-alone, in query blocks small enough to keep the scores in cache. Without that layout all patch rows form
-one frame with a same-segment mask: the same values at O(N^2) cost.
+rows, then empty slots); the ViT gathers q/k/v into that layout and runs layers.blocked_attention over
+the frames (on CPU one (frame, head) pair at a time, in query blocks whose scores stay in cache). Without
+that layout all patch rows form one frame with a same-segment mask: the same values at O(N^2) cost.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from glmv_jax.config import ModelConfig, VisionConfig
-from glmv_jax.models.layers import (INIT_STD, Kernel, LayerNorm, RMSNorm, SwiGLU, linear, make_stack, normal_init,
-                                    param, run_stack)
+from glmv_jax.models.layers import (INIT_STD, Kernel, LayerNorm, RMSNorm, SwiGLU, blocked_attention, linear,
+                                    make_stack, normal_init, param, run_stack)
 from glmv_jax.models.rope import apply_vision_rope, vision_rope_tables
 
 CUBIC_A = -0.75   # PyTorch's bicubic kernel constant
@@ -149,34 +149,14 @@ def frame_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: FrameLayou
                     block: int = QUERY_BLOCK) -> jax.Array:
     """q, k, v [N, Nv, Hv] per patch row -> [N, Nv, Hv]: attention inside each frame of `layout`.
 
-    Each (frame, head) pair runs alone and its queries in blocks of `block`, so the [block, L] scores stay
-    in cache instead of an [F, Nv, L, L] array streaming through memory. Keys in empty slots or another
-    segment are masked; fp32 scores and softmax, probabilities in v's dtype (as HF's eager attention).
-    Rows in no frame (padding) get zeros."""
+    q/k/v are gathered into the [F, L] frame slots and layers.blocked_attention runs frames as its rows
+    (keys of empty slots or of another segment masked; fp32 scores and softmax, probabilities in v's
+    dtype as in HF's eager attention). Rows in no frame (padding) get zeros."""
     f, l = layout.rows.shape
     heads, hd = q.shape[1:]
-    to_slots = lambda a: a[layout.rows].transpose(0, 2, 1, 3).reshape(f * heads, l, hd)
-    segments = jnp.repeat(layout.segment, heads, axis=0)                       # [F*Nv, L]
-    blocks = -(-l // block)
-    lq = blocks * block if blocks > 1 else l                                    # queries padded to whole blocks
-
-    def one_head(args):
-        q1, k1, v1, seg1 = args                                                 # [L, Hv] x3, [L]
-        qb = jnp.pad(q1, ((0, lq - l), (0, 0))).reshape(blocks, -1, hd)
-        sb = jnp.pad(seg1, (0, lq - l), constant_values=-2).reshape(blocks, -1)
-
-        def one_block(args):
-            qq, sq = args
-            scores = jnp.einsum("TH,SH->TS", qq, k1, preferred_element_type=jnp.float32) * scale
-            scores = jnp.where(sq[:, None] == seg1[None, :], scores, jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(scores, axis=-1).astype(v1.dtype)
-            return jnp.einsum("TS,SH->TH", probs, v1)
-
-        return jax.lax.map(one_block, (qb, sb)).reshape(lq, hd)[:l]
-
-    out = jax.lax.map(one_head, (to_slots(q), to_slots(k), to_slots(v), segments))   # [F*Nv, L, Hv]
-    out = out.reshape(f, heads, l, hd).transpose(0, 2, 1, 3).reshape(f * l, heads, hd)
-    return jnp.take(out, layout.slot, axis=0, mode="fill", fill_value=0)
+    qf, kf, vf = (a[layout.rows] for a in (q, k, v))                              # [F, L, Nv, Hv]
+    out = blocked_attention(qf, kf, vf, layout.segment, layout.segment, scale, causal=False, block=block)
+    return jnp.take(out.reshape(f * l, heads, hd), layout.slot, axis=0, mode="fill", fill_value=0)
 
 
 class VisionAttention(nnx.Module):
