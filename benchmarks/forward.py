@@ -1,10 +1,16 @@
-"""Forward throughput: glmv-jax (jitted) vs HF transformers PyTorch on the same ~100M config and inputs.
+"""Forward throughput: glmv-jax (jitted) vs HF transformers PyTorch on the same ~115M config and inputs.
 
 One 448x448 image (1024 patches -> 256 image tokens) plus 512 text tokens per row, batch 4, fp32, CPU.
 Reports tokens/s of each, their ratio, and each one's achieved FLOP/s as a fraction of a large matmul's
-FLOP/s measured in the same run (jax and torch each against their own peak). Appends to RESULTS.md.
+FLOP/s measured in the same run (jax and torch each against their own peak). HF runs twice: with the eager
+attention the parity tests use, and with "sdpa" (HF's default, PyTorch's fused attention kernels).
 
-    python -m benchmarks.forward [--repeats 5] [--batch 4]
+The machine is shared, so every round runs each contender once, the matmul peaks included, one after the
+other: all see the same load, and the best round of each is kept. Process CPU time is reported beside wall
+time (less sensitive to other jobs). `--parts` adds the ViT alone and the decoder + lm_head alone.
+Appends the table to RESULTS.md.
+
+    python -m benchmarks.forward [--repeats 5] [--batch 4] [--parts]
 """
 
 from __future__ import annotations
@@ -56,28 +62,77 @@ def make_inputs(config: ModelConfig, batch: int, text_tokens: int, grid=(1, 32, 
                 pixel_values=pixel_values, image_grid_thw=np.array([grid] * batch, np.int64))
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()   # warm-up / compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def clock(fn) -> tuple[float, float]:
+    """(wall, process CPU) seconds of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def interleaved(contenders: dict, repeats: int) -> dict[str, tuple[float, float]]:
+    """Warms each contender up, then `repeats` rounds of one call each in turn -> best (wall, cpu) each."""
+    for fn in contenders.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    best = {name: (float("inf"), float("inf")) for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            wall, cpu = clock(fn)
+            best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
+    return best
 
 
-def matmul_peaks(n: int = 2048, repeats: int = 5) -> tuple[float, float]:
+def matmul_contenders(n: int = 2048) -> tuple[dict, float]:
     import jax
     import jax.numpy as jnp
     import torch
     a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
-    ja = jnp.asarray(a)
+    ja, ta = jnp.asarray(a), torch.from_numpy(a)
     f = jax.jit(lambda x: x @ x)
-    jax_t = best_time(lambda: f(ja).block_until_ready(), repeats)
-    ta = torch.from_numpy(a)
-    torch_t = best_time(lambda: ta @ ta, repeats)
-    flops = 2.0 * n ** 3
-    return flops / jax_t, flops / torch_t
+    return {"jax matmul": lambda: f(ja).block_until_ready(), "torch matmul": lambda: ta @ ta}, 2.0 * n ** 3
+
+
+def part_contenders(config, params, hf_model, inputs) -> dict:
+    """The ViT alone (jax, HF eager) and the decoder + lm_head alone over [B, T, D] embeddings."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from flax import nnx
+    from glmv_jax.models import glmv
+    batch, _ = glmv.prepare_inputs(config, **inputs)
+    vit = glmv._jitted_vision(config)
+    keys = ("pixel_values", "patch_pos", "patch_grid", "patch_segment", "patch_frames")
+    vit_args = {k: jnp.asarray(batch[k]) for k in keys}
+    graphdef, _ = glmv.model_graph(config)
+
+    @jax.jit
+    def decoder(params, x, position_ids, segment_ids):
+        model = nnx.merge(graphdef, params)
+        hidden, _ = model.text(x, model.text.context(position_ids, segment_ids))
+        return jnp.einsum("BTD,DV->BTV", hidden, model.lm_head.kernel[...])
+
+    x = np.random.default_rng(1).standard_normal(batch["input_ids"].shape + (config.text.hidden_size,))
+    x = x.astype(np.float32)
+    dec_args = (params, jnp.asarray(x), jnp.asarray(batch["position_ids"]), jnp.asarray(batch["segment_ids"]))
+    pixels, grid = torch.from_numpy(inputs["pixel_values"]), torch.from_numpy(inputs["image_grid_thw"])
+    tx, tpos = torch.from_numpy(x), torch.from_numpy(batch["position_ids"].astype(np.int64))
+    tmask = torch.from_numpy(inputs["attention_mask"])
+
+    def hf_vit():
+        with torch.inference_mode():
+            return hf_model.model.visual(pixels, grid_thw=grid)
+
+    def hf_decoder():
+        with torch.inference_mode():
+            hidden = hf_model.model.language_model(inputs_embeds=tx, position_ids=tpos, attention_mask=tmask)
+            return hf_model.lm_head(hidden.last_hidden_state)
+
+    return {"ViT jax": lambda: vit(params, **vit_args).block_until_ready(), "ViT HF eager": hf_vit,
+            "decoder+lm_head jax": lambda: decoder(*dec_args).block_until_ready(),
+            "decoder+lm_head HF eager": hf_decoder}
+
+
+def load_average() -> str:
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def main():
@@ -85,53 +140,80 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--text-tokens", type=int, default=512)
+    parser.add_argument("--parts", action="store_true", help="also time the ViT and the decoder alone")
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
+
+    import copy
 
     import jax
     import torch
     from glmv_jax.convert.hf import load_pretrained
+    from glmv_jax.models.flops import text_flops, vision_flops
     from glmv_jax.models.glmv import forward
     from tests.hf_oracle import save_hf_model
 
     torch.set_num_threads(os.cpu_count() or 1)
     config = medium_config()
     with tempfile.TemporaryDirectory() as tmp:
-        hf_model = save_hf_model(config, tmp)
+        hf_eager = save_hf_model(config, tmp)
         _, params = load_pretrained(tmp)
-    n_params = sum(p.numel() for p in hf_model.parameters())
+    hf_sdpa = copy.deepcopy(hf_eager)
+    hf_sdpa.set_attn_implementation("sdpa")
+    n_params = sum(p.numel() for p in hf_eager.parameters())
     params = jax.device_put(params)
     inputs = make_inputs(config, args.batch, args.text_tokens)
     seq = inputs["input_ids"].shape[1]
     tokens = args.batch * seq
-    flops = forward_flops(config, args.batch, seq, [(1, 32, 32)])
-
-    def run_jax():
-        return np.asarray(forward(config, params, **inputs))
-
+    grids = [(1, 32, 32)]
+    flops = forward_flops(config, args.batch, seq, grids)
     torch_inputs = {k: torch.from_numpy(v) for k, v in inputs.items()}
 
-    def run_torch():
-        with torch.inference_mode():
-            return hf_model(**torch_inputs).logits
+    def hf_run(model):
+        def run():
+            with torch.inference_mode():
+                return model(**torch_inputs).logits
+        return run
 
-    jax_t = best_time(run_jax, args.repeats)
-    torch_t = best_time(run_torch, args.repeats)
-    err = float(np.abs(run_jax() - run_torch().numpy()).max() / np.abs(run_torch().numpy()).max())
-    jax_peak, torch_peak = matmul_peaks()
+    contenders = {"glmv-jax (jit)": lambda: np.asarray(forward(config, params, **inputs)),
+                  "HF transformers eager": hf_run(hf_eager), "HF transformers sdpa": hf_run(hf_sdpa)}
+    peaks, peak_flops = matmul_contenders()
+    contenders.update(peaks)
+    work = {name: flops for name in contenders}
+    work.update({"jax matmul": peak_flops, "torch matmul": peak_flops})
+    if args.parts:
+        parts = part_contenders(config, params, hf_eager, inputs)
+        contenders.update(parts)
+        work.update({name: args.batch * vision_flops(config, grids) for name in parts if name.startswith("ViT")})
+        work.update({name: text_flops(config, args.batch, seq) for name in parts if name.startswith("decoder")})
+    load_before = load_average()
+    best = interleaved(contenders, args.repeats)
+    load_after = load_average()
+    ours = np.asarray(forward(config, params, **inputs))
+    errors = {name: float(np.abs(ours - hf_run(m)().numpy()).max() / np.abs(hf_run(m)().numpy()).max())
+              for name, m in (("eager", hf_eager), ("sdpa", hf_sdpa))}
 
-    rows = [("glmv-jax (jit)", jax_t, jax_peak), ("HF transformers (PyTorch)", torch_t, torch_peak)]
-    lines = [f"### forward: {datetime.date.today()} | {platform.processor() or platform.machine()}, "
-             f"{os.cpu_count()} cores, CPU fp32 | jax {jax.__version__}, torch {torch.__version__}",
-             "", f"config: {n_params / 1e6:.1f}M params, batch {args.batch} x {seq} tokens "
-             f"(one 448x448 image = 256 tokens + {args.text_tokens} text), model FLOPs/forward "
-             f"{flops / 1e9:.1f} G; logits max rel diff {err:.1e}", "",
-             "| impl | time/forward (s) | tokens/s | GFLOP/s | matmul peak GFLOP/s | fraction of peak |",
+    peak = {name: peak_flops / best["jax matmul" if "jax" in name else "torch matmul"][0] for name in best}
+    rows = [name for name in best if "matmul" not in name]
+    lines = [f"### forward: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | "
+             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU fp32 | jax {jax.__version__},"
+             f" torch {torch.__version__} | load average {load_before} before, {load_after} after",
+             "", f"config: {n_params / 1e6:.1f}M params, batch {args.batch} x {seq} tokens (one 448x448 image = 256 "
+             f"tokens + {args.text_tokens} text), model FLOPs/forward {flops / 1e9:.1f} G; logits max rel diff vs "
+             f"HF eager {errors['eager']:.1e}, vs HF sdpa {errors['sdpa']:.1e}; best of {args.repeats} interleaved "
+             "rounds", "",
+             f"same-run matmul peak (2048^3): jax {peak_flops / best['jax matmul'][0] / 1e9:.1f}, torch "
+             f"{peak_flops / best['torch matmul'][0] / 1e9:.1f} GFLOP/s", "",
+             "| impl | wall s | CPU s | tokens/s | GFLOP/s | fraction of own matmul peak |",
              "|---|---|---|---|---|---|"]
-    for name, t, peak in rows:
-        lines.append(f"| {name} | {t:.3f} | {tokens / t:,.0f} | {flops / t / 1e9:.1f} | {peak / 1e9:.1f} | "
-                     f"{flops / t / peak:.0%} |")
-    lines += ["", f"ratio glmv-jax / PyTorch tokens/s: **{torch_t / jax_t:.2f}**", ""]
+    for name in rows:
+        wall, cpu = best[name]
+        tok = f"{tokens / wall:,.0f}" if name in ("glmv-jax (jit)",) or name.startswith("HF") else "-"
+        lines.append(f"| {name} | {wall:.3f} | {cpu:.3f} | {tok} | {work[name] / wall / 1e9:.1f} | "
+                     f"{work[name] / wall / peak[name]:.0%} |")
+    jax_t = best["glmv-jax (jit)"][0]
+    lines += ["", f"ratio glmv-jax / PyTorch tokens/s: **{best['HF transformers eager'][0] / jax_t:.2f}** vs HF eager, "
+              f"**{best['HF transformers sdpa'][0] / jax_t:.2f}** vs HF sdpa", ""]
     text = "\n".join(lines)
     print(text)
     if not args.no_append:
