@@ -7,24 +7,11 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from glmv_jax.config import tiny
 from glmv_jax.data.pipeline import make_pipeline
 from glmv_jax.data.records import BadRecordError, parse_record
 from glmv_jax.data.synthetic import generate
-from glmv_jax.data.tokenizer import suite_tokenizer
-from glmv_jax.data.transforms import Processor
 
 CFG = dict(seq_len=96, batch_size=2, patch_budget=256, shuffle=False, num_epochs=1, read_threads=1)
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return suite_tokenizer(512, cache_dir=tmp_path_factory.mktemp("tok"), records_per_domain=20)
-
-
-@pytest.fixture(scope="module")
-def proc():
-    return Processor.for_model(tiny(), min_pixels=1024, max_pixels=4608)
 
 
 @pytest.fixture(scope="module")
