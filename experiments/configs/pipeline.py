@@ -1,5 +1,5 @@
 """The paper's whole training chain as one config: multimodal pretraining (8K packed) -> long-context
-continual training (32K, video) -> long-CoT SFT -> RL (RLCS + GRPO), each stage starting from the
+continual training (32K; the paper adds long video and documents) -> long-CoT SFT -> RL (RLCS + GRPO), each stage starting from the
 previous stage's checkpoint, with a held-out evaluation after SFT and after RL.
 
     python -m experiments.run --config=experiments/configs/pipeline.py                 # GLM-4.1V-9B sizes
@@ -17,8 +17,6 @@ import ml_collections
 from experiments.configs import base, long_context, pretrain, rl, sft
 
 STAGE_MODULES = (pretrain, long_context, sft, rl)     # the order of the chain
-
-
 DEFAULT_MODEL = "glm41v_9b"      # without `model=` or `runlocal`: the paper's GLM-4.1V-9B
 
 
