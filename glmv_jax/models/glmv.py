@@ -205,21 +205,23 @@ def prepare_inputs(config: ModelConfig, input_ids, attention_mask=None, pixel_va
     if order:
         batch["pixel_values"] = np.concatenate([rows for _, rows, _ in order])
         batch.update(patch_layout([g for _, _, g in order], config.vision.spatial_merge_size))
-        batch["patch_frames"] = frame_slots(batch["patch_segment"])
+        longest = max(int(np.prod(g[1:])) for _, _, g in order)
+        batch["patch_frames"] = frame_slots(batch["patch_segment"], frame_len=bucket(longest, 256))
     return batch, deltas
 
 
-def bucket(n: int, minimum: int) -> int:
-    """Padded size for n: at least `minimum`, then quarter-octave steps (at most ~25% padding), so
+def bucket(n: int, minimum: int, steps: int = 4) -> int:
+    """Padded size for n: at least `minimum`, then `steps` steps per octave (at most 1/steps padding), so
     prompts of similar length share one compiled function."""
     n = max(n, minimum)
-    step = max(1, 2 ** (n.bit_length() - 3))
+    step = max(1, 2 ** (n.bit_length() - 1) // steps)
     return -(-n // step) * step
 
 
 def pad_batch(batch: dict[str, np.ndarray], length: int, patches: int) -> dict[str, np.ndarray]:
-    """Right-pads tokens to `length` (segment 0: never attended) and patch rows to `patches`
-    (segment 0: their own block, features never used). Valid positions compute the same values."""
+    """Right-pads tokens to `length` (segment 0: never attended), patch rows to `patches` (segment 0, in
+    no ViT frame: features never used) and patch_frames rows to a bucket (empty rows). Valid positions
+    compute the same values."""
     out = dict(batch)
     extra = length - batch["input_ids"].shape[1]
     for key in ("input_ids", "segment_ids", "token_type", "position_ids"):
@@ -231,6 +233,10 @@ def pad_batch(batch: dict[str, np.ndarray], length: int, patches: int) -> dict[s
         out["patch_pos"] = np.pad(batch["patch_pos"], [(0, rows), (0, 0)])
         out["patch_grid"] = np.pad(batch["patch_grid"], [(0, rows), (0, 0)], constant_values=1)
         out["patch_segment"] = np.pad(batch["patch_segment"], [(0, rows)])
+    if "patch_frames" in batch:
+        frames = batch["patch_frames"].shape[0]
+        out["patch_frames"] = np.pad(batch["patch_frames"], [(0, bucket(frames, 1) - frames), (0, 0)],
+                                     constant_values=-1)
     return out
 
 
@@ -241,10 +247,11 @@ def forward(config: ModelConfig, params: Params, input_ids, attention_mask=None,
     Vision features replace image-token embeddings in row-major order, images and videos placed by
     token type (so, unlike HF, one prompt may hold both). Positions follow get_rope_index with the
     attention mask also for text-only inputs (HF's plain forward uses arange there; generate does not).
-    Tokens and patch rows are padded to `bucket` sizes so similar prompts share a compiled function."""
+    Tokens (1/16-octave steps: <= 6% padding) and patch rows are padded to `bucket` sizes so similar
+    prompts share a compiled function."""
     batch, _ = prepare_inputs(config, input_ids, attention_mask, pixel_values, image_grid_thw,
                               pixel_values_videos, video_grid_thw, mm_token_type_ids)
     length = batch["input_ids"].shape[1]
     patches = batch["pixel_values"].shape[0] if "pixel_values" in batch else 0
-    padded = pad_batch(batch, bucket(length, 64), bucket(patches, 256))
+    padded = pad_batch(batch, bucket(length, 64, steps=16), bucket(patches, 256))
     return _jitted_apply(config)(params, padded)[:, :length]

@@ -5,8 +5,8 @@ block (attention per image / video frame, 2D rope) -> RMSNorm -> 2x2 downsample 
 LayerNorm, GELU, SwiGLU) -> [N/4, O]. Every image and every temporal patch of a video is an independent
 "frame" with its own attention segment and its own position-table resampling.
 
-Attention runs frame by frame: `frame_slots` (numpy) lays the patch rows out as [F, L] slots (frame f's
-rows, then empty slots); the ViT gathers q/k/v into that layout and runs layers.blocked_attention over
+Attention runs frame by frame: `frame_slots` (numpy) lays the patch rows out as [F, L] slots (frames
+packed into rows of L, then empty slots); the ViT gathers q/k/v into that layout and runs layers.blocked_attention over
 the frames (on CPU one (frame, head) pair at a time, in query blocks whose scores stay in cache). Without
 that layout all patch rows form one frame with a same-segment mask: the same values at O(N^2) cost.
 """
@@ -57,8 +57,10 @@ def patch_layout(frames: Sequence[Sequence[int]], merge: int = 2) -> dict[str, n
 
 def frame_slots(patch_segment, frames: int | None = None, frame_len: int | None = None) -> np.ndarray:
     """patch_segment [N] (frames 1..n, each a contiguous run of rows; 0 on padding rows) -> patch_frames
-    [F, L] int32: the rows of frame f in slots 0.., then -1. F, L default to the number of frames and the
-    longest frame; pass them (at least those sizes) for a fixed shape, e.g. a training batch."""
+    [F, L] int32: the ViT attention rows. Frames are packed first-fit (longest first) into rows of L slots
+    holding patch row indices, -1 in empty slots; attention stays inside each frame (the segment mask), so
+    small frames share a row instead of each padding one to L. L defaults to the longest frame and F to the
+    rows used; pass them for a fixed shape (at least those sizes)."""
     seg = np.asarray(patch_segment).reshape(-1).astype(np.int64)
     rows = np.flatnonzero(seg > 0)
     real = seg[rows]
@@ -70,12 +72,21 @@ def frame_slots(patch_segment, frames: int | None = None, frame_len: int | None 
     if (lengths == 0).any() or (last[1:] - first[1:] + 1 != lengths).any():
         raise ValueError("patch_segment must number the frames 1..n, each a contiguous run of patch rows")
     longest = int(lengths.max()) if n else 1
-    frames = n if frames is None else frames
     frame_len = longest if frame_len is None else frame_len
-    if frames < n or frame_len < longest:
-        raise ValueError(f"{n} frames of up to {longest} patches do not fit patch_frames [{frames}, {frame_len}]")
-    out = np.full((max(frames, 1), frame_len), -1, np.int32)
-    out[real - 1, rows - first[real]] = rows
+    if frame_len < longest:
+        raise ValueError(f"a frame of {longest} patches does not fit patch_frames rows of {frame_len} slots")
+    fill, row_of, offset_of = [], np.zeros(n + 1, np.int64), np.zeros(n + 1, np.int64)
+    for f in np.argsort(-lengths, kind="stable") + 1:
+        r = next((i for i, used in enumerate(fill) if used + lengths[f - 1] <= frame_len), len(fill))
+        if r == len(fill):
+            fill.append(0)
+        row_of[f], offset_of[f] = r, fill[r]
+        fill[r] += lengths[f - 1]
+    frames = max(len(fill), 1) if frames is None else frames
+    if frames < len(fill):
+        raise ValueError(f"{n} frames need {len(fill)} rows of {frame_len} slots; patch_frames has {frames}")
+    out = np.full((frames, frame_len), -1, np.int32)
+    out[row_of[real], offset_of[real] + rows - first[real]] = rows
     return out
 
 
