@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 MODEL_TYPES = ("glm4v", "glm4v_moe", "glm46v")
+# glmv_jax/models/attention.py ACCEPTED (kept here so config.py imports nothing from models): "xla" is the
+# earlier name of "einsum".
+ATTENTION_IMPLS = ("auto", "einsum", "xla_sdpa", "cudnn", "splash", "xla")
 
 
 class ConfigError(ValueError):
@@ -146,7 +149,7 @@ class ModelConfig:
     param_dtype: str = "float32"    # master weights
     scan_layers: bool = True        # stack decoder layers / ViT blocks and scan over them
     remat: str = "none"             # none | full | minimal | save_dots_except_mlp
-    attention: str = "xla"          # xla (einsum reference) | cudnn | splash
+    attention: str = "auto"         # auto | einsum | xla_sdpa | cudnn | splash (models/attention.py); "xla" = einsum
 
     def validate(self) -> "ModelConfig":
         if self.model_type not in MODEL_TYPES:
@@ -164,8 +167,8 @@ class ModelConfig:
                 raise ConfigError(f"{name} {value} outside the vocabulary of size {self.text.vocab_size}")
         if self.remat not in ("none", "full", "minimal", "save_dots_except_mlp"):
             raise ConfigError(f"unknown remat policy {self.remat!r}")
-        if self.attention not in ("xla", "cudnn", "splash"):
-            raise ConfigError(f"unknown attention implementation {self.attention!r}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ConfigError(f"unknown attention implementation {self.attention!r}; expected one of {ATTENTION_IMPLS}")
         return self
 
     def replace(self, **kw) -> "ModelConfig":

@@ -19,8 +19,9 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from glmv_jax.config import ModelConfig, TextConfig
-from glmv_jax.models.layers import (INIT_STD, Einsum, RMSNorm, SwiGLU, blocked_attention, cached_attention,
-                                    make_stack, normal_init, param, run_stack)
+from glmv_jax.models import attention
+from glmv_jax.models.layers import (INIT_STD, Einsum, RMSNorm, SwiGLU, cached_attention, make_stack, normal_init,
+                                    param, run_stack)
 from glmv_jax.models.moe import MoE
 from glmv_jax.models.rope import apply_text_rope, text_rope_tables
 from glmv_jax.parallel.rules import constrain
@@ -48,10 +49,12 @@ class KVCache(NamedTuple):
 
 
 class TextAttention(nnx.Module):
-    def __init__(self, t: TextConfig, rngs: nnx.Rngs | None = None):
+    """GQA self-attention; `impl` (ModelConfig.attention) picks the kernel of the uncached path."""
+
+    def __init__(self, t: TextConfig, rngs: nnx.Rngs | None = None, impl: str = "auto"):
         d, n, k, h = t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.dim_per_head
         bias = True if not t.moe else t.attention_bias        # HF hard-codes the dense q/k/v bias
-        self.head_dim, self.layout = h, t.rope_layout
+        self.head_dim, self.layout, self.impl = h, t.rope_layout, attention.check_impl(impl)
         self.q = Einsum("BTD,DNH->BTNH", (d, n, h), ("embed", "heads", "head_dim"),
                         bias_shape=(n, h) if bias else None, bias_axes=("heads", "head_dim"), rngs=rngs)
         self.k = Einsum("BSD,DKH->BSKH", (d, k, h), ("embed", "kv_heads", "head_dim"),
@@ -77,7 +80,7 @@ class TextAttention(nnx.Module):
         q, k, v = self.qkv(x, ctx)
         scale = self.head_dim ** -0.5
         if cache is None:
-            out = blocked_attention(q, k, v, ctx.q_segment, ctx.kv_segment, scale, causal=True)
+            out = attention.attend(q, k, v, ctx.q_segment, ctx.kv_segment, scale, causal=True, impl=self.impl)
         else:
             out = cached_attention(q, k, v, *cache, scale)
         out = checkpoint_name(out, "attn_context")
@@ -87,7 +90,7 @@ class TextAttention(nnx.Module):
 class DecoderLayer(nnx.Module):
     """One decoder layer; `routed` selects the MoE FFN (params under `moe`) instead of the SwiGLU `mlp`."""
 
-    def __init__(self, t: TextConfig, routed: bool = False, rngs: nnx.Rngs | None = None):
+    def __init__(self, t: TextConfig, routed: bool = False, rngs: nnx.Rngs | None = None, attention_impl: str = "auto"):
         d = t.hidden_size
         self.sandwich = not t.moe
         self.attn_norm = RMSNorm(d, t.rms_norm_eps, "embed", rngs)
@@ -95,7 +98,7 @@ class DecoderLayer(nnx.Module):
         if self.sandwich:
             self.attn_out_norm = RMSNorm(d, t.rms_norm_eps, "embed", rngs)
             self.mlp_out_norm = RMSNorm(d, t.rms_norm_eps, "embed", rngs)
-        self.attn = TextAttention(t, rngs)
+        self.attn = TextAttention(t, rngs, attention_impl)
         if routed:
             self.moe = MoE(t, rngs=rngs)
         else:
@@ -133,9 +136,9 @@ class TextDecoder(nnx.Module):
         self.scan, self.remat = config.scan_layers, config.remat
         self.embed = Embed(t.vocab_size, t.hidden_size, rngs)
         if t.num_dense_layers:
-            self.layers = make_stack(lambda r: DecoderLayer(t, False, r), t.num_dense_layers, rngs)
+            self.layers = make_stack(lambda r: DecoderLayer(t, False, r, config.attention), t.num_dense_layers, rngs)
         if t.num_hidden_layers > t.num_dense_layers:
-            self.moe_layers = make_stack(lambda r: DecoderLayer(t, True, r),
+            self.moe_layers = make_stack(lambda r: DecoderLayer(t, True, r, config.attention),
                                          t.num_hidden_layers - t.num_dense_layers, rngs)
         self.final_norm = RMSNorm(t.hidden_size, t.rms_norm_eps, "embed", rngs)
 

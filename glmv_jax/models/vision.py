@@ -6,7 +6,7 @@ LayerNorm, GELU, SwiGLU) -> [N/4, O]. Every image and every temporal patch of a 
 "frame" with its own attention segment and its own position-table resampling.
 
 Attention runs frame by frame: `frame_slots` (numpy) lays the patch rows out as [F, L] slots (frames
-packed into rows of L, then empty slots); the ViT gathers q/k/v into that layout and runs layers.blocked_attention over
+packed into rows of L, then empty slots); the ViT gathers q/k/v into that layout and runs attention.attend over
 the frames (on CPU one (frame, head) pair at a time, in query blocks whose scores stay in cache). Without
 that layout all patch rows form one frame with a same-segment mask: the same values at O(N^2) cost.
 """
@@ -22,8 +22,9 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from glmv_jax.config import ModelConfig, VisionConfig
-from glmv_jax.models.layers import (INIT_STD, Kernel, LayerNorm, RMSNorm, SwiGLU, blocked_attention, linear,
-                                    make_stack, normal_init, param, run_stack)
+from glmv_jax.models import attention
+from glmv_jax.models.layers import (INIT_STD, Kernel, LayerNorm, RMSNorm, SwiGLU, linear, make_stack, normal_init,
+                                    param, run_stack)
 from glmv_jax.models.rope import apply_vision_rope, vision_rope_tables
 
 CUBIC_A = -0.75   # PyTorch's bicubic kernel constant
@@ -157,24 +158,24 @@ def frame_layout(patch_segment: jax.Array, patch_frames: jax.Array | None) -> Fr
 
 
 def frame_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: FrameLayout, scale: float,
-                    block: int = QUERY_BLOCK) -> jax.Array:
+                    block: int = QUERY_BLOCK, impl: str = "auto") -> jax.Array:
     """q, k, v [N, Nv, Hv] per patch row -> [N, Nv, Hv]: attention inside each frame of `layout`.
 
-    q/k/v are gathered into the [F, L] frame slots and layers.blocked_attention runs frames as its rows
-    (keys of empty slots or of another segment masked; fp32 scores and softmax, probabilities in v's
-    dtype as in HF's eager attention). Rows in no frame (padding) get zeros."""
+    q/k/v are gathered into the [F, L] frame slots and attention.attend (implementation `impl`) runs frames
+    as its rows (keys of empty slots or of another segment masked; fp32 scores and softmax, probabilities
+    in v's dtype as in HF's eager attention). Rows in no frame (padding) get zeros."""
     f, l = layout.rows.shape
     heads, hd = q.shape[1:]
     qf, kf, vf = (a[layout.rows] for a in (q, k, v))                              # [F, L, Nv, Hv]
-    out = blocked_attention(qf, kf, vf, layout.segment, layout.segment, scale, causal=False, block=block)
+    out = attention.attend(qf, kf, vf, layout.segment, layout.segment, scale, causal=False, impl=impl, block=block)
     return jnp.take(out.reshape(f * l, heads, hd), layout.slot, axis=0, mode="fill", fill_value=0)
 
 
 class VisionAttention(nnx.Module):
     """Non-causal MHA inside each frame with 2D rope; qkv kernel (Dv, 3, Nv, Hv), out kernel (Nv, Hv, Dv)."""
 
-    def __init__(self, v: VisionConfig, rngs: nnx.Rngs | None = None):
-        self.head_dim = v.head_dim
+    def __init__(self, v: VisionConfig, rngs: nnx.Rngs | None = None, impl: str = "auto"):
+        self.head_dim, self.impl = v.head_dim, attention.check_impl(impl)
         self.qkv = Kernel((v.hidden_size, 3, v.num_heads, v.head_dim), ("vit_embed", "qkv", "vit_heads", "head_dim"),
                           rngs)
         self.out = Kernel((v.num_heads, v.head_dim, v.hidden_size), ("vit_heads", "head_dim", "vit_embed"), rngs)
@@ -184,17 +185,17 @@ class VisionAttention(nnx.Module):
         w = self.qkv.kernel[...].astype(x.dtype)
         q, k, v = (jnp.einsum("TD,DNH->TNH", x, w[:, i]) for i in range(3))
         q, k = apply_vision_rope(q, cos, sin), apply_vision_rope(k, cos, sin)
-        ctx = frame_attention(q, k, v, layout, self.head_dim ** -0.5)
+        ctx = frame_attention(q, k, v, layout, self.head_dim ** -0.5, impl=self.impl)
         return jnp.einsum("TNH,NHD->TD", ctx, self.out.kernel[...].astype(x.dtype))
 
 
 class VisionBlock(nnx.Module):
     """x += attn(norm1(x)); x += mlp(norm2(x)). The MLP width is out_hidden_size."""
 
-    def __init__(self, v: VisionConfig, rngs: nnx.Rngs | None = None):
+    def __init__(self, v: VisionConfig, rngs: nnx.Rngs | None = None, attention_impl: str = "auto"):
         self.norm1 = RMSNorm(v.hidden_size, v.rms_norm_eps, "vit_embed", rngs)
         self.norm2 = RMSNorm(v.hidden_size, v.rms_norm_eps, "vit_embed", rngs)
-        self.attn = VisionAttention(v, rngs)
+        self.attn = VisionAttention(v, rngs, attention_impl)
         self.mlp = SwiGLU(v.hidden_size, v.out_hidden_size, "vit_embed", "vit_mlp", rngs)
 
     def __call__(self, x, cos, sin, layout: FrameLayout):
@@ -226,7 +227,7 @@ class VisionTower(nnx.Module):
         self.patch_embed = linear(v.patch_dim, v.hidden_size, ("vit_patch", "vit_embed"), bias=True, rngs=rngs)
         self.pos_embed = PositionTable(v, rngs)
         self.post_conv_norm = RMSNorm(v.hidden_size, v.rms_norm_eps, "vit_embed", rngs)
-        self.blocks = make_stack(lambda r: VisionBlock(v, r), v.depth, rngs)
+        self.blocks = make_stack(lambda r: VisionBlock(v, r, config.attention), v.depth, rngs)
         self.post_norm = RMSNorm(v.hidden_size, v.rms_norm_eps, "vit_embed", rngs)
         self.downsample = linear(4 * v.hidden_size, v.out_hidden_size, ("vit_embed", "embed"), bias=True, rngs=rngs)
         self.merger = Merger(v, rngs)
