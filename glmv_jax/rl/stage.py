@@ -5,6 +5,12 @@ state, so a rerun resumes at the same iteration with the same draws.
 Config block `rl` (experiments/configs/rl.py): sampler, batch_size (groups trained per iteration),
 group_size, iterations, max_new_tokens, temperature, top_p, thinking_budget, style, prompts_per_domain,
 prompt_tiers, curriculum (CurriculumConfig fields), grpo (GRPOConfig fields), save_every.
+
+Per-iteration history rows (also logs/metrics.jsonl) carry what a sampler comparison needs
+(benchmarks/rlcs.py): `rollouts` (responses generated, DAPO's extra rounds and RLCS's expansion included),
+`informative_share` (nonzero reward variance among the groups rolled out), `kept_informative_share` (among
+the groups trained on), `trained_groups`, `updated` (0 when no group could be trained on: the update is
+skipped) and `reward` (mean over the trained groups; `sampler/mean_reward` is over all rolled out).
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ class Rollouts:
         self.force, extra = answer_ids(exp.tokenizer, r.style)
         self.stops = tuple(exp.tokenizer.stop_ids) + tuple(extra)
         self.done: dict[int, tuple[dict, np.ndarray, list[str]]] = {}   # prompt index -> (gen rows, rewards, texts)
-        self.calls = 0
+        self.iteration, self.calls = 0, 0     # the sampling key of a call: rng folded with both
 
     def __call__(self, indices) -> np.ndarray:
         from glmv_jax.rl.rollout import rollout_batch
@@ -55,7 +61,7 @@ class Rollouts:
         self.calls += 1
         out = rollout_batch(self.exp.model_config, self.params_ref(), [self.prompts[i] for i in indices],
                             num_samples=r.group_size, max_new_tokens=r.max_new_tokens, stop_ids=self.stops,
-                            rng=jax.random.fold_in(self.rng, self.calls), temperature=r.temperature, top_p=r.top_p,
+                            rng=jax.random.fold_in(jax.random.fold_in(self.rng, self.iteration), self.calls), temperature=r.temperature, top_p=r.top_p,
                             thinking_budget=r.get("thinking_budget"), force_answer_ids=self.force, tokenizer=tok)
         g = r.group_size
         rewards = np.zeros((len(indices), g), np.float32)
@@ -66,6 +72,15 @@ class Rollouts:
             rewards[j] = [compute_reward(rec["domain"], t, rec["answer"], style=r.style).reward for t in texts]
             self.done[int(i)] = (_subset_generation(out["generation"], rows), rewards[j], texts)
         return rewards
+
+
+def trainable_groups(kept_indices: np.ndarray, group_size: int, num_minibatches: int) -> np.ndarray:
+    """The kept groups the update can take: the first n with n * group_size divisible by num_minibatches
+    (a DAPO iteration that ran out of rounds may keep any number of groups; B * G itself must divide)."""
+    n = len(kept_indices)
+    while n and (n * group_size) % num_minibatches:
+        n -= 1
+    return kept_indices[:n]
 
 
 def update_batch(exp, rollouts: Rollouts, kept_indices: np.ndarray) -> tuple[dict, dict]:
@@ -130,20 +145,27 @@ def run_rl(exp) -> dict[str, Any]:
         rollouts = Rollouts(exp, prompts, records, lambda: state_box["params"], jax.random.fold_in(rng, 7))
         with MetricsWriter(os.path.join(exp.workdir, "logs"), r.iterations, initial_step=start,
                            description="rl") as writer:
+            minibatches = int((r.get("grpo", {}) or {}).get("num_minibatches", 1))
             for it in range(start, r.iterations):
                 t0 = time.perf_counter()
                 rollouts.done.clear()
+                rollouts.iteration = it
                 iteration = sampler.run_iteration(rollouts)
-                kept = iteration.indices[iteration.kept]
-                batch, stats = update_batch(exp, rollouts, kept)
-                state, metrics = update(state, batch)
-                state_box["params"] = state.params
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
+                kept = trainable_groups(iteration.indices[iteration.kept], r.group_size, minibatches)
+                metrics, stats = {}, {"reward": float("nan")}
+                if len(kept):            # no trainable group (DAPO out of rounds): no update this iteration
+                    batch, stats = update_batch(exp, rollouts, kept)
+                    state, metrics = update(state, batch)
+                    state_box["params"] = state.params
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
                 zero_var = float(np.mean(np.std(iteration.rewards, axis=1) <= 1e-6))
+                kept_rewards = iteration.rewards[iteration.kept[:len(kept)]]
                 row = {"iteration": it + 1, **stats, "informative_share": 1.0 - zero_var,
-                       "kept_informative_share": float(np.mean(np.std(iteration.rewards[iteration.kept], axis=1)
-                                                               > 1e-6)),
-                       "prompts_rolled_out": int(len(iteration.indices)), "rollout_rounds": rollouts.calls,
+                       "kept_informative_share": float(np.mean(np.std(kept_rewards, axis=1) > 1e-6))
+                       if len(kept) else 0.0,
+                       "trained_groups": int(len(kept)), "updated": int(len(kept) > 0),
+                       "prompts_rolled_out": int(len(iteration.indices)),
+                       "rollouts": int(len(iteration.indices) * r.group_size), "rollout_rounds": rollouts.calls,
                        "seconds": time.perf_counter() - t0,
                        **{f"grpo/{k}": v for k, v in metrics.items()},
                        **{f"sampler/{k}": float(v) for k, v in iteration.metrics.items() if np.ndim(v) == 0}}

@@ -1,0 +1,357 @@
+"""RLCS vs uniform vs DAPO prompt sampling, each running the same number of GRPO updates from the same SFT
+checkpoint on the built-in task suite (issue #5).
+
+For every seed and sampler, the demo's RL stage (experiments/configs/demo.py) starts from the SFT params
+(`train.init_from`) with the same pool of train prompts, batch (B groups trained per update) and group size
+(G), runs N iterations of run_rl, then evaluates greedy answers on the same held-out prompts
+(rl/evaluate.py). Recorded per iteration: rollouts spent (prompts rolled out x G, DAPO's extra rounds and
+RLCS's expansion included), the share of informative groups (nonzero reward variance) among the groups
+trained on and among those rolled out, the train reward; per run: held-out reward per domain and its mean,
+wall time. Writes rlcs.json and rlcs.png to --out and appends a section to benchmarks/RESULTS.md (the plot
+copied to benchmarks/plots/ when small).
+
+    python -m benchmarks.rlcs --sft /tmp/demo_full/1_sft --iterations 8 --seeds 0,1
+    python -m benchmarks.rlcs                     # trains pretrain + SFT with the demo config first
+
+A run directory (named by sampler, seed and sizes) holding a finished run (its result.json) is reused, so a
+rerun with the same --out resumes after the last finished run. Wall times include XLA compiles: every new rollout size (RLCS expansion, DAPO rounds) and
+every new number of trained groups (DAPO) compiles the sampler / update for that shape once per process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+PLOTS = Path(__file__).with_name("plots")
+SAMPLERS = ("rlcs", "uniform", "dapo")
+ROW_KEYS = ("iteration", "rollouts", "prompts_rolled_out", "trained_groups", "updated", "informative_share",
+            "kept_informative_share", "reward", "sampler/mean_reward", "seconds", "sampler/expansion_ema",
+            "sampler/generation_rounds")
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs and the SFT checkpoint
+
+def demo_stages(smoke: bool):
+    from experiments.configs import demo
+    return demo.get_config("smoke" if smoke else None).stages
+
+
+def find_sft_stage(path: Path) -> Path:
+    """A stage directory (holding checkpoints/) or a pipeline work directory (its `<i>_sft` stage)."""
+    if (path / "checkpoints").is_dir():
+        return path
+    stages = sorted(d for d in path.glob("*_sft") if (d / "checkpoints").is_dir()) if path.is_dir() else []
+    if not stages:
+        raise FileNotFoundError(f"--sft {path}: neither a stage directory with checkpoints/ nor a pipeline "
+                                f"work directory with an <i>_sft/checkpoints stage")
+    return stages[-1]
+
+
+def prepare_sft(args, out: Path) -> Path:
+    """The SFT stage directory every sampler starts from: a copy of --sft (the source is never written), or
+    the demo's pretrain + SFT stages trained into out/sft_run."""
+    if args.sft:
+        source = find_sft_stage(Path(args.sft))
+        target = out / "sft"
+        if not target.exists():
+            shutil.copytree(source, target)
+        return target
+    from experiments.run import run_pipeline
+    pretrain, sft, _ = demo_stages(args.smoke)
+    import ml_collections
+    cfg = ml_collections.ConfigDict(dict(stages=[pretrain, sft], eval_after=[], report=False))
+    run_pipeline(cfg, str(out / "sft_run"))
+    return out / "sft_run" / "1_sft"
+
+
+def rl_config(args, sampler: str, seed: int, sft_dir: Path):
+    """The demo's RL stage with this sampler, seed and the benchmark's sizes, starting from sft_dir."""
+    cfg = demo_stages(args.smoke)[2]
+    cfg.seed = seed
+    cfg.train.init_from = str(sft_dir)
+    cfg.rl.update(sampler=sampler, iterations=args.iterations, save_every=args.iterations)
+    if args.batch_size:
+        cfg.rl.batch_size = args.batch_size
+    if args.group_size:
+        cfg.rl.group_size = args.group_size
+    if args.eval_per_domain:
+        cfg.eval.per_domain = args.eval_per_domain
+    return cfg
+
+
+def check_tokenizer(sft_dir: Path, stage_dir: Path) -> None:
+    """The SFT run's saved tokenizer must equal the suite tokenizer this code builds (same token ids)."""
+    saved, current = sft_dir / "tokenizer.model", stage_dir / "tokenizer.model"
+    if saved.is_file() and current.is_file() and saved.read_bytes() != current.read_bytes():
+        raise ValueError(f"{saved} differs from the suite tokenizer the current code builds ({current}): the SFT "
+                         f"checkpoint was trained with other token ids; retrain it (run without --sft)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs
+
+def read_history(stage_dir: Path) -> list[dict]:
+    """Per-iteration rows of logs/metrics.jsonl (the last row of an iteration wins, as after a resume)."""
+    rows = {}
+    with open(stage_dir / "logs" / "metrics.jsonl") as f:
+        for line in f:
+            row = json.loads(line)
+            rows[int(row["iteration"])] = {k: row[k] for k in ROW_KEYS if k in row}
+    history = [rows[i] for i in sorted(rows)]
+    cumulative = np.cumsum([h["rollouts"] for h in history])
+    for h, c in zip(history, cumulative):
+        h["cumulative_rollouts"] = int(c)
+    return history
+
+
+def held_out(cfg, stage_dir: Path, params) -> dict:
+    from experiments.run import evaluate_stage
+    result = evaluate_stage(cfg, str(stage_dir), params)
+    acc = result["accuracy"]
+    return {"accuracy": acc, "mean": float(np.mean(list(acc.values()))), "format_rate": result["format_rate"],
+            "n": result["n"]}
+
+
+def evaluate_sft(args, sft_dir: Path, out: Path) -> dict:
+    """Held-out reward of the starting point (the SFT params), on the same prompts as every run."""
+    from glmv_jax.train.experiment import initial_params, param_shardings, setup
+    cfg = rl_config(args, "uniform", 0, sft_dir)
+    stage_dir = out / f"sft_eval_pd{cfg.eval.per_domain}"
+    exp = setup(cfg, str(stage_dir))
+    check_tokenizer(sft_dir, stage_dir)
+    params = initial_params(exp, *param_shardings(exp))
+    return held_out(cfg, stage_dir, params)
+
+
+def run_one(args, sampler: str, seed: int, sft_dir: Path, out: Path) -> dict:
+    """N RL iterations with one sampler and seed, then the held-out evaluation; cached in result.json."""
+    from experiments.run import run_stage
+    cfg = rl_config(args, sampler, seed, sft_dir)
+    r = cfg.rl
+    stage_dir = out / "runs" / (f"{sampler}_seed{seed}_it{r.iterations}_b{r.batch_size}_g{r.group_size}"
+                                f"_pd{cfg.eval.per_domain}")
+    done = stage_dir / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    t0 = time.perf_counter()
+    summary = run_stage(cfg, str(stage_dir))
+    rl_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result = {"sampler": sampler, "seed": seed, "history": read_history(stage_dir),
+              "eval": held_out(cfg, stage_dir, summary["state"].params),
+              "rl_seconds": rl_seconds, "eval_seconds": time.perf_counter() - t0}
+    done.write_text(json.dumps(result, indent=1))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Summary, plot, RESULTS.md
+
+def plain(value):
+    """ConfigDicts (and what they hold) as JSON-able dicts."""
+    return value.to_dict() if hasattr(value, "to_dict") else value
+
+
+def nanmean(values) -> float:
+    v = np.asarray(values, np.float64)
+    return float(np.mean(v[~np.isnan(v)])) if (~np.isnan(v)).any() else float("nan")
+
+
+def spread(values) -> dict:
+    v = np.asarray(values, np.float64)
+    return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
+            "min": float(np.min(v)), "max": float(np.max(v))}
+
+
+def summarize(runs: list[dict], sft_eval: dict) -> dict:
+    """Per sampler over seeds: totals and means of the per-iteration numbers, held-out reward."""
+    out = {}
+    for sampler in sorted({r["sampler"] for r in runs}, key=SAMPLERS.index):
+        mine = [r for r in runs if r["sampler"] == sampler]
+        per_run = []
+        for r in mine:
+            h = r["history"]
+            trained = sum(x["trained_groups"] for x in h)
+            informative = sum(x["trained_groups"] * x["kept_informative_share"] for x in h)
+            per_run.append({"rollouts": sum(x["rollouts"] for x in h), "updates": sum(x["updated"] for x in h),
+                            "trained_groups": trained, "informative_trained": informative,
+                            "kept_informative_share": informative / max(trained, 1),
+                            "rolled_out_informative_share": float(np.mean([x["informative_share"] for x in h])),
+                            "train_reward": nanmean([x["reward"] for x in h]),
+                            "rollouts_per_informative_group": sum(x["rollouts"] for x in h) / max(informative, 1),
+                            "heldout_mean": r["eval"]["mean"], "heldout_delta": r["eval"]["mean"] - sft_eval["mean"],
+                            "rl_seconds": r["rl_seconds"]})
+        domains = sorted(mine[0]["eval"]["accuracy"])
+        out[sampler] = {"seeds": [r["seed"] for r in mine],
+                        **{k: spread([p[k] for p in per_run]) for k in per_run[0]},
+                        "heldout_by_domain": {d: spread([r["eval"]["accuracy"][d] for r in mine]) for d in domains}}
+    return out
+
+
+def plot(runs: list[dict], summary: dict, sft_eval: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    colors = dict(zip(SAMPLERS, ("tab:red", "tab:blue", "tab:green")))
+    for sampler in summary:
+        hs = [r["history"] for r in runs if r["sampler"] == sampler]
+        n = min(len(h) for h in hs)
+        it = np.arange(1, n + 1)
+        for ax, key, style in ((axes[0], "kept_informative_share", "-"), (axes[0], "informative_share", ":"),
+                               (axes[1], "cumulative_rollouts", "-")):
+            values = np.asarray([[h[i][key] for i in range(n)] for h in hs], np.float64)
+            label = sampler if style == "-" else f"{sampler} (rolled out)"
+            ax.plot(it, values.mean(0), style, color=colors[sampler], label=label)
+            if len(hs) > 1 and style == "-":
+                ax.fill_between(it, values.min(0), values.max(0), color=colors[sampler], alpha=0.15)
+    axes[0].set(title="informative groups: trained on (solid), rolled out (dotted)", xlabel="iteration",
+                ylabel="share", ylim=(0, 1.05))
+    axes[1].set(title="rollouts spent (responses generated)", xlabel="iteration", ylabel="cumulative")
+    domains = sorted(sft_eval["accuracy"]) + ["mean"]
+    bars = [("sft (start)", [sft_eval["accuracy"].get(d, sft_eval["mean"]) for d in domains], None, "tab:gray")]
+    for sampler, s in summary.items():
+        by = {**s["heldout_by_domain"], "mean": s["heldout_mean"]}
+        bars.append((sampler, [by[d]["mean"] for d in domains],
+                     [[by[d]["mean"] - by[d]["min"] for d in domains], [by[d]["max"] - by[d]["mean"] for d in domains]],
+                     colors[sampler]))
+    width = 0.8 / len(bars)
+    for j, (label, values, err, color) in enumerate(bars):
+        axes[2].bar(np.arange(len(domains)) + (j - (len(bars) - 1) / 2) * width, values, width, yerr=err,
+                    label=label, color=color, capsize=2)
+    axes[2].set_xticks(np.arange(len(domains)), domains, rotation=30, fontsize=8)
+    axes[2].set(title="held-out reward after the updates (bars: min-max over seeds)", ylabel="mean reward")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def table(summary: dict, sft_eval: dict) -> str:
+    fmt = lambda s, p=2: f"{s['mean']:.{p}f} ± {s['std']:.{p}f}"
+    lines = ["| sampler | updates | groups trained | informative among trained | informative among rolled out | "
+             "rollouts spent | rollouts per informative group | train reward | held-out mean | vs SFT | RL wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for sampler, s in summary.items():
+        lines.append(f"| {sampler} | {fmt(s['updates'], 1)} | {fmt(s['trained_groups'], 0)} | "
+                     f"{fmt(s['kept_informative_share'])} | {fmt(s['rolled_out_informative_share'])} | "
+                     f"{fmt(s['rollouts'], 0)} | {fmt(s['rollouts_per_informative_group'], 1)} | "
+                     f"{fmt(s['train_reward'])} | {fmt(s['heldout_mean'], 3)} | {fmt(s['heldout_delta'], 3)} | "
+                     f"{fmt(s['rl_seconds'], 0)} |")
+    domains = sorted(sft_eval["accuracy"])
+    lines += ["", "| held-out reward | " + " | ".join(domains) + " | mean |", "|---|" + "---|" * (len(domains) + 1),
+              "| sft (start) | " + " | ".join(f"{sft_eval['accuracy'][d]:.2f}" for d in domains)
+              + f" | {sft_eval['mean']:.3f} |"]
+    for sampler, s in summary.items():
+        lines.append(f"| {sampler} | " + " | ".join(f"{s['heldout_by_domain'][d]['mean']:.2f}" for d in domains)
+                     + f" | {s['heldout_mean']['mean']:.3f} |")
+    return "\n".join(lines)
+
+
+def load_average() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "load average " + " / ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+# ----------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sft", help="SFT stage directory or demo work directory (default: train one)")
+    ap.add_argument("--out", help="output directory (default runs/rlcs_bench-<date-time>)")
+    ap.add_argument("--iterations", type=int, default=8, help="GRPO updates per run")
+    ap.add_argument("--batch-size", type=int, default=0, help="groups trained per update (default: the demo's)")
+    ap.add_argument("--group-size", type=int, default=0, help="responses per prompt (default: the demo's)")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds")
+    ap.add_argument("--samplers", default=",".join(SAMPLERS))
+    ap.add_argument("--eval-per-domain", type=int, default=0, help="held-out prompts per domain (default: the demo's)")
+    ap.add_argument("--smoke", action="store_true", help="the demo's seconds-long smoke settings (tests)")
+    ap.add_argument("--no-results", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    args = ap.parse_args(argv)
+    args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    args.samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
+    bad = [s for s in args.samplers if s not in SAMPLERS]
+    if bad or not args.samplers:
+        ap.error(f"--samplers must name some of {SAMPLERS}, got {args.samplers}")
+    if args.iterations < 1 or not args.seeds or args.batch_size < 0 or args.group_size < 0:
+        ap.error("need --iterations >= 1, at least one seed, sizes >= 0")
+    if args.group_size == 1:
+        ap.error("--group-size must be >= 2 (a group of one has no reward variance)")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    out = Path(args.out or f"runs/rlcs_bench-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    out.mkdir(parents=True, exist_ok=True)
+    start, load_start = time.perf_counter(), load_average()
+    sft_dir = prepare_sft(args, out)
+    sft_eval = evaluate_sft(args, sft_dir, out)
+    # the first run in the process pays the compiles every sampler shares: rotate the order over seeds
+    orders = [args.samplers[k % len(args.samplers):] + args.samplers[:k % len(args.samplers)]
+              for k in range(len(args.seeds))]
+    runs = [run_one(args, sampler, seed, sft_dir, out) for seed, order in zip(args.seeds, orders) for sampler in order]
+    summary = summarize(runs, sft_eval)
+    rl = rl_config(args, args.samplers[0], args.seeds[0], sft_dir).rl
+    settings = {"iterations": args.iterations, "batch_size": rl.batch_size, "group_size": rl.group_size,
+                "seeds": args.seeds, "max_new_tokens": rl.max_new_tokens, "prompts_per_domain": rl.prompts_per_domain,
+                "prompt_tiers": plain(rl.prompt_tiers), "dapo_max_rounds": rl.dapo_max_rounds,
+                "curriculum": plain(rl.curriculum), "sft": str(Path(args.sft).resolve()) if args.sft else str(sft_dir),
+                "eval": plain(rl_config(args, "uniform", 0, sft_dir).eval), "sampler_order": orders}
+    report = {"settings": settings, "sft_eval": sft_eval, "summary": summary, "runs": runs,
+              "wall_seconds": time.perf_counter() - start, "load_start": load_start, "load_end": load_average(),
+              "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"}
+    (out / "rlcs.json").write_text(json.dumps(report, indent=1))
+    plot(runs, summary, sft_eval, out / "rlcs.png")
+    text = table(summary, sft_eval)
+    print(text)
+    print(f"json: {out / 'rlcs.json'}  plot: {out / 'rlcs.png'}")
+    if not args.no_results:
+        append_results(report, text, out / "rlcs.png")
+    return report
+
+
+def append_results(report: dict, text: str, png: Path) -> None:
+    import jax
+    s = report["settings"]
+    plot_ref = png
+    if png.stat().st_size < 200_000:
+        PLOTS.mkdir(exist_ok=True)
+        plot_ref = PLOTS / f"rlcs-{datetime.datetime.now():%Y%m%d-%H%M}.png"
+        shutil.copy(png, plot_ref)
+        plot_ref = plot_ref.relative_to(RESULTS.parent)
+    section = (f"\n## RLCS vs uniform vs DAPO (benchmarks/rlcs.py), {report['date']}\n"
+               f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} (cpu); uptime at start: "
+               f"`{report['load_start']}`, at end: `{report['load_end']}`; whole benchmark {report['wall_seconds']:.0f} s\n\n"
+               f"From the same SFT checkpoint ({s['sft']}), per sampler and seed {s['seeds']}: {s['iterations']} GRPO "
+               f"updates of B={s['batch_size']} groups x G={s['group_size']} responses (max {s['max_new_tokens']} "
+               f"new tokens, the demo's RL settings; pool {s['prompts_per_domain']} prompts/domain from tiers "
+               f"{s['prompt_tiers']}; DAPO max {s['dapo_max_rounds']} rounds), then greedy held-out reward on "
+               f"{s['eval']['per_domain']} prompts/domain. Values: mean ± std over seeds (std 0 for one seed).\n\n"
+               f"{text}\n\nPlot: {plot_ref}\n")
+    with RESULTS.open("a") as f:
+        f.write(section)
+
+
+if __name__ == "__main__":
+    from experiments.run import enable_compilation_cache
+    enable_compilation_cache()
+    main()
