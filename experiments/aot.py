@@ -26,6 +26,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file[:variants]", lock_config=False)
 _TOPOLOGY = flags.DEFINE_string("topology", "cpu:8", "cpu:N (simulated CPU devices) or a TPU topology (v5e:16x16)")
 _HBM_GIB = flags.DEFINE_float("hbm_gib", 16.0, "device memory to check against, GiB (v5e 16, v5p 95, H100 80)")
+_FAST = flags.DEFINE_bool("fast_compile", False, "XLA backend optimization level 0 (quicker CPU compiles; "
+                          "the HLO passes and so the memory numbers are unchanged)")
 _JSON = flags.DEFINE_string("json", "", "also write the report as JSON here")
 _CHILD = "GLMV_AOT_CHILD"
 
@@ -56,7 +58,7 @@ def main(argv):
     devices = aot.target_devices(topology)
     plan = aot.make_plan(cfg, devices, topology)
     planned = time.perf_counter()
-    compiled = aot.compile_train_step(plan)
+    compiled = aot.compile_train_step(plan, {"xla_backend_optimization_level": 0} if _FAST.value else None)
     compiled_at = time.perf_counter()
     report = aot.memory_report(compiled, plan, hbm_bytes=_HBM_GIB.value * 2**30)
     report.update(topology=topology, stage=cfg.stage, preset=cfg.model.preset, plan_s=planned - start,

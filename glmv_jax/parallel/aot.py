@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import os
 from dataclasses import replace
 from typing import Any, Sequence
 
@@ -74,6 +75,8 @@ def target_devices(topology: str) -> list:
         raise TopologyError(f"TPU topology {topology!r} needs libtpu for compile-only devices "
                             f"(pip install libtpu==0.0.42.1); or target 'cpu:N'")
     from jax.experimental import topologies
+    # Compile-only devices need no exclusive TPU access: do not fail on another process's libtpu lockfile.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         return list(topologies.get_topology_desc(topology, "tpu").devices)
     except Exception as err:  # libtpu reports bad names as JaxRuntimeError INVALID_ARGUMENT
@@ -242,7 +245,8 @@ def memory_report(compiled, plan: AotPlan, hbm_bytes: float | None = None) -> di
 
 
 def format_report(report: dict[str, Any]) -> str:
-    gib = lambda b: f"{b / 2**30:10.3f} GiB"
+    def gib(b: float) -> str:
+        return f"{b / 2**30:10.3f} GiB" if b >= 2**30 else f"{b / 2**20:10.3f} MiB"
     lines = [f"devices {report['devices']} ({report['platform']}), mesh {report['mesh']}, "
              f"{report['param_count'] / 1e9:.3f}B params ({gib(report['param_bytes_total']).strip()} total)",
              "per device:"]
