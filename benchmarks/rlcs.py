@@ -193,7 +193,8 @@ def summarize(runs: list[dict], sft_eval: dict) -> dict:
                             "kept_informative_share": informative / max(trained, 1),
                             "rolled_out_informative_share": float(np.mean([x["informative_share"] for x in h])),
                             "train_reward": nanmean([x["reward"] for x in h]),
-                            "rollouts_per_informative_group": sum(x["rollouts"] for x in h) / max(informative, 1),
+                            "rollouts_per_informative_group": (sum(x["rollouts"] for x in h) / informative if informative
+                                                               else float("nan")),
                             "heldout_mean": r["eval"]["mean"], "heldout_delta": r["eval"]["mean"] - sft_eval["mean"],
                             "rl_seconds": r["rl_seconds"]})
         domains = sorted(mine[0]["eval"]["accuracy"])
@@ -220,7 +221,7 @@ def plot(runs: list[dict], summary: dict, sft_eval: dict, path: Path) -> None:
             ax.plot(it, values.mean(0), style, color=colors[sampler], label=label)
             if len(hs) > 1 and style == "-":
                 ax.fill_between(it, values.min(0), values.max(0), color=colors[sampler], alpha=0.15)
-    axes[0].set(title="informative groups: trained on (solid), rolled out (dotted)", xlabel="iteration",
+    axes[0].set(title="informative groups: trained (solid), rolled out (dotted)", xlabel="iteration",
                 ylabel="share", ylim=(0, 1.05))
     axes[1].set(title="rollouts spent (responses generated)", xlabel="iteration", ylabel="cumulative")
     domains = sorted(sft_eval["accuracy"]) + ["mean"]
@@ -235,7 +236,7 @@ def plot(runs: list[dict], summary: dict, sft_eval: dict, path: Path) -> None:
         axes[2].bar(np.arange(len(domains)) + (j - (len(bars) - 1) / 2) * width, values, width, yerr=err,
                     label=label, color=color, capsize=2)
     axes[2].set_xticks(np.arange(len(domains)), domains, rotation=30, fontsize=8)
-    axes[2].set(title="held-out reward after the updates (bars: min-max over seeds)", ylabel="mean reward")
+    axes[2].set(title="held-out reward (error bars: min-max over seeds)", ylabel="mean reward")
     for ax in axes:
         ax.legend(fontsize=7)
     fig.tight_layout()
