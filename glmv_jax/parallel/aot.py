@@ -18,7 +18,7 @@ Targets:
 The model config is the preset's (its real vocabulary: a stage run without an HF checkpoint swaps in the
 suite tokenizer's, irrelevant at scale) with the stage's runtime knobs (dtype, remat, scan, attention).
 `data.batch_size` is taken as the global batch: B rows of `seq_len`, Np = `patch_budget` patch rows,
-split into `train.grad_accum_steps` presplit micro-batches (glmv_jax/data/BATCH.md).
+split into `train.grad_accum_steps` presplit micro-batches, plus the pipeline's `patch_frames` (BATCH.md).
 """
 
 from __future__ import annotations
@@ -130,6 +130,17 @@ def model_config_from(cfg) -> ModelConfig:
                    scan_layers=cfg.model.scan_layers, remat=cfg.model.remat, attention=cfg.model.attention).validate()
 
 
+def frames_shape(data_cfg, model_config: ModelConfig, micro_batches: int = 1) -> tuple[int | None, int | None]:
+    """(F, L) of the batches' `patch_frames` as the data pipeline makes them (data.pipeline.frame_shape, with
+    the processor `train.experiment.setup` builds), or (None, None) when the config turns them off."""
+    from glmv_jax.data.pipeline import data_config, frame_shape
+    from glmv_jax.data.transforms import Processor
+    side = data_cfg.image_size
+    budget = dict(min_pixels=2 * side * side, max_pixels=2 * side * side) if data_cfg.source == "synthetic" else {}
+    processor = Processor.for_model(model_config, template=data_cfg.get("template", "glm41v"), **budget)
+    return frame_shape(data_config(data_cfg, micro_batches=micro_batches), processor)
+
+
 def abstract_batch_shapes(data_cfg, model_config: ModelConfig, micro_batches: int = 1) -> dict:
     """ShapeDtypeStructs of a BATCH.md batch (no shardings); with k > 1 micro-batches a leading [k] axis."""
     k, rows, length, patches = micro_batches, data_cfg.batch_size, data_cfg.seq_len, data_cfg.patch_budget
@@ -142,6 +153,9 @@ def abstract_batch_shapes(data_cfg, model_config: ModelConfig, micro_batches: in
               "segment_ids": ((b, length), i32), "position_ids": ((3, b, length), i32),
               "token_type": ((b, length), i32), "pixel_values": ((n, model_config.vision.patch_dim), f32),
               "patch_pos": ((n, 2), i32), "patch_grid": ((n, 2), i32), "patch_segment": ((n,), i32)}
+    frames, frame_len = frames_shape(data_cfg, model_config, k) if n else (None, None)
+    if frames is not None:
+        shapes["patch_frames"] = ((frames, frame_len), i32)
     lead = (k,) if k > 1 else ()
     return {key: jax.ShapeDtypeStruct(lead + shape, dtype) for key, (shape, dtype) in shapes.items()}
 
