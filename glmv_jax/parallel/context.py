@@ -40,6 +40,7 @@ from glmv_jax.models.layers import blocked_attention, causal_segment_mask, dot_p
 from glmv_jax.parallel import rules as rules_lib
 
 IMPLS = ("ring", "allgather")
+LAYOUTS = ("contiguous", "zigzag")
 _NEG = float(jnp.finfo(jnp.float32).min)
 
 
@@ -72,9 +73,16 @@ def _specs(mesh, rules, axis: str, q_shape, k_shape) -> tuple[P, P, P]:
     return P(batch, axis, q_heads, None), P(batch, axis, k_heads, None), P(batch, axis)
 
 
-def _validate(q, k, v, q_segment, kv_segment, impl: str, axis: str, mesh) -> None:
+def _check_options(impl: str, layout: str) -> None:
     if impl not in IMPLS:
         raise ValueError(f"unknown context-parallel attention impl {impl!r}; expected one of {IMPLS}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown context-parallel layout {layout!r}; expected one of {LAYOUTS}")
+    if impl == "allgather" and layout != "contiguous":
+        raise ValueError("layout='zigzag' is a ring option; impl='allgather' already balances causal work")
+
+
+def _validate(q, k, v, q_segment, kv_segment, axis: str, layout: str, mesh) -> None:
     if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
         raise ValueError(f"expected q [B,T,N,H] and k, v [B,T,K,H] of one shape, got q {q.shape}, k {k.shape}, "
                          f"v {v.shape}")
@@ -93,6 +101,8 @@ def _validate(q, k, v, q_segment, kv_segment, impl: str, axis: str, mesh) -> Non
     if t % size:
         raise ValueError(f"sequence length T={t} is not divisible by the {axis!r} mesh axis of size {size}; "
                          f"pad the sequence to a multiple of {size}")
+    if layout == "zigzag" and t % (2 * size):
+        raise ValueError(f"layout='zigzag' needs T={t} divisible by 2 x the {axis!r} axis size ({2 * size})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,13 +118,11 @@ def _scores(q, k, q_pos, k_pos, qs, ks, scale, causal):
     return jnp.where(mask, s, _NEG), mask
 
 
-def _ring_positions(axis: str, t_local: int, step):
-    """(my shard index, source shard of the block held at `step`, my query positions, the block's positions)."""
-    size = jax.lax.axis_size(axis)
-    me = jax.lax.axis_index(axis)
-    src = (me - step) % size
-    local = jnp.arange(t_local)
-    return me, src, me * t_local + local, src * t_local + local
+def _chunk_ids(shard, size: int, layout: str) -> list:
+    """Global ids of the sequence chunks shard `shard` holds (a chunk is T/P tokens when contiguous, T/(2P)
+    when zig-zag): contiguous [shard]; zig-zag [shard, 2P-1-shard] (an early and a late chunk, so every
+    shard has the same causal work)."""
+    return [shard] if layout == "contiguous" else [shard, 2 * size - 1 - shard]
 
 
 def _shift(xs, axis: str):
@@ -124,90 +132,135 @@ def _shift(xs, axis: str):
     return jax.tree.map(lambda x: jax.lax.ppermute(x, axis, perm), xs)
 
 
-def _ring_forward(q, k, v, qs, ks, scale, causal, axis):
+def _zigzag(x, axis: str, inverse: bool = False):
+    """Reorders local blocks [B, T/P, ...] between the contiguous layout (shard j holds chunks 2j, 2j+1 of
+    2P) and the zig-zag one (shard i holds chunks i, 2P-1-i), two ppermutes each way."""
+    size = jax.lax.axis_size(axis)
+    even = jax.lax.axis_index(axis) % 2 == 0
+    owner = lambda chunk: chunk if chunk < size else 2 * size - 1 - chunk      # zig-zag shard of a chunk
+    first, second = jnp.split(x, 2, axis=1)
+    if not inverse:       # contiguous lo = chunk 2j, hi = 2j+1 -> their zig-zag owners
+        from_lo = jax.lax.ppermute(first, axis, [(j, owner(2 * j)) for j in range(size)])
+        from_hi = jax.lax.ppermute(second, axis, [(j, owner(2 * j + 1)) for j in range(size)])
+        return jnp.concatenate([jnp.where(even, from_lo, from_hi), jnp.where(even, from_hi, from_lo)], axis=1)
+    even_chunk = jnp.where(even, first, second)        # zig-zag shard i holds one even and one odd chunk
+    odd_chunk = jnp.where(even, second, first)
+    even_id = lambda i: i if i % 2 == 0 else 2 * size - 1 - i
+    odd_id = lambda i: 2 * size - 1 - i if i % 2 == 0 else i
+    lo = jax.lax.ppermute(even_chunk, axis, [(i, even_id(i) // 2) for i in range(size)])
+    hi = jax.lax.ppermute(odd_chunk, axis, [(i, odd_id(i) // 2) for i in range(size)])
+    return jnp.concatenate([lo, hi], axis=1)
+
+
+def _pairs(q_ids, k_ids, causal):
+    """(query chunk a, key chunk b, needed) for every pair; a pair wholly in the future is not needed."""
+    return [(a, b, (kb <= qa) if causal else None) for a, qa in enumerate(q_ids) for b, kb in enumerate(k_ids)]
+
+
+def _maybe(needed, fn, operand):
+    """fn(operand) where `needed` (a traced bool, or None: always), else operand unchanged (math skipped)."""
+    return fn(operand) if needed is None else jax.lax.cond(needed, fn, lambda x: x, operand)
+
+
+def _ring_forward(q, k, v, qs, ks, scale, causal, axis, layout):
     """-> out [B,K,G,T,H] fp32 (0 on rows with no visible key), lse [B,K,G,T] fp32 (0 there)."""
-    t_local = q.shape[3]
-    size = jax.lax.axis_size(axis)
-    m = jnp.full_like(q[..., 0], _NEG, dtype=jnp.float32)
-    l = jnp.zeros_like(m)
-    acc = jnp.zeros_like(q, dtype=jnp.float32)
+    size, me = jax.lax.axis_size(axis), jax.lax.axis_index(axis)
+    nc = len(_chunk_ids(0, size, layout))
+    chunk = q.shape[3] // nc
+    local = jnp.arange(chunk)
+    qc, qsc, q_ids = jnp.split(q, nc, axis=3), jnp.split(qs, nc, axis=1), _chunk_ids(me, size, layout)
+    state = [(jnp.full_like(qa[..., 0], _NEG, dtype=jnp.float32), jnp.zeros_like(qa[..., 0], dtype=jnp.float32),
+              jnp.zeros_like(qa, dtype=jnp.float32)) for qa in qc]
 
-    def attend(args):
-        k, v, ks, m, l, acc, step = args
-        _, _, q_pos, k_pos = _ring_positions(axis, t_local, step)
-        s, mask = _scores(q, k, q_pos, k_pos, qs, ks, scale, causal)
-        m_new = jnp.maximum(m, s.max(-1))
-        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-        corr = jnp.exp(m - m_new)
-        pv = jnp.einsum("BKGTS,BSKH->BKGTH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
+    def attend(k, v, ks, state, step):
+        k_ids = _chunk_ids((me - step) % size, size, layout)
+        kc, vc, ksc = (jnp.split(x, nc, axis=1) for x in (k, v, ks))
+        state = list(state)
+        for a, b, needed in _pairs(q_ids, k_ids, causal):
+            def update(st, a=a, b=b):
+                m, l, acc = st
+                s, mask = _scores(qc[a], kc[b], q_ids[a] * chunk + local, k_ids[b] * chunk + local, qsc[a],
+                                  ksc[b], scale, causal)
+                m_new = jnp.maximum(m, s.max(-1))
+                p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+                corr = jnp.exp(m - m_new)
+                pv = jnp.einsum("BKGTS,BSKH->BKGTH", p.astype(v.dtype), vc[b], preferred_element_type=jnp.float32)
+                return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
+            state[a] = _maybe(needed, update, state[a])
+        return state
 
     def body(step, carry):
-        k, v, ks, m, l, acc = carry
-        me, src, _, _ = _ring_positions(axis, t_local, step)
+        k, v, ks, state = carry
         nxt = _shift((k, v, ks), axis)                    # issued first: the transfer overlaps the math
-        needed = (src <= me) if causal else True
-        m, l, acc = jax.lax.cond(needed, attend, lambda a: a[3:6], (k, v, ks, m, l, acc, step))
-        return (*nxt, m, l, acc)
+        return (*nxt, attend(k, v, ks, state, step))
 
-    # The last block needs no onward send: run P-1 steps with a shift, then the last one without.
-    k, v, ks, m, l, acc = jax.lax.fori_loop(0, size - 1, body, (k, v, ks, m, l, acc))
-    me, src, _, _ = _ring_positions(axis, t_local, size - 1)
-    needed = (src <= me) if causal else True
-    m, l, acc = jax.lax.cond(needed, attend, lambda a: a[3:6], (k, v, ks, m, l, acc, size - 1))
-    seen = l > 0
-    out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
-    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
-    return out, lse
+    # The last block needs no onward send: P-1 steps with a shift, then the last one without.
+    k, v, ks, state = jax.lax.fori_loop(0, size - 1, body, (k, v, ks, state))
+    state = attend(k, v, ks, state, size - 1)
+    outs, lses = [], []
+    for m, l, acc in state:
+        seen = l > 0
+        safe = jnp.where(seen, l, 1.0)
+        outs.append(jnp.where(seen[..., None], acc / safe[..., None], 0.0))
+        lses.append(jnp.where(seen, m + jnp.log(safe), 0.0))
+    return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
 
 
-def _ring_backward(q, k, v, qs, ks, out, lse, dout, scale, causal, axis):
+def _ring_backward(q, k, v, qs, ks, out, lse, dout, scale, causal, axis, layout):
     """Flash-attention backward as a ring: dq stays home; dk/dv ride with their k/v block for P hops."""
-    t_local = q.shape[3]
-    size = jax.lax.axis_size(axis)
+    size, me = jax.lax.axis_size(axis), jax.lax.axis_index(axis)
+    nc = len(_chunk_ids(0, size, layout))
+    chunk = q.shape[3] // nc
+    local = jnp.arange(chunk)
     dout = dout.astype(jnp.float32)
-    delta = jnp.sum(dout * out, axis=-1)                  # [B,K,G,T] = rowsum(dP * P)
-    dq = jnp.zeros_like(q, dtype=jnp.float32)
-    dk = jnp.zeros_like(k, dtype=jnp.float32)
-    dv = jnp.zeros_like(v, dtype=jnp.float32)
-
-    def attend(args):
-        k, v, ks, dq, dk, dv, step = args
-        _, _, q_pos, k_pos = _ring_positions(axis, t_local, step)
-        s, mask = _scores(q, k, q_pos, k_pos, qs, ks, scale, causal)
-        p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)
-        dv = dv + jnp.einsum("BKGTS,BKGTH->BSKH", p, dout)
-        dp = jnp.einsum("BKGTH,BSKH->BKGTS", dout, v.astype(jnp.float32))
-        ds = p * (dp - delta[..., None]) * scale
-        dq = dq + jnp.einsum("BKGTS,BSKH->BKGTH", ds, k.astype(jnp.float32))
-        dk = dk + jnp.einsum("BKGTS,BKGTH->BSKH", ds, q.astype(jnp.float32))
-        return dq, dk, dv
+    delta = jnp.sum(dout * out.astype(jnp.float32), axis=-1)     # [B,K,G,T] = rowsum(dP * P)
+    split_q = lambda x: jnp.split(x, nc, axis=3)
+    qc, doc, lsec, deltac = split_q(q), split_q(dout), split_q(lse), split_q(delta)
+    qsc, q_ids = jnp.split(qs, nc, axis=1), _chunk_ids(me, size, layout)
+    dq = [jnp.zeros_like(qa, dtype=jnp.float32) for qa in qc]
+    dk, dv = jnp.zeros_like(k, dtype=jnp.float32), jnp.zeros_like(v, dtype=jnp.float32)
 
     def body(step, carry):
-        k, v, ks, dq, dk, dv = carry
-        me, src, _, _ = _ring_positions(axis, t_local, step)
-        needed = (src <= me) if causal else True
-        dq, dk, dv = jax.lax.cond(needed, attend, lambda a: a[3:6], (k, v, ks, dq, dk, dv, step))
+        k, v, ks, dk, dv, dq = carry
+        k_ids = _chunk_ids((me - step) % size, size, layout)
+        kc, vc, ksc, dkc, dvc = (jnp.split(x, nc, axis=1) for x in (k, v, ks, dk, dv))
+        dq = list(dq)
+        for a, b, needed in _pairs(q_ids, k_ids, causal):
+            def grads(st, a=a, b=b):
+                dq_a, dk_b, dv_b = st
+                s, mask = _scores(qc[a], kc[b], q_ids[a] * chunk + local, k_ids[b] * chunk + local, qsc[a],
+                                  ksc[b], scale, causal)
+                p = jnp.where(mask, jnp.exp(s - lsec[a][..., None]), 0.0)
+                dv_b = dv_b + jnp.einsum("BKGTS,BKGTH->BSKH", p, doc[a])
+                dp = jnp.einsum("BKGTH,BSKH->BKGTS", doc[a], vc[b].astype(jnp.float32))
+                ds = p * (dp - deltac[a][..., None]) * scale
+                dq_a = dq_a + jnp.einsum("BKGTS,BSKH->BKGTH", ds, kc[b].astype(jnp.float32))
+                dk_b = dk_b + jnp.einsum("BKGTS,BKGTH->BSKH", ds, qc[a].astype(jnp.float32))
+                return dq_a, dk_b, dv_b
+            dq[a], dkc[b], dvc[b] = _maybe(needed, grads, (dq[a], dkc[b], dvc[b]))
+        dk, dv = jnp.concatenate(dkc, axis=1), jnp.concatenate(dvc, axis=1)
         k, v, ks, dk, dv = _shift((k, v, ks, dk, dv), axis)     # after P hops dk/dv are back home
-        return k, v, ks, dq, dk, dv
+        return k, v, ks, dk, dv, dq
 
-    _, _, _, dq, dk, dv = jax.lax.fori_loop(0, size, body, (k, v, ks, dq, dk, dv))
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _ring_attention(q, k, v, qs, ks, scale, causal, axis):
-    return _ring_forward(q, k, v, qs, ks, scale, causal, axis)[0].astype(q.dtype)
+    _, _, _, dk, dv, dq = jax.lax.fori_loop(0, size, body, (k, v, ks, dk, dv, dq))
+    return jnp.concatenate(dq, axis=3).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-def _ring_attention_fwd(q, k, v, qs, ks, scale, causal, axis):
-    out, lse = _ring_forward(q, k, v, qs, ks, scale, causal, axis)
-    return out.astype(q.dtype), (q, k, v, qs, ks, out, lse)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _ring_attention(q, k, v, qs, ks, scale, causal, axis, layout):
+    """q [B,K,G,T,H], k/v [B,S,K,H] local blocks -> [B,K,G,T,H] in q's dtype."""
+    return _ring_forward(q, k, v, qs, ks, scale, causal, axis, layout)[0].astype(q.dtype)
 
 
-def _ring_attention_bwd(scale, causal, axis, residuals, dout):
+def _ring_attention_fwd(q, k, v, qs, ks, scale, causal, axis, layout):
+    out, lse = _ring_forward(q, k, v, qs, ks, scale, causal, axis, layout)
+    out = out.astype(q.dtype)
+    return out, (q, k, v, qs, ks, out, lse)
+
+
+def _ring_attention_bwd(scale, causal, axis, layout, residuals, dout):
     q, k, v, qs, ks, out, lse = residuals
-    dq, dk, dv = _ring_backward(q, k, v, qs, ks, out, lse, dout, scale, causal, axis)
+    dq, dk, dv = _ring_backward(q, k, v, qs, ks, out, lse, dout, scale, causal, axis, layout)
     return dq, dk, dv, None, None
 
 
@@ -233,27 +286,30 @@ def _allgather_attention(q, k, v, qs, ks, scale, causal, axis):
 
 def context_parallel_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment: jax.Array,
                                kv_segment: jax.Array, scale: float, *, causal: bool, mesh=None,
-                               axis: str = "sequence", impl: str = "ring") -> jax.Array:
+                               axis: str = "sequence", impl: str = "ring", layout: str = "contiguous") -> jax.Array:
     """Self-attention with T split over mesh axis `axis` (see the module docstring). q [B,T,N,H],
-    k/v [B,T,K,H], q_segment/kv_segment [B,T] int -> [B,T,N,H] in q's dtype. Call under jit (or eagerly)."""
+    k/v [B,T,K,H], q_segment/kv_segment [B,T] int -> [B,T,N,H] in q's dtype. Call under jit (or eagerly).
+    Inputs and output are in natural (contiguous) order whatever `layout` the ring computes in."""
+    _check_options(impl, layout)
     mesh, rules = _resolve_mesh(mesh)
-    if impl not in IMPLS:
-        raise ValueError(f"unknown context-parallel attention impl {impl!r}; expected one of {IMPLS}")
-    if mesh is None or axis not in mesh.axis_names or mesh.shape[axis] == 1:
-        if mesh is not None and axis not in mesh.axis_names:
-            raise ValueError(f"mesh has no axis {axis!r} (axes {mesh.axis_names})")
+    if mesh is not None and axis not in mesh.axis_names:
+        raise ValueError(f"mesh has no axis {axis!r} (axes {mesh.axis_names})")
+    if mesh is None or mesh.shape[axis] == 1:
         return blocked_attention(q, k, v, q_segment, kv_segment, scale, causal=causal)
-    _validate(q, k, v, q_segment, kv_segment, impl, axis, mesh)
+    _validate(q, k, v, q_segment, kv_segment, axis, layout, mesh)
     q_spec, k_spec, seg_spec = _specs(mesh, rules, axis, q.shape, k.shape)
 
     def shard_fn(q, k, v, qs, ks):          # local blocks: q [B',T/P,N',H], k/v [B',T/P,K',H], segs [B',T/P]
         if impl == "allgather":
             return _allgather_attention(q, k, v, qs, ks, scale, causal, axis)
+        if layout == "zigzag":
+            q, k, v, qs, ks = (_zigzag(x, axis) for x in (q, k, v, qs, ks))
         b, t, n, h = q.shape
         kv_heads = k.shape[2]
         qx = q.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
-        out = _ring_attention(qx, k, v, qs, ks, scale, causal, axis)
-        return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+        out = _ring_attention(qx, k, v, qs, ks, scale, causal, axis, layout)
+        out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+        return _zigzag(out, axis, inverse=True) if layout == "zigzag" else out
 
     fn = jax.shard_map(shard_fn, mesh=mesh, in_specs=(q_spec, k_spec, k_spec, seg_spec, seg_spec),
                        out_specs=q_spec)

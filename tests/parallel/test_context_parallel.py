@@ -23,7 +23,6 @@ B, T, K, G, H = 2, 32, 2, 3, 8
 SCALE = H ** -0.5
 MESHES = {
     "seq2": {"sequence": 2},
-    "seq4": {"sequence": 4},
     "seq8": {"sequence": 8},
     "seq4_fsdp2": {"sequence": 4, "fsdp": 2},
     "seq2_data2_tensor2": {"sequence": 2, "data": 2, "tensor": 2},   # batch and heads split too
@@ -83,13 +82,17 @@ def reference(inputs):
     return np.asarray(out), [np.asarray(g) for g in grads]
 
 
-@pytest.mark.parametrize("impl", ["ring", "allgather"])
-@pytest.mark.parametrize("mesh_name", list(MESHES))
-def test_values_and_gradients_match_reference(inputs, reference, impl, mesh_name):
+CASES = ([("ring", "contiguous", name) for name in MESHES]
+         + [("ring", "zigzag", name) for name in ("seq8", "seq4_fsdp2", "seq2_data2_tensor2")]
+         + [("allgather", "contiguous", name) for name in ("seq2", "seq8", "seq4_fsdp2", "seq2_data2_tensor2")])
+
+
+@pytest.mark.parametrize("impl,layout,mesh_name", CASES)
+def test_values_and_gradients_match_reference(inputs, reference, impl, layout, mesh_name):
     q, k, v, seg, weights = inputs
     mesh = _mesh(MESHES[mesh_name])
     attention = lambda q, k, v: context_parallel_attention(q, k, v, seg, seg, SCALE, causal=True, mesh=mesh,
-                                                           impl=impl)
+                                                           impl=impl, layout=layout)
     out, grads = _output_and_grads(attention, weights, seg)(q, k, v)
     valid = _valid(seg)
     np.testing.assert_allclose(np.asarray(out)[valid], reference[0][valid], rtol=1e-5, atol=1e-5)
@@ -129,6 +132,21 @@ def test_mesh_from_context_and_dispatcher_call(inputs, reference):
                                   np.asarray(blocked_attention(q, k, v, seg, seg, SCALE, causal=True)))
 
 
+def test_zigzag_layout_round_trip():
+    """Shard i of P holds chunks i and 2P-1-i of 2P after _zigzag; the inverse restores natural order."""
+    mesh = _mesh({"sequence": 4})
+    x = jnp.arange(16, dtype=jnp.int32)[None]             # 8 chunks of 2 tokens
+
+    def run(x):
+        there = context._zigzag(x, "sequence")
+        return there, context._zigzag(there, "sequence", inverse=True)
+    spec = jax.sharding.PartitionSpec(None, "sequence")
+    there, back = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=spec, out_specs=(spec, spec)))(x)
+    chunks = [0, 7, 1, 6, 2, 5, 3, 4]
+    np.testing.assert_array_equal(np.asarray(there)[0], np.concatenate([[2 * c, 2 * c + 1] for c in chunks]))
+    np.testing.assert_array_equal(np.asarray(back), np.asarray(x))
+
+
 def test_bad_inputs_raise(inputs):
     q, k, v, seg, _ = inputs
     mesh = make_mesh({"sequence": 8})
@@ -144,6 +162,14 @@ def test_bad_inputs_raise(inputs):
                                    causal=True, mesh=mesh)
     with pytest.raises(ValueError, match="segment ids must be"):
         context_parallel_attention(q, k, v, seg[:1], seg, SCALE, causal=True, mesh=mesh)
+    with pytest.raises(ValueError, match=r"layout='zigzag' needs T=24 divisible by 2 x the 'sequence' axis size"):
+        context_parallel_attention(q[:, :24], k[:, :24], v[:, :24], seg[:, :24], seg[:, :24], SCALE,
+                                   causal=True, mesh=mesh, layout="zigzag")
+    with pytest.raises(ValueError, match="unknown context-parallel layout 'striped'"):
+        context_parallel_attention(q, k, v, seg, seg, SCALE, causal=True, mesh=mesh, layout="striped")
+    with pytest.raises(ValueError, match="zigzag' is a ring option"):
+        context_parallel_attention(q, k, v, seg, seg, SCALE, causal=True, mesh=mesh, impl="allgather",
+                                   layout="zigzag")
     with pytest.raises(ValueError, match="mesh has no axis 'context'"):
         context_parallel_attention(q, k, v, seg, seg, SCALE, causal=True, mesh=mesh, axis="context")
 
