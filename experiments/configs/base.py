@@ -8,6 +8,7 @@ comma-separated `key=value` variants, plus bare flags (`runlocal`: tiny sizes fo
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 from glmv_jax.config import PRESETS
 
@@ -67,6 +68,8 @@ def base_config(arg: str | None, stage: str) -> ml_collections.ConfigDict:
         seq_len=256,
         batch_size=8,
         patch_budget=512,         # Np: patch rows per batch
+        frame_len=config_dict.placeholder(int),  # patch_frames [F, L] (ViT per-frame attention): None = the
+        frames=config_dict.placeholder(int),     # longest frame of image_size / derived F; frame_len=0: none
         on_bad_record="skip",     # skip (counted) | raise
         num_workers=0,
         image_size=56,

@@ -11,6 +11,11 @@ Packing is first-fit over the B rows of the batch being built: a sample goes int
 for its tokens, provided the batch's patch rows stay within Np. When it fits nowhere, the batch is emitted
 and the sample opens the next one. Only that one sample is ever carried over, so the iterator state is just
 the parent state from before that sample was read (plus counters): JSON-able and exact on restore.
+
+With `frame_len` L (and `frames` F) the batch also carries `patch_frames` [F, L] (models.vision.frame_slots):
+the ViT's per-frame attention layout, fixed in shape. A sample is also refused when its frames would not fit
+the F rows of L slots; a sample with a frame longer than L (or needing more than F rows alone) is a bad
+record ("frame_too_long" / "too_many_frames").
 """
 
 from __future__ import annotations
@@ -22,29 +27,74 @@ import grain
 import numpy as np
 
 from glmv_jax.data.records import BadRecord, BadRecordError
+from glmv_jax.models.vision import frame_slots
 
 TOKEN_KEYS = ("input_ids", "targets", "loss_mask", "token_type")
 
 
-def sample_fits(sample: dict, seq_len: int, patch_budget: int) -> BadRecord | None:
-    """None if the sample can ever fit a row, else the BadRecord saying why not."""
+def frame_lengths(sample: dict) -> np.ndarray:
+    """Patch rows of each image / video frame of a sample, in order ([n_frames] int)."""
+    frame = np.asarray(sample.get("patch_frame", np.zeros(0, np.int32)))
+    return np.bincount(frame) if frame.size else np.zeros(0, np.int64)
+
+
+def frame_rows(lengths, frame_len: int) -> int:
+    """Rows of `frame_len` slots that frame_slots packs frames of these lengths into (0 for none)."""
+    lengths = np.asarray(lengths, np.int64)
+    if not lengths.size:
+        return 0
+    return frame_slots(np.repeat(np.arange(1, lengths.size + 1), lengths), frame_len=frame_len).shape[0]
+
+
+def default_frames(patch_budget: int, frame_len: int, min_frame: int = 4) -> int:
+    """F: rows of `frame_len` slots enough for any batch of <= patch_budget patch rows whose frames are at
+    least `min_frame` long. Each row holds >= 1 frame (so <= Np // min_frame rows), and first-fit leaves at
+    most one row half-empty or less (so <= ceil(2 Np / L) rows); all frames fit one row when L >= Np."""
+    if min(patch_budget, frame_len, min_frame) <= 0:
+        raise ValueError(f"patch_budget {patch_budget}, frame_len {frame_len}, min_frame {min_frame} must be positive")
+    if frame_len >= patch_budget:
+        return 1
+    return max(1, min(patch_budget // min_frame, -(-2 * patch_budget // frame_len)))
+
+
+def sample_fits(sample: dict, seq_len: int, patch_budget: int, frame_len: int | None = None,
+                frames: int | None = None) -> BadRecord | None:
+    """None if the sample can ever fit a row (and the [frames, frame_len] ViT layout), else the BadRecord
+    saying why not."""
     n_tokens, n_patches = len(sample["input_ids"]), len(sample["pixel_values"])
     where = sample.get("where", sample.get("id", "?"))
     if n_tokens > seq_len:
         return BadRecord("too_long", where, f"{n_tokens} tokens exceed the packed length T={seq_len}")
     if n_patches > patch_budget:
         return BadRecord("too_many_patches", where, f"{n_patches} patch rows exceed the budget Np={patch_budget}")
+    if frame_len is not None and n_patches:
+        lengths = frame_lengths(sample)
+        if lengths.max() > frame_len:
+            return BadRecord("frame_too_long", where, f"an image/frame of {int(lengths.max())} patches exceeds "
+                             f"data.frame_len={frame_len}")
+        if frames is not None and frame_rows(lengths, frame_len) > frames:
+            return BadRecord("too_many_frames", where, f"{lengths.size} images/frames need "
+                             f"{frame_rows(lengths, frame_len)} rows of {frame_len} slots; data.frames={frames}")
     return None
 
 
 class BatchBuilder:
-    """Collects samples into B rows of T tokens sharing Np patch rows; `build` makes the BATCH.md dict."""
+    """Collects samples into B rows of T tokens sharing Np patch rows; `build` makes the BATCH.md dict.
 
-    def __init__(self, batch_size: int, seq_len: int, patch_budget: int, patch_dim: int):
+    frame_len: L of `patch_frames` [F, L] (None: no patch_frames); frames: F (None: default_frames(Np, L))."""
+
+    def __init__(self, batch_size: int, seq_len: int, patch_budget: int, patch_dim: int,
+                 frame_len: int | None = None, frames: int | None = None):
         self.batch_size, self.seq_len, self.patch_budget, self.patch_dim = batch_size, seq_len, patch_budget, patch_dim
+        if frame_len is not None and frame_len <= 0 or frames is not None and (frame_len is None or frames <= 0):
+            raise ValueError(f"frame_len must be positive (or None) and frames positive with a frame_len; got "
+                             f"frame_len={frame_len}, frames={frames}")
+        self.frame_len = frame_len
+        self.frames = None if frame_len is None else frames or default_frames(patch_budget, frame_len)
         self.rows: list[list[dict]] = [[] for _ in range(batch_size)]
         self.row_tokens = [0] * batch_size
         self.n_patches = 0
+        self.lengths: list[int] = []          # patch rows of every image / frame placed so far
 
     @property
     def empty(self) -> bool:
@@ -55,11 +105,21 @@ class BatchBuilder:
         n_tokens, n_patches = len(sample["input_ids"]), len(sample["pixel_values"])
         if self.n_patches + n_patches > self.patch_budget:
             return False
+        lengths = frame_lengths(sample).tolist() if n_patches else []
+        if self.frame_len is not None and lengths:
+            if max(lengths) > self.frame_len:
+                raise ValueError(f"sample {sample.get('id', '?')!r} has an image/frame of {max(lengths)} patches, "
+                                 f"longer than frame_len={self.frame_len} (filter with sample_fits first)")
+            # Every row of frame_slots holds at least one frame: only more frames than rows can overflow.
+            if len(self.lengths) + len(lengths) > self.frames and \
+                    frame_rows(self.lengths + lengths, self.frame_len) > self.frames:
+                return False
         for r in range(self.batch_size):
             if self.row_tokens[r] + n_tokens <= self.seq_len:
                 self.rows[r].append(sample)
                 self.row_tokens[r] += n_tokens
                 self.n_patches += n_patches
+                self.lengths += lengths
                 return True
         return False
 
@@ -93,6 +153,8 @@ class BatchBuilder:
                 p += m
                 t += n
                 n_samples += 1
+        if self.frame_len is not None:
+            batch["patch_frames"] = frame_slots(batch["patch_segment"], frames=self.frames, frame_len=self.frame_len)
         return batch, {"samples": n_samples, "tokens": sum(self.row_tokens), "patches": p}
 
 
@@ -112,7 +174,8 @@ def check_batch(batch: dict[str, np.ndarray], merge_area: int = 4) -> None:
 
 
 class PackIterDataset(grain.IterDataset):
-    """grain IterDataset: samples (or BadRecord markers) in, fixed-shape packed batches out.
+    """grain IterDataset: samples (or BadRecord markers) in, fixed-shape packed batches out (with
+    `patch_frames` [frames, frame_len] when frame_len is given; frames defaults to default_frames).
 
     on_bad_record="skip" counts each BadRecord / oversize sample by reason; "raise" raises BadRecordError
     naming the record. Even when skipping, `max_consecutive_bad` bad records in a row raise (an all-bad,
@@ -121,11 +184,15 @@ class PackIterDataset(grain.IterDataset):
 
     def __init__(self, parent: grain.IterDataset, batch_size: int, seq_len: int, patch_budget: int,
                  patch_dim: int, on_bad_record: str = "skip", check: bool = True, merge_area: int = 4,
-                 max_consecutive_bad: int = 1000):
+                 max_consecutive_bad: int = 1000, frame_len: int | None = None, frames: int | None = None):
         super().__init__(parent)
         if on_bad_record not in ("skip", "raise"):
             raise ValueError(f"on_bad_record must be 'skip' or 'raise', got {on_bad_record!r}")
-        self.kw = dict(batch_size=batch_size, seq_len=seq_len, patch_budget=patch_budget, patch_dim=patch_dim)
+        if frame_len is not None and frames is None:
+            frames = default_frames(patch_budget, frame_len)
+        self.kw = dict(batch_size=batch_size, seq_len=seq_len, patch_budget=patch_budget, patch_dim=patch_dim,
+                       frame_len=frame_len, frames=frames)
+        BatchBuilder(**self.kw)              # bad sizes fail here, not at the first batch
         self.on_bad_record, self.check, self.merge_area = on_bad_record, check, merge_area
         self.max_consecutive_bad = max_consecutive_bad
 
@@ -161,8 +228,9 @@ class PackIterator(grain.DatasetIterator):
                 element = next(self._parent)
             except StopIteration:
                 return state, None
+            kw = self.spec.kw
             bad = element if isinstance(element, BadRecord) else sample_fits(
-                element, self.spec.kw["seq_len"], self.spec.kw["patch_budget"])
+                element, kw["seq_len"], kw["patch_budget"], kw["frame_len"], kw["frames"])
             if bad is None:
                 self._bad_run = 0
                 return state, element

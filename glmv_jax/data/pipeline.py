@@ -8,6 +8,8 @@ Graph: sources (JSONL / ArrayRecord / memory / synthetic) -> this host's shard (
 -> shuffle (per-epoch reseeded) -> repeat -> TrainingExampleTransform (parse, images, tokens, positions)
 -> to_iter_dataset (thread prefetch) -> optional mp_prefetch (worker processes) -> PackIterDataset
 -> (micro_batches > 1) StackIterDataset: [k, ...] micro-batches for gradient accumulation.
+Batches carry `patch_frames` [F, L] (the ViT's per-frame attention layout; `frame_shape`) unless
+data.frame_len = 0; each micro-batch's patch_frames index its own patch rows.
 Every step before packing is a deterministic function of the record index, so the state is the element
 index plus the packer's carry-over and counters.
 
@@ -23,7 +25,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from glmv_jax.data.packing import PackIterDataset
+from glmv_jax.data.packing import PackIterDataset, default_frames
 from glmv_jax.data.records import BadRecord
 from glmv_jax.data.sources import open_sources
 from glmv_jax.data.transforms import Processor, PromptTransform, TrainingExampleTransform
@@ -43,6 +45,10 @@ class DataConfig:
     batch_size: int = 8                # B (rows of this host)
     patch_budget: int = 512            # Np
     micro_batches: int = 1             # k > 1: [k, ...]-stacked micro-batches of B/k rows and Np/k patches each
+    frame_len: int | None = None       # L of patch_frames [F, L] (ViT per-frame attention): None = the longest
+                                       # image/frame the processor makes (synthetic: of an image_size image),
+                                       # at most Np/k; 0 = no patch_frames (one segment-masked Np x Np block)
+    frames: int | None = None          # F (per micro-batch): None = packing.default_frames(Np/k, L, shortest frame)
     loss_on: str = "auto"              # auto | all (see TrainingExampleTransform)
     on_bad_record: str = "skip"        # skip (counted) | raise
     max_consecutive_bad: int = 1000    # even when skipping: this many bad records in a row is an error
@@ -79,6 +85,9 @@ def data_config(cfg: Any = None, **overrides) -> DataConfig:
     if out.micro_batches < 1 or out.batch_size % out.micro_batches or out.patch_budget % out.micro_batches:
         raise ValueError(f"data.batch_size {out.batch_size} and patch_budget {out.patch_budget} must be divisible "
                          f"by micro_batches {out.micro_batches}")
+    if out.frame_len is not None and out.frame_len < 0 or out.frames is not None and out.frames <= 0:
+        raise ValueError(f"data.frame_len must be >= 0 (0: no patch_frames) or None, data.frames positive or None; "
+                         f"got frame_len={out.frame_len}, frames={out.frames}")
     if (out.shard_index is None) != (out.shard_count is None):
         raise ValueError("give both data.shard_index and data.shard_count, or neither")
     return out
@@ -131,6 +140,29 @@ def record_dataset(cfg: DataConfig, sources: Any = None) -> grain.MapDataset:
     return ds.repeat(cfg.num_epochs)
 
 
+def frame_shape(cfg: DataConfig, processor: Processor, sources: Any = None) -> tuple[int | None, int | None]:
+    """(F, L) of the batches' patch_frames for this config (per micro-batch), or (None, None) for none.
+
+    L: data.frame_len, else the longest frame the processor makes: for synthetic data the frame of an
+    image_size x image_size image (every synthetic image; not when `sources` replaces the config's
+    source), otherwise max(min_pixels, max_pixels) over
+    temporal_patch_size * patch_size^2 (a frame the processor's min_pixels rounding makes longer is a bad
+    record); never more than the micro-batch's Np. F: data.frames, else default_frames with the shortest
+    frame (synthetic: that same frame; otherwise one merge block)."""
+    if cfg.frame_len == 0:
+        return None, None
+    image, budget = processor.image, cfg.patch_budget // cfg.micro_batches
+    if cfg.source == "synthetic" and sources is None:
+        h, w = image.target_size(cfg.image_size, cfg.image_size)
+        longest = shortest = (h // image.patch_size) * (w // image.patch_size)
+    else:
+        patch_area = image.temporal_patch_size * image.patch_size ** 2
+        shortest = image.merge_size ** 2
+        longest = max(shortest, max(image.min_pixels, image.max_pixels) // patch_area)
+    frame_len = cfg.frame_len or min(longest, budget)
+    return cfg.frames or default_frames(budget, frame_len, min(shortest, frame_len)), frame_len
+
+
 def _to_iter(ds: grain.MapDataset, cfg: DataConfig) -> grain.IterDataset:
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch))
     if cfg.num_workers > 0:
@@ -152,11 +184,12 @@ def make_pipeline(data_cfg: Any, tokenizer, processor: Processor, sources: Any =
         raise ValueError("data.kind='rl' makes prompts, not training batches: use make_prompt_pipeline")
     ds = record_dataset(cfg, sources).map(TrainingExampleTransform(tokenizer, processor, cfg.loss_on))
     k = cfg.micro_batches
+    frames, frame_len = frame_shape(cfg, processor, sources)
     packed = PackIterDataset(_to_iter(ds, cfg), batch_size=cfg.batch_size // k, seq_len=cfg.seq_len,
                              patch_budget=cfg.patch_budget // k, patch_dim=processor.patch_dim,
                              on_bad_record=cfg.on_bad_record, check=cfg.check,
                              max_consecutive_bad=cfg.max_consecutive_bad,
-                             merge_area=processor.merge_size ** 2)
+                             merge_area=processor.merge_size ** 2, frame_len=frame_len, frames=frames)
     return iter(StackIterDataset(packed, k) if k > 1 else packed)
 
 

@@ -43,7 +43,11 @@ ROW_AXIS = {"position_ids": 1}   # batch entries whose row axis B is not axis 0
 
 
 def split_microbatches(batch: dict, k: int) -> dict:
-    """Every entry [.., B, ..] -> [k, .., B/k, ..] with micro-batch i = rows i, i+k, i+2k, ..."""
+    """Every entry [.., B, ..] -> [k, .., B/k, ..] with micro-batch i = rows i, i+k, i+2k, ...
+
+    The packed patch rows (PATCH_KEYS) and `patch_frames` (indices into them) belong to the whole batch, not
+    to a row, and are refused by name even when Np or F happens to equal B: use presplit batches
+    (data.micro_batches / the pipeline's StackIterDataset) whose micro-batches hold their own patches."""
     ref_key = "input_ids" if "input_ids" in batch else sorted(batch)[0]
     rows = batch[ref_key].shape[ROW_AXIS.get(ref_key, 0)]
     if rows % k:
@@ -51,7 +55,7 @@ def split_microbatches(batch: dict, k: int) -> dict:
 
     def split(key: str, x: jax.Array) -> jax.Array:
         axis = ROW_AXIS.get(key, 0)
-        if x.ndim <= axis or x.shape[axis] != rows:
+        if key in PATCH_KEYS + ("patch_frames",) or x.ndim <= axis or x.shape[axis] != rows:
             raise ValueError(f"batch[{key!r}] with shape {x.shape} is not per-row ({rows} rows on axis {axis}); "
                              f"pass make_train_step(split_fn=...) that knows its layout, or presplit batches")
         x = x.reshape(x.shape[:axis] + (rows // k, k) + x.shape[axis + 1:])
@@ -77,7 +81,10 @@ def batch_shardings(batch: dict, mesh, rules: rules_lib.Rules = rules_lib.DEFAUL
 
 
 def presplit(batch: dict, k: int) -> dict:
-    """For batches already made of k micro-batches: every entry has a leading [k] axis."""
+    """For batches already made of k micro-batches: every entry has a leading [k] axis. Micro-batch i's
+    `patch_frames` [k, F, L] index its own patch rows [k, Np/k, ...] (0..Np/k - 1), as the pipeline's
+    StackIterDataset builds them: the step scans over the leading axis, so each micro-batch's ViT sees only
+    its own patch rows and frames."""
     for key, value in batch.items():
         if value.shape[:1] != (k,):
             raise ValueError(f"presplit batch[{key!r}] has shape {value.shape}; expected a leading axis of "
