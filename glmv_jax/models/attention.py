@@ -20,8 +20,11 @@ Implementations:
   "splash"    Pallas TPU splash attention (jax.experimental.pallas.ops.tpu.splash_attention): SegmentIds
               plus a static causal or full mask, GQA natively (kv head of query head n is n // G). T and S
               are padded to the kernel block (a multiple of 128) with a segment id no real token uses.
-              Off TPU the kernel runs in Pallas interpret mode (correct, slow: tests only).
-  "auto"      einsum on CPU, cudnn on GPU when `cudnn_problems` finds none (else einsum), splash on TPU.
+              Off TPU the kernel runs in Pallas interpret mode (correct, slow: tests only). Under an active
+              mesh it runs per device in jax.shard_map (batch and heads split as the activation rules say).
+  "auto"      einsum on CPU, cudnn on GPU when `cudnn_problems` finds none (else einsum), splash on TPU
+              when the head dim is a multiple of 128 (every GLM-V preset; else einsum: splash kernels with
+              narrower heads were not checked on a TPU here).
 
 Context parallelism: when the active activation-sharding mesh (parallel/rules.py `activation_sharding`)
 has a "sequence" axis larger than 1 and the attention is causal, `attend` hands the call to
@@ -41,6 +44,7 @@ IMPLEMENTATIONS = ("auto", "einsum", "xla_sdpa", "cudnn", "splash")
 ALIASES = {"xla": "einsum"}          # the config field's earlier name for the einsum reference
 ACCEPTED = IMPLEMENTATIONS + tuple(ALIASES)
 SPLASH_BLOCK = 128                   # splash tile: lengths are padded to a multiple (the TPU lane width)
+SPLASH_HEAD_ALIGN = 128              # "auto" uses splash on TPU only for lane-aligned head dims (GLM-V: 128)
 _SPLASH_PAD_SEGMENT = -(2 ** 31)     # segment id of the alignment padding (no real or padding token uses it)
 
 
@@ -54,13 +58,14 @@ def check_impl(impl: str) -> str:
 def resolve(impl: str, q: jax.Array | None = None, k: jax.Array | None = None,
             backend: str | None = None) -> str:
     """The implementation `impl` runs as: "auto" picks by backend (cpu -> einsum, gpu -> cudnn when q/k
-    meet its restrictions, else einsum, tpu -> splash); other names map to themselves (aliases resolved)."""
+    meet its restrictions, else einsum, tpu -> splash when the head dim is a multiple of 128, else einsum);
+    other names map to themselves (aliases resolved)."""
     impl = check_impl(impl)
     if impl != "auto":
         return impl
     backend = backend or jax.default_backend()
     if backend == "tpu":
-        return "splash"
+        return "splash" if q is None or q.shape[-1] % SPLASH_HEAD_ALIGN == 0 else "einsum"
     if backend in ("gpu", "cuda", "rocm") and q is not None and not cudnn_problems(q, k, backend=backend):
         return "cudnn"
     return "einsum"
@@ -93,17 +98,24 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_segment: jax.Array, kv_se
             raise ValueError("attention='cudnn' cannot run this call: " + "; ".join(problems)
                              + " (use attention='auto', 'einsum' or 'xla_sdpa')")
         return sdpa_attention(q, k, v, q_segment, kv_segment, scale, causal=causal, implementation="cudnn")
-    return splash_attention(q, k, v, q_segment, kv_segment, scale, causal=causal)
+    return sharded_splash_attention(q, k, v, q_segment, kv_segment, scale, causal=causal)
+
+
+def _active_mesh():
+    """(mesh, rules) of rules.activation_sharding (read the way rules.constrain does), else jax.set_mesh's
+    mesh with the default rules, else (None, None): the same lookup as parallel/context.py."""
+    from glmv_jax.parallel import rules
+    active = rules._ACTIVE.get()
+    if active is not None:
+        return active
+    abstract = jax.sharding.get_abstract_mesh()
+    return (None, None) if abstract.empty else (abstract, rules.DEFAULT)
 
 
 def sequence_parallel_size() -> int:
-    """Size of the "sequence" axis of the mesh active for activation sharding (1 when none is active)."""
-    from glmv_jax.parallel import rules
-    active = rules._ACTIVE.get()     # set by rules.activation_sharding; read the way rules.constrain does
-    if active is None:
-        return 1
-    mesh = active[0]
-    return int(dict(mesh.shape).get("sequence", 1))
+    """Size of the "sequence" axis of the active mesh (1 when none is active)."""
+    mesh, _ = _active_mesh()
+    return 1 if mesh is None else int(dict(mesh.shape).get("sequence", 1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,3 +204,22 @@ def splash_attention(q, k, v, q_segment, kv_segment, scale: float, *, causal: bo
     one = lambda qx, kx, vx, qs, ks: kernel(qx, kx, vx, splash.SegmentIds(q=qs, kv=ks))
     out = jax.vmap(one)(qx, kx, vx, qs, ks)                                                # [B, N, Tp, H]
     return out[:, :, :t].transpose(0, 2, 1, 3).astype(q.dtype)
+
+
+def sharded_splash_attention(q, k, v, q_segment, kv_segment, scale: float, *, causal: bool) -> jax.Array:
+    """splash_attention per device under the active mesh (a Pallas call has no automatic partitioning):
+    jax.shard_map with the batch split as the rules split "act_batch" and heads as "act_heads" /
+    "act_kv_heads" when q and kv heads split alike (so GQA groups stay whole), sequence unsplit."""
+    from jax.sharding import PartitionSpec as P
+    from glmv_jax.parallel.rules import logical_to_spec
+    mesh, rules = _active_mesh()
+    run = functools.partial(splash_attention, scale=scale, causal=causal)
+    if mesh is None or mesh.size == 1:
+        return run(q, k, v, q_segment, kv_segment)
+    q_spec = logical_to_spec(("act_batch", None, "act_heads", None), q.shape, mesh, rules)
+    k_spec = logical_to_spec(("act_batch", None, "act_kv_heads", None), k.shape, mesh, rules)
+    batch, heads = q_spec[0], q_spec[2] if q_spec[2] == k_spec[2] else None
+    q_spec, k_spec = P(batch, None, heads, None), P(batch, None, heads, None)
+    fn = jax.shard_map(run, mesh=mesh, in_specs=(q_spec, k_spec, k_spec, P(batch, None), P(batch, None)),
+                       out_specs=q_spec, check_vma=False)       # the Pallas call declares no varying axes
+    return fn(q, k, v, q_segment.astype(jnp.int32), kv_segment.astype(jnp.int32))

@@ -98,6 +98,8 @@ def test_auto_picks_by_backend():
     assert attention.resolve("auto") == "einsum"
     assert attention.resolve("auto", q16, k16) == "einsum"
     assert attention.resolve("auto", backend="tpu") == "splash"
+    assert attention.resolve("auto", jnp.zeros((1, 8, 4, 128)), None, backend="tpu") == "splash"
+    assert attention.resolve("auto", q16, k16, backend="tpu") == "einsum"      # head dim 64: not lane aligned
     assert attention.resolve("auto", q16, k16, backend="gpu") == "cudnn"
     assert attention.resolve("auto", q16.astype(jnp.float32), k16, backend="gpu") == "einsum"   # fp32: no cuDNN
     assert attention.resolve("xla") == "einsum"             # the config field's old name
@@ -142,6 +144,23 @@ def test_cudnn_restrictions_are_named():
                                     compute_capability="9.0") == []
     (problem,) = attention.cudnn_problems(bf((1, 7, 4, 64)), bf((1, 7, 2, 64)), backend="gpu")
     assert "even" in problem
+
+
+def test_splash_under_a_mesh_runs_per_device_and_matches_reference():
+    """Under a (data 2, fsdp 2, tensor 2) activation mesh splash runs inside shard_map (batch over data+fsdp,
+    q and kv heads over tensor, GQA groups whole) with the reference's values."""
+    b, t, n, k, h = 4, 20, 4, 2, 8
+    q, kk, v = _normal(b, t, n, h), _normal(b, t, k, h), _normal(b, t, k, h)
+    seg = np.ones((b, t), np.int32)
+    seg[0, 15:] = 0
+    seg[1, :7] = 2
+    index = jnp.broadcast_to(jnp.arange(t), (b, t))
+    ref = np.asarray(dot_product_attention(q, kk, v, causal_segment_mask(index, index, seg, seg), h ** -0.5))
+    with activation_sharding(make_mesh({"data": 2, "fsdp": 2, "tensor": 2})):
+        run = jax.jit(lambda q, k, v: attention.attend(q, k, v, seg, seg, h ** -0.5, causal=True, impl="splash"))
+        assert "manual_computation" in run.lower(q, kk, v).as_text()
+        out = np.asarray(run(q, kk, v))
+    np.testing.assert_allclose(out[seg > 0], ref[seg > 0], rtol=1e-5, atol=1e-6)
 
 
 def _sequence_mesh():
