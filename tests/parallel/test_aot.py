@@ -3,6 +3,7 @@
 checked against the shardings computed independently, mesh/topology mismatches, and a TPU topology through
 libtpu when it is installed."""
 
+import json
 import math
 import os
 import subprocess
@@ -123,14 +124,13 @@ def test_tpu_topology_through_libtpu(tmp_path):
     assert len(devices) == 4 and {d.platform for d in devices} == {"tpu"}
     with pytest.raises(aot.TopologyError, match="libtpu cannot describe TPU topology 'v5e:banana'"):
         aot.target_devices("v5e:banana")
-    # Compiled in a child process: libtpu's compiler aborts the process on the vision tower's backward
-    # (scatter_emitter check, see the report), so the text-only step (no patch rows) is compiled here.
+    # Compiled in a child process: a libtpu compiler check failure aborts the whole process (it did on the
+    # ViT's single segment-masked block, a batch without patch_frames).
     out = tmp_path / "report.json"
     run = subprocess.run([sys.executable, "-m", "experiments.aot", "--config=experiments/configs/sft.py:model=tiny",
-                          "--topology=v5e:2x2", "--config.data.patch_budget=0", "--config.data.seq_len=64",
+                          "--topology=v5e:2x2", *[f"--config.data.{k}={v}" for k, v in SHAPES.items()],
                           f"--json={out}"], cwd=ROOT, capture_output=True, text=True, timeout=500)
     assert run.returncode == 0, run.stderr[-3000:]
-    import json
     report = json.loads(out.read_text())
     assert report["platform"] == "tpu" and report["devices"] == 4 and report["fits"]
     assert 0 < report["param_bytes_per_device"] < report["param_bytes_total"] / 2
