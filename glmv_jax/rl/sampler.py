@@ -1,4 +1,5 @@
-"""Generation: a jitted prefill + `lax.while_loop` decode over a preallocated KV cache (rl/kv_cache.py).
+"""Generation: a jitted prefill + `lax.while_loop` decode over a preallocated KV cache (rl/kv_cache.py; the
+loop runs kv_cache.decode_layers over per-layer weight and cache buffers split once per call).
 
     out = generate(config, params, prompts, max_new_tokens=256, temperature=1.0, stop_ids=tok.stop_ids,
                    rng=jax.random.key(0), thinking_budget=200, force_answer_ids=[id("</think>"), id("<answer>")])
@@ -71,6 +72,8 @@ def _generation_fn(config: ModelConfig, max_new_tokens: int, filtered: bool, pad
         force_ids, force_len, budget = settings["force_ids"], settings["force_len"], settings["budget"]
         think_end = jnp.where(force_len > 0, force_ids[0], -1)
         logits, caches = kv_cache.prefill(config, params, batch, tp + n)
+        weights = kv_cache.decode_weights(config, params)          # per-layer buffers, once per call
+        caches = kv_cache.unstack_caches(caches)
         zeros = lambda dtype: jnp.zeros((rows, n), dtype)
         state = dict(j=jnp.int32(0), logits=logits, caches=caches, tokens=zeros(jnp.int32),
                      logprobs=zeros(jnp.float32), forced_mask=zeros(bool), done=jnp.zeros(rows, bool),
@@ -98,8 +101,8 @@ def _generation_fn(config: ModelConfig, max_new_tokens: int, filtered: bool, pad
                        force_pos=jnp.where(forcing, force_pos + 1, force_pos),
                        lengths=s["lengths"] + active.astype(jnp.int32))
             positions = batch["prompt_len"] + j + batch["rope_delta"]
-            out["logits"], out["caches"] = kv_cache.decode_step(config, params, s["caches"], token, tp + j,
-                                                                positions, active & ~stopped)
+            out["logits"], out["caches"] = kv_cache.decode_layers(config, params, weights, s["caches"], token, tp + j,
+                                                                  positions, active & ~stopped)
             return out
 
         s = jax.lax.while_loop(lambda s: (s["j"] < n) & ~jnp.all(s["done"]), body, state)
