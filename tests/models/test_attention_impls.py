@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from glmv_jax.config import ATTENTION_IMPLS, ConfigError, tiny
 from glmv_jax.models import attention, glmv, vision
@@ -210,10 +211,14 @@ def test_context_parallel_through_attend_matches_reference(packed):
     np.testing.assert_allclose(out[seg > 0], ref[seg > 0], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["xla_sdpa", "splash"])
-def test_whole_model_logits_equal_einsum(impl, config, params):
-    """The tiny VLM (ViT frames + decoder) on a padded multimodal batch: same logits with every
-    implementation on valid positions (the einsum path itself is checked against HF in test_glmv_parity)."""
+def test_whole_model_logits_equal_einsum(config, params):
+    """ModelConfig.attention reaches the ViT and the decoder: the tiny VLM on a padded multimodal batch gives
+    the einsum path's logits on valid positions with splash (the kernel furthest from the reference; the
+    einsum path itself is checked against HF in test_glmv_parity)."""
+    impl = "splash"
+    model = nnx.merge(*glmv.model_graph(config.replace(attention=impl)))
+    assert model.text.layers.attn.impl == impl and model.vision.blocks.attn.impl == impl
+    assert nnx.merge(*glmv.model_graph(config.replace(attention="xla"))).text.layers.attn.impl == "einsum"
     spans = [[("image", (1, 4, 6))], [("image", (1, 6, 6)), ("image", (1, 2, 4))]]
     batch = pad_prompts([multimodal_inputs(config, s, seed=i, text_len=2 + 2 * i) for i, s in enumerate(spans)],
                         "right")
