@@ -50,7 +50,7 @@ def base_config(arg: str | None, stage: str) -> ml_collections.ConfigDict:
         param_dtype="float32",
         scan_layers=True,
         remat="none",             # none | full | minimal | save_dots_except_mlp
-        attention="xla",          # xla | cudnn | splash
+        attention="auto",         # auto | einsum | xla_sdpa | cudnn | splash
         hf_checkpoint="",         # a local HF directory to start from (load_pretrained)
     ))
     c.mesh = ml_collections.ConfigDict(dict(

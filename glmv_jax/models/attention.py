@@ -105,7 +105,7 @@ def _active_mesh():
     """(mesh, rules) of rules.activation_sharding (read the way rules.constrain does), else jax.set_mesh's
     mesh with the default rules, else (None, None): the same lookup as parallel/context.py."""
     from glmv_jax.parallel import rules
-    active = rules._ACTIVE.get()
+    active = rules.active_sharding()
     if active is not None:
         return active
     abstract = jax.sharding.get_abstract_mesh()

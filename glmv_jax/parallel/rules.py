@@ -130,6 +130,11 @@ def activation_sharding(mesh: Mesh | None, rules: Rules = DEFAULT) -> Iterable[N
         _ACTIVE.reset(token)
 
 
+def active_sharding() -> tuple[Mesh, Rules] | None:
+    """(mesh, rules) of the innermost `activation_sharding` block, or None outside one (or on one device)."""
+    return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """with_sharding_constraint by logical names; a no-op outside `activation_sharding` or on one device."""
     active = _ACTIVE.get()
