@@ -10,11 +10,18 @@ P contiguous shards of T/P tokens (shard i holds global slots i*T/P .. (i+1)*T/P
 
   impl="ring"       k/v/segment blocks travel around the axis by `ppermute` while every shard keeps its
                     queries; an online softmax (fp32 running max, sum and output) takes one block per step,
-                    and blocks wholly in a shard's future are skipped (`lax.cond`). A custom VJP runs the
-                    backward as a second ring (dk/dv accumulators travel with their k/v block and arrive
-                    home after P hops), so memory stays O(T/P) per shard: no [T, T] scores, no gathered k/v.
+                    and (query chunk, key chunk) pairs wholly in the future are skipped (`lax.cond`). A custom
+                    VJP runs the backward as a second ring (dk/dv accumulators travel with their k/v block and
+                    arrive home after P hops), so memory stays O(T/P) per shard: no [T, T] scores, no
+                    gathered k/v.
   impl="allgather"  all-gathers k/v/segments and attends locally to all T keys with the causal mask
                     (simple; memory O(T) per shard, scores [T/P, T]); gradients by autodiff.
+
+Ring layouts: "contiguous" (default) computes on the shards as they are; causal work is unbalanced (shard
+P-1 does P blocks, shard 0 one, so skipping saves work but not wall time). "zigzag" first moves the tokens
+(two ppermutes of q/k/v/segments, two back for the output) so shard i holds chunks i and 2P-1-i of 2P
+(T divisible by 2P): every shard then does the same causal work, 2P+1 chunk pairs of T/2P squared instead of
+up to 4P for the contiguous layout's last shard. Inputs and output are in natural order either way.
 
 Padding queries (segment 0) see no key: the ring gives 0 there, all-gather a finite average (like the
 single-device reference, whose value there is arbitrary). Compare outputs on non-padding rows only.
@@ -23,8 +30,7 @@ Sharding: the batch dimension stays split over the rules' `act_batch` axes and h
 `act_heads`/`act_kv_heads` axes (only when both N and K divide; otherwise heads are replicated inside the
 map). Mesh axes that do not divide a dimension are dropped for it, as in rules.logical_to_spec. The mesh
 is `mesh`, else the one of `rules.activation_sharding`, else the `jax.set_mesh` mesh; with no mesh, or
-an `axis` of size 1, this is plain `blocked_attention`. Causal work is unbalanced across shards with
-contiguous sharding (shard P-1 does P blocks, shard 0 one); zig-zag load balancing is not implemented.
+an `axis` of size 1, this is plain `blocked_attention`.
 """
 
 from __future__ import annotations
@@ -118,6 +124,72 @@ def _scores(q, k, q_pos, k_pos, qs, ks, scale, causal):
     return jnp.where(mask, s, _NEG), mask
 
 
+def _tiled(x, axis: int, n: int):
+    """[..., T, ...] (T at `axis`) -> [n, ..., T/n, ...]: n query tiles on a leading axis."""
+    x = x.reshape(x.shape[:axis] + (n, x.shape[axis] // n) + x.shape[axis + 1:])
+    return jnp.moveaxis(x, axis, 0)
+
+
+def _untiled(x, axis: int):
+    """Inverse of _tiled."""
+    x = jnp.moveaxis(x, 0, axis)
+    return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
+
+
+def _tile_count(rows: int, block: int) -> int:
+    """Fewest query tiles of at most `block` rows that split `rows` evenly."""
+    n = -(-rows // block)
+    while rows % n:
+        n += 1
+    return n
+
+
+def _pair_forward(q, qs, q_pos, k, v, ks, k_pos, state, scale, causal, block):
+    """Online-softmax update of one query chunk's state (m, l [B,K,G,T], acc [B,K,G,T,H] fp32) with one key
+    chunk, in query tiles of at most `block` rows (scores [B,K,G,block,S] at a time)."""
+    def tile(args):
+        q, qs, q_pos, m, l, acc = args
+        s, mask = _scores(q, k, q_pos, k_pos, qs, ks, scale, causal)
+        m_new = jnp.maximum(m, s.max(-1))
+        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+        corr = jnp.exp(m - m_new)
+        pv = jnp.einsum("BKGTS,BSKH->BKGTH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
+
+    args, axes = (q, qs, q_pos, *state), (3, 1, 0, 3, 3, 3)
+    n = _tile_count(q.shape[3], block)
+    if n == 1:
+        return tile(args)
+    out = jax.lax.map(tile, tuple(_tiled(x, ax, n) for x, ax in zip(args, axes)))
+    return tuple(_untiled(x, 3) for x in out)
+
+
+def _pair_backward(q, qs, q_pos, dout, lse, delta, k, v, ks, k_pos, grads, scale, causal, block):
+    """Adds one (query chunk, key chunk) pair's contribution to (dq [B,K,G,T,H], dk, dv [B,S,K,H]) fp32,
+    in query tiles of at most `block` rows (dk/dv summed over the tiles)."""
+    dq, dk, dv = grads
+
+    def tile(carry, args):
+        dk, dv = carry
+        q, qs, q_pos, dout, lse, delta, dq = args
+        s, mask = _scores(q, k, q_pos, k_pos, qs, ks, scale, causal)
+        p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)
+        dv = dv + jnp.einsum("BKGTS,BKGTH->BSKH", p, dout)
+        dp = jnp.einsum("BKGTH,BSKH->BKGTS", dout, v.astype(jnp.float32))
+        ds = p * (dp - delta[..., None]) * scale
+        dq = dq + jnp.einsum("BKGTS,BSKH->BKGTH", ds, k.astype(jnp.float32))
+        dk = dk + jnp.einsum("BKGTS,BKGTH->BSKH", ds, q.astype(jnp.float32))
+        return (dk, dv), dq
+
+    args, axes = (q, qs, q_pos, dout, lse, delta, dq), (3, 1, 0, 3, 3, 3, 3)
+    n = _tile_count(q.shape[3], block)
+    if n == 1:
+        (dk, dv), dq = tile((dk, dv), args)
+        return dq, dk, dv
+    (dk, dv), dq = jax.lax.scan(tile, (dk, dv), tuple(_tiled(x, ax, n) for x, ax in zip(args, axes)))
+    return _untiled(dq, 3), dk, dv
+
+
 def _chunk_ids(shard, size: int, layout: str) -> list:
     """Global ids of the sequence chunks shard `shard` holds (a chunk is T/P tokens when contiguous, T/(2P)
     when zig-zag): contiguous [shard]; zig-zag [shard, 2P-1-shard] (an early and a late chunk, so every
@@ -162,7 +234,7 @@ def _maybe(needed, fn, operand):
     return fn(operand) if needed is None else jax.lax.cond(needed, fn, lambda x: x, operand)
 
 
-def _ring_forward(q, k, v, qs, ks, scale, causal, axis, layout):
+def _ring_forward(q, k, v, qs, ks, scale, causal, axis, layout, block):
     """-> out [B,K,G,T,H] fp32 (0 on rows with no visible key), lse [B,K,G,T] fp32 (0 there)."""
     size, me = jax.lax.axis_size(axis), jax.lax.axis_index(axis)
     nc = len(_chunk_ids(0, size, layout))
@@ -177,15 +249,8 @@ def _ring_forward(q, k, v, qs, ks, scale, causal, axis, layout):
         kc, vc, ksc = (jnp.split(x, nc, axis=1) for x in (k, v, ks))
         state = list(state)
         for a, b, needed in _pairs(q_ids, k_ids, causal):
-            def update(st, a=a, b=b):
-                m, l, acc = st
-                s, mask = _scores(qc[a], kc[b], q_ids[a] * chunk + local, k_ids[b] * chunk + local, qsc[a],
-                                  ksc[b], scale, causal)
-                m_new = jnp.maximum(m, s.max(-1))
-                p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-                corr = jnp.exp(m - m_new)
-                pv = jnp.einsum("BKGTS,BSKH->BKGTH", p.astype(v.dtype), vc[b], preferred_element_type=jnp.float32)
-                return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
+            update = lambda st, a=a, b=b: _pair_forward(qc[a], qsc[a], q_ids[a] * chunk + local, kc[b], vc[b],
+                                                        ksc[b], k_ids[b] * chunk + local, st, scale, causal, block)
             state[a] = _maybe(needed, update, state[a])
         return state
 
@@ -206,7 +271,7 @@ def _ring_forward(q, k, v, qs, ks, scale, causal, axis, layout):
     return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
 
 
-def _ring_backward(q, k, v, qs, ks, out, lse, dout, scale, causal, axis, layout):
+def _ring_backward(q, k, v, qs, ks, out, lse, dout, scale, causal, axis, layout, block):
     """Flash-attention backward as a ring: dq stays home; dk/dv ride with their k/v block for P hops."""
     size, me = jax.lax.axis_size(axis), jax.lax.axis_index(axis)
     nc = len(_chunk_ids(0, size, layout))
@@ -226,17 +291,9 @@ def _ring_backward(q, k, v, qs, ks, out, lse, dout, scale, causal, axis, layout)
         kc, vc, ksc, dkc, dvc = (jnp.split(x, nc, axis=1) for x in (k, v, ks, dk, dv))
         dq = list(dq)
         for a, b, needed in _pairs(q_ids, k_ids, causal):
-            def grads(st, a=a, b=b):
-                dq_a, dk_b, dv_b = st
-                s, mask = _scores(qc[a], kc[b], q_ids[a] * chunk + local, k_ids[b] * chunk + local, qsc[a],
-                                  ksc[b], scale, causal)
-                p = jnp.where(mask, jnp.exp(s - lsec[a][..., None]), 0.0)
-                dv_b = dv_b + jnp.einsum("BKGTS,BKGTH->BSKH", p, doc[a])
-                dp = jnp.einsum("BKGTH,BSKH->BKGTS", doc[a], vc[b].astype(jnp.float32))
-                ds = p * (dp - deltac[a][..., None]) * scale
-                dq_a = dq_a + jnp.einsum("BKGTS,BSKH->BKGTH", ds, kc[b].astype(jnp.float32))
-                dk_b = dk_b + jnp.einsum("BKGTS,BKGTH->BSKH", ds, qc[a].astype(jnp.float32))
-                return dq_a, dk_b, dv_b
+            grads = lambda st, a=a, b=b: _pair_backward(qc[a], qsc[a], q_ids[a] * chunk + local, doc[a], lsec[a],
+                                                        deltac[a], kc[b], vc[b], ksc[b], k_ids[b] * chunk + local,
+                                                        st, scale, causal, block)
             dq[a], dkc[b], dvc[b] = _maybe(needed, grads, (dq[a], dkc[b], dvc[b]))
         dk, dv = jnp.concatenate(dkc, axis=1), jnp.concatenate(dvc, axis=1)
         k, v, ks, dk, dv = _shift((k, v, ks, dk, dv), axis)     # after P hops dk/dv are back home
@@ -246,21 +303,21 @@ def _ring_backward(q, k, v, qs, ks, out, lse, dout, scale, causal, axis, layout)
     return jnp.concatenate(dq, axis=3).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _ring_attention(q, k, v, qs, ks, scale, causal, axis, layout):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _ring_attention(q, k, v, qs, ks, scale, causal, axis, layout, block):
     """q [B,K,G,T,H], k/v [B,S,K,H] local blocks -> [B,K,G,T,H] in q's dtype."""
-    return _ring_forward(q, k, v, qs, ks, scale, causal, axis, layout)[0].astype(q.dtype)
+    return _ring_forward(q, k, v, qs, ks, scale, causal, axis, layout, block)[0].astype(q.dtype)
 
 
-def _ring_attention_fwd(q, k, v, qs, ks, scale, causal, axis, layout):
-    out, lse = _ring_forward(q, k, v, qs, ks, scale, causal, axis, layout)
+def _ring_attention_fwd(q, k, v, qs, ks, scale, causal, axis, layout, block):
+    out, lse = _ring_forward(q, k, v, qs, ks, scale, causal, axis, layout, block)
     out = out.astype(q.dtype)
     return out, (q, k, v, qs, ks, out, lse)
 
 
-def _ring_attention_bwd(scale, causal, axis, layout, residuals, dout):
+def _ring_attention_bwd(scale, causal, axis, layout, block, residuals, dout):
     q, k, v, qs, ks, out, lse = residuals
-    dq, dk, dv = _ring_backward(q, k, v, qs, ks, out, lse, dout, scale, causal, axis, layout)
+    dq, dk, dv = _ring_backward(q, k, v, qs, ks, out, lse, dout, scale, causal, axis, layout, block)
     return dq, dk, dv, None, None
 
 
@@ -286,11 +343,15 @@ def _allgather_attention(q, k, v, qs, ks, scale, causal, axis):
 
 def context_parallel_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment: jax.Array,
                                kv_segment: jax.Array, scale: float, *, causal: bool, mesh=None,
-                               axis: str = "sequence", impl: str = "ring", layout: str = "contiguous") -> jax.Array:
+                               axis: str = "sequence", impl: str = "ring", layout: str = "contiguous",
+                               block: int = 512) -> jax.Array:
     """Self-attention with T split over mesh axis `axis` (see the module docstring). q [B,T,N,H],
     k/v [B,T,K,H], q_segment/kv_segment [B,T] int -> [B,T,N,H] in q's dtype. Call under jit (or eagerly).
-    Inputs and output are in natural (contiguous) order whatever `layout` the ring computes in."""
+    Inputs and output are in natural (contiguous) order whatever `layout` the ring computes in. `block`: the
+    ring's query tile (scores [B,K,G,block,T/P] at a time; fewest tiles of at most `block` rows)."""
     _check_options(impl, layout)
+    if block < 1:
+        raise ValueError(f"block must be a positive number of query rows, got {block}")
     mesh, rules = _resolve_mesh(mesh)
     if mesh is not None and axis not in mesh.axis_names:
         raise ValueError(f"mesh has no axis {axis!r} (axes {mesh.axis_names})")
@@ -307,7 +368,7 @@ def context_parallel_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segme
         b, t, n, h = q.shape
         kv_heads = k.shape[2]
         qx = q.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
-        out = _ring_attention(qx, k, v, qs, ks, scale, causal, axis, layout)
+        out = _ring_attention(qx, k, v, qs, ks, scale, causal, axis, layout, block)
         out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
         return _zigzag(out, axis, inverse=True) if layout == "zigzag" else out
 

@@ -1,18 +1,16 @@
 """Context-parallel attention (ring and all-gather over the "sequence" axis) against the one-device reference
 `layers.blocked_attention`: values and gradients on non-padding query rows, packed causal segments with
 padding, GQA (G = 3), sequence 2/4/8 with and without batch/tensor axes; the mesh taken from context; the
-tiny decoder's forward under a {"sequence": 4, "fsdp": 2} mesh; clear errors on bad input."""
+tiny decoder's forward and gradients under a {"sequence": 4, "fsdp": 2} mesh; clear errors on bad input."""
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from glmv_jax.models import decoder, glmv
+from glmv_jax.models import glmv
 from glmv_jax.models.layers import blocked_attention
 from glmv_jax.parallel import context
 from glmv_jax.parallel.context import context_parallel_attention
@@ -82,17 +80,19 @@ def reference(inputs):
     return np.asarray(out), [np.asarray(g) for g in grads]
 
 
-CASES = ([("ring", "contiguous", name) for name in MESHES]
-         + [("ring", "zigzag", name) for name in ("seq8", "seq4_fsdp2", "seq2_data2_tensor2")]
-         + [("allgather", "contiguous", name) for name in ("seq2", "seq8", "seq4_fsdp2", "seq2_data2_tensor2")])
+# (impl, layout, mesh, ring query tile): tiles of 4 and 2 rows exercise the tiled (lax.map / scan) path.
+CASES = ([("ring", "contiguous", name, 512) for name in MESHES] + [("ring", "contiguous", "seq2", 4)]
+         + [("ring", "zigzag", name, 512) for name in ("seq8", "seq2_data2_tensor2")]
+         + [("ring", "zigzag", "seq4_fsdp2", 2)]
+         + [("allgather", "contiguous", name, 512) for name in ("seq2", "seq8", "seq4_fsdp2", "seq2_data2_tensor2")])
 
 
-@pytest.mark.parametrize("impl,layout,mesh_name", CASES)
-def test_values_and_gradients_match_reference(inputs, reference, impl, layout, mesh_name):
+@pytest.mark.parametrize("impl,layout,mesh_name,block", CASES)
+def test_values_and_gradients_match_reference(inputs, reference, impl, layout, mesh_name, block):
     q, k, v, seg, weights = inputs
     mesh = _mesh(MESHES[mesh_name])
     attention = lambda q, k, v: context_parallel_attention(q, k, v, seg, seg, SCALE, causal=True, mesh=mesh,
-                                                           impl=impl, layout=layout)
+                                                           impl=impl, layout=layout, block=block)
     out, grads = _output_and_grads(attention, weights, seg)(q, k, v)
     valid = _valid(seg)
     np.testing.assert_allclose(np.asarray(out)[valid], reference[0][valid], rtol=1e-5, atol=1e-5)
@@ -170,6 +170,8 @@ def test_bad_inputs_raise(inputs):
     with pytest.raises(ValueError, match="zigzag' is a ring option"):
         context_parallel_attention(q, k, v, seg, seg, SCALE, causal=True, mesh=mesh, impl="allgather",
                                    layout="zigzag")
+    with pytest.raises(ValueError, match="block must be a positive number of query rows, got 0"):
+        context_parallel_attention(q, k, v, seg, seg, SCALE, causal=True, mesh=mesh, block=0)
     with pytest.raises(ValueError, match="mesh has no axis 'context'"):
         context_parallel_attention(q, k, v, seg, seg, SCALE, causal=True, mesh=mesh, axis="context")
 
@@ -214,26 +216,35 @@ def _decoder_batch(config, length: int = 32) -> dict:
     return {key: jnp.asarray(val) for key, val in batch.items()}
 
 
-def test_tiny_decoder_forward_with_sequence_axis(tiny_model, monkeypatch):
+def test_tiny_decoder_forward_and_grads_with_sequence_axis(tiny_model, monkeypatch):
+    """glmv.apply under activation_sharding({"sequence": 4, "fsdp": 2}): the decoder's attention goes through
+    models.attention.attend -> context_parallel_attention (ring); logits and parameter gradients (scanned
+    layers: the ring's custom VJP inside lax.scan) equal the one-device run."""
     config, params = tiny_model
     batch = _decoder_batch(config)
-    want = jax.jit(functools.partial(glmv.apply, config))(params, batch)
+    valid = np.asarray(batch["segment_ids"]) > 0
+    targets = jnp.asarray(np.random.default_rng(3).integers(0, config.text.vocab_size, valid.shape))
 
+    def loss(params):
+        logits = glmv.apply(config, params, batch)
+        picked = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)[..., 0]
+        return jnp.sum(picked * valid), logits
+
+    run = lambda: jax.jit(jax.value_and_grad(loss, has_aux=True))(params)    # a fresh jit: traced again
+    (_, want), want_grads = run()
     calls = []
     real = context.context_parallel_attention
 
     def counting(*args, **kwargs):
-        calls.append(kwargs.get("impl", "ring"))
+        calls.append(1)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(context, "context_parallel_attention", counting)     # what the dispatcher calls
-    if "blocked_attention" in vars(decoder):                               # dispatcher not wired in yet
-        monkeypatch.setattr(decoder, "blocked_attention",
-                            lambda q, k, v, qs, ks, scale, *, causal, **_: counting(q, k, v, qs, ks, scale,
-                                                                                   causal=causal))
-    mesh = make_mesh({"sequence": 4, "fsdp": 2})
-    with activation_sharding(mesh):
-        got = jax.jit(functools.partial(glmv.apply, config))(params, batch)
+    with activation_sharding(make_mesh({"sequence": 4, "fsdp": 2})):
+        (_, got), got_grads = run()
     assert calls, "the decoder never reached context_parallel_attention"
-    valid = np.asarray(batch["segment_ids"]) > 0
     np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], rtol=1e-4, atol=1e-4)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got_grads), jax.tree.leaves(want_grads)):
+        scale = float(np.abs(np.asarray(w)).max()) + 1e-6
+        np.testing.assert_allclose(np.asarray(g) / scale, np.asarray(w) / scale, atol=1e-5,
+                                   err_msg=jax.tree_util.keystr(path))
