@@ -55,7 +55,7 @@ _NEG = float(jnp.finfo(jnp.float32).min)
 
 def _resolve_mesh(mesh) -> tuple[Any, Any]:
     """(mesh or None, rules): the given mesh, else activation_sharding's, else jax.set_mesh's."""
-    active = rules_lib._ACTIVE.get()
+    active = rules_lib.active_sharding()
     rules = active[1] if active is not None else rules_lib.DEFAULT
     if mesh is None and active is not None:
         mesh = active[0]
