@@ -7,8 +7,8 @@ For every seed and sampler, the demo's RL stage (experiments/configs/demo.py) st
 (rl/evaluate.py). Recorded per iteration: rollouts spent (prompts rolled out x G, DAPO's extra rounds and
 RLCS's expansion included), the share of informative groups (nonzero reward variance) among the groups
 trained on and among those rolled out, the train reward; per run: held-out reward per domain and its mean,
-wall time. Writes rlcs.json and rlcs.png to --out and appends a section to benchmarks/RESULTS.md (the plot
-copied to benchmarks/plots/ when small).
+wall time. Writes rlcs.json and rlcs.png to --out and appends a section to benchmarks/RESULTS.md (plot and
+JSON copied to benchmarks/plots/ when the plot is small).
 
     python -m benchmarks.rlcs --sft /tmp/demo_full/1_sft --iterations 8 --seeds 0,1
     python -m benchmarks.rlcs                     # trains pretrain + SFT with the demo config first
@@ -333,15 +333,20 @@ def main(argv=None) -> dict:
 def append_results(report: dict, text: str, png: Path) -> None:
     import jax
     s = report["settings"]
+    run_seconds = sum(r["rl_seconds"] + r["eval_seconds"] for r in report["runs"])
     plot_ref = png
     if png.stat().st_size < 200_000:
         PLOTS.mkdir(exist_ok=True)
         plot_ref = PLOTS / f"rlcs-{datetime.datetime.now():%Y%m%d-%H%M}.png"
         shutil.copy(png, plot_ref)
+        (PLOTS / plot_ref.name.replace(".png", ".json")).write_text(json.dumps(report, indent=1))
         plot_ref = plot_ref.relative_to(RESULTS.parent)
     section = (f"\n## RLCS vs uniform vs DAPO (benchmarks/rlcs.py), {report['date']}\n"
                f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} (cpu); uptime at start: "
-               f"`{report['load_start']}`, at end: `{report['load_end']}`; whole benchmark {report['wall_seconds']:.0f} s\n\n"
+               f"`{report['load_start']}`, at end: `{report['load_end']}`; this invocation {report['wall_seconds']:.0f} s, "
+               f"RL + held-out eval summed over all runs {run_seconds:.0f} s (runs finished by an earlier invocation "
+               f"with the same --out are reused); sampler order per seed {s['sampler_order']} (the first run in a "
+               f"process pays the compiles the others reuse)\n\n"
                f"From the same SFT checkpoint ({s['sft']}), per sampler and seed {s['seeds']}: {s['iterations']} GRPO "
                f"updates of B={s['batch_size']} groups x G={s['group_size']} responses (max {s['max_new_tokens']} "
                f"new tokens, the demo's RL settings; pool {s['prompts_per_domain']} prompts/domain from tiers "
