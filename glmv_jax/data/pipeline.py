@@ -23,6 +23,7 @@ import dataclasses
 from typing import Any
 
 import grain
+import jax
 import numpy as np
 
 from glmv_jax.data.packing import PackIterDataset, default_frames
@@ -42,8 +43,8 @@ class DataConfig:
     image_size: int = 56               # synthetic image side
     tiers: Any = None                  # synthetic tier mix: None (all), a tier index, or {tier: weight}
     seq_len: int = 256                 # T
-    batch_size: int = 8                # B (rows of this host)
-    patch_budget: int = 512            # Np
+    batch_size: int = 8                # B: rows of the global batch (all hosts; each packs B / processes)
+    patch_budget: int = 512            # Np: patch rows of the global batch (each host packs Np / processes)
     micro_batches: int = 1             # k > 1: [k, ...]-stacked micro-batches of B/k rows and Np/k patches each
     frame_len: int | None = None       # L of patch_frames [F, L] (ViT per-frame attention): None = the longest
                                        # image/frame the processor makes (synthetic: of an image_size image),
@@ -91,6 +92,15 @@ def data_config(cfg: Any = None, **overrides) -> DataConfig:
     if (out.shard_index is None) != (out.shard_count is None):
         raise ValueError("give both data.shard_index and data.shard_count, or neither")
     return out
+
+
+def per_process(cfg: DataConfig, processes: int) -> DataConfig:
+    """This host's share of the global batch: batch_size / processes rows and patch_budget / processes patch
+    rows (parallel.global_batch joins the hosts' batches into the global one)."""
+    if cfg.batch_size % processes or cfg.patch_budget % processes:
+        raise ValueError(f"data.batch_size {cfg.batch_size} and patch_budget {cfg.patch_budget} are the global "
+                         f"batch and must be divisible by the {processes} processes")
+    return data_config(cfg, batch_size=cfg.batch_size // processes, patch_budget=cfg.patch_budget // processes)
 
 
 def shard_options(cfg: DataConfig) -> tuple[int, int]:
@@ -175,11 +185,12 @@ def _to_iter(ds: grain.MapDataset, cfg: DataConfig) -> grain.IterDataset:
 
 def make_pipeline(data_cfg: Any, tokenizer, processor: Processor, sources: Any = None, **overrides):
     """Packed training batches (BATCH.md) -> a grain iterator with get_state / set_state / stats().
+    Each of the jax.process_count() hosts packs its share of the global data.batch_size / patch_budget.
 
     sources: overrides the config's sources (a JSONL path, a list of records, a list of either).
     overrides: DataConfig fields, e.g. shard_index=0, shard_count=2, on_bad_record="raise".
     """
-    cfg = data_config(data_cfg, **overrides)
+    cfg = per_process(data_config(data_cfg, **overrides), jax.process_count())
     if cfg.kind == "rl":
         raise ValueError("data.kind='rl' makes prompts, not training batches: use make_prompt_pipeline")
     ds = record_dataset(cfg, sources).map(TrainingExampleTransform(tokenizer, processor, cfg.loss_on))

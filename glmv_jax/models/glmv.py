@@ -42,17 +42,23 @@ class GlmV(nnx.Module):
         if batch.get("pixel_values") is not None and batch["pixel_values"].shape[0]:
             features = self.vision(batch["pixel_values"], batch["patch_pos"], batch["patch_grid"],
                                    batch["patch_segment"], batch.get("patch_frames"))
-            x = merge_vision_tokens(x, features, batch["token_type"])
+            x = merge_vision_tokens(x, features, batch["token_type"], batch.get("vision_index"))
         hidden, aux = self.text(x, self.text.context(batch["position_ids"], batch["segment_ids"]))
         kernel = self.lm_head.kernel[...].astype(hidden.dtype)
         return jnp.einsum("BTD,DV->BTV", hidden, kernel, preferred_element_type=jnp.float32), aux
 
 
-def merge_vision_tokens(x: jax.Array, features: jax.Array, token_type: jax.Array) -> jax.Array:
-    """x [B, T, D]; features [M, D]; the k-th vision token (row-major, token_type > 0) takes features[k]."""
+def merge_vision_tokens(x: jax.Array, features: jax.Array, token_type: jax.Array,
+                        vision_index: jax.Array | None = None) -> jax.Array:
+    """x [B, T, D]; features [M, D]; token_type [B, T] -> x with vision tokens (token_type > 0) replaced.
+
+    vision_index [B, T] (BATCH.md, e.g. from multi-host `parallel.global_batch`): the feature row of each
+    vision token (other positions ignored). Without it the k-th vision token (row-major) takes features[k],
+    right only when the patch rows are packed without gaps."""
     b, t, d = x.shape
     is_vision = token_type.reshape(-1) > 0
-    index = jnp.clip(jnp.cumsum(is_vision) - 1, 0, features.shape[0] - 1)
+    index = jnp.cumsum(is_vision) - 1 if vision_index is None else vision_index.reshape(-1)
+    index = jnp.clip(index, 0, features.shape[0] - 1)
     merged = jnp.where(is_vision[:, None], features[index].astype(x.dtype), x.reshape(-1, d))
     return merged.reshape(b, t, d)
 

@@ -67,6 +67,14 @@ def flops_per_token(exp: Experiment) -> float:
     return 3.0 * fwd / d.seq_len
 
 
+def batch_putter(exp: Experiment):
+    """put_batch(host batch) -> the global batch on exp.mesh (parallel.global_batch): every host's packed
+    batch joined into one, index keys made global, laid out with the train step's batch shardings."""
+    from glmv_jax.parallel.global_batch import global_batch
+    merge_area = exp.model_config.vision.spatial_merge_size ** 2
+    return lambda batch: global_batch(batch, exp.mesh, exp.rules, merge_area)
+
+
 def run_supervised(exp: Experiment, progress: bool = True) -> dict[str, Any]:
     from glmv_jax.data.pipeline import make_pipeline
     from glmv_jax.models.glmv import init_params
@@ -106,7 +114,7 @@ def run_supervised(exp: Experiment, progress: bool = True) -> dict[str, Any]:
                            progress=progress, description=cfg.stage) as writer:
             state, history = run_steps(state, batches, step_fn, num_steps=cfg.train.steps, checkpointer=ckpt,
                                        metrics_writer=writer, nonfinite=cfg.train.nonfinite,
-                                       log_every=cfg.train.log_every)
+                                       log_every=cfg.train.log_every, put_batch=batch_putter(exp))
     if cfg.train.export_hf:
         export_hf(exp.model_config, state.params, cfg.train.export_hf)
     losses = [h["loss"] for h in history if "loss" in h]
