@@ -45,21 +45,32 @@ def prompt_records(cfg, split: str, per_domain: int, seed: int, tiers: Any = Non
 
 def generate_answers(exp, params, records: Sequence[dict], *, max_new_tokens: int, batch_size: int,
                      temperature: float = 0.0, seed: int = 0, style: str = "glm41v") -> list[str]:
-    """One response text per record (greedy when temperature is 0), generated batch_size prompts at a time."""
-    from glmv_jax.rl.rollout import prompt_dicts
-    from glmv_jax.rl.sampler import answer_ids, generate, response_text
-    force, extra_stops = answer_ids(exp.tokenizer, style)
-    stops = tuple(exp.tokenizer.stop_ids) + tuple(extra_stops)
-    prompts = prompt_dicts(records, exp.tokenizer, exp.processor)
-    texts = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))       # one compiled shape for every batch
-        out = generate(exp.model_config, params, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
-                       stop_ids=stops, rng=jax.random.key(seed + start), force_answer_ids=force,
-                       pad_id=exp.tokenizer.pad_id)
-        texts += [response_text(exp.tokenizer, out["tokens"][r], out["lengths"][r]) for r in range(len(chunk))]
-    return texts[:len(prompts)]
+    """One response text per record (greedy when temperature is 0), generated batch_size prompts at a time
+    through sample_answers (n=1): every batch of the evaluation has one shape, so it compiles once."""
+    return [group[0] for group in sample_answers(exp, params, records, 1, max_new_tokens=max_new_tokens,
+                                                 batch_size=batch_size, temperature=temperature, seed=seed,
+                                                 style=style)]
+
+
+def _chunks(prompts: Sequence[dict], size: int) -> list[list[dict]]:
+    """Consecutive chunks of `size` prompts, the last one padded by repeating its last prompt."""
+    chunks = [list(prompts[i:i + size]) for i in range(0, len(prompts), size)]
+    return [c + [c[-1]] * (size - len(c)) for c in chunks]
+
+
+def batch_shape(prompts: Sequence[dict], batch_size: int, per_call: int, merge_area: int, pad_id: int) -> dict:
+    """kv_cache.batch_prompts arguments that give every call of an evaluation (per_call prompts each) the same
+    shapes: prompt length of the longest prompt, patch rows of batch_size of the largest images, ViT frame
+    rows of the fullest chunk at per_call and at batch_size prompts per call (so greedy, n=1, and sampled,
+    n | batch_size, passes over the same records share one compiled loop)."""
+    from glmv_jax.models.glmv import bucket
+    from glmv_jax.rl import kv_cache
+    most_patches = max(0 if p.get("pixel_values") is None else len(p["pixel_values"]) for p in prompts)
+    frame_len = bucket(max(kv_cache.longest_frame(prompts), 1), 256)
+    rows = [kv_cache.frame_rows(kv_cache.prompt_segments(c), frame_len)
+            for size in {per_call, batch_size} for c in _chunks(prompts, size)]
+    return dict(min_length=max(len(p["input_ids"]) for p in prompts), min_patches=max(64, batch_size * most_patches),
+                frame_len=frame_len, frames=bucket(max(rows + [1]), 1), merge_area=merge_area, pad_id=pad_id)
 
 
 def sample_answers(exp, params, records: Sequence[dict], n: int, *, max_new_tokens: int, batch_size: int,
@@ -68,28 +79,25 @@ def sample_answers(exp, params, records: Sequence[dict], n: int, *, max_new_toke
     """n response texts per record ([[str] * n] per record; n=1 with temperature 0 is greedy decoding).
 
     Each generate call holds max(1, batch_size // n) prompts (each image encoded once for its n rows), and
-    every call of an evaluation is padded to one shape (prompt length of the longest record, patch rows of
-    batch_size of the largest images), so greedy (n=1) and sampled (n | batch_size) passes share one
-    compiled loop."""
+    every call of an evaluation is padded to one shape (batch_shape), so the evaluation compiles once."""
     from glmv_jax.rl import kv_cache
     from glmv_jax.rl.rollout import prompt_dicts
     from glmv_jax.rl.sampler import answer_ids, generate, response_text
     if n < 1 or batch_size < 1:
         raise ValueError(f"samples per prompt and batch_size must be >= 1, got {n}, {batch_size}")
+    if not records:
+        raise ValueError("no records to answer")
     force, extra_stops = answer_ids(exp.tokenizer, style)
     stops = tuple(exp.tokenizer.stop_ids) + tuple(extra_stops)
     prompts = prompt_dicts(records, exp.tokenizer, exp.processor)
-    most_patches = max(0 if p.get("pixel_values") is None else len(p["pixel_values"]) for p in prompts)
-    shape = dict(min_length=max(len(p["input_ids"]) for p in prompts), min_patches=max(64, batch_size * most_patches),
-                 merge_area=exp.model_config.vision.spatial_merge_size ** 2, pad_id=exp.tokenizer.pad_id)
     per_call = max(1, batch_size // n)
+    shape = batch_shape(prompts, batch_size, per_call, exp.model_config.vision.spatial_merge_size ** 2,
+                        exp.tokenizer.pad_id)
     groups = []
-    for start in range(0, len(prompts), per_call):
-        chunk = prompts[start:start + per_call]
-        chunk = chunk + [chunk[-1]] * (per_call - len(chunk))
+    for c, chunk in enumerate(_chunks(prompts, per_call)):
         batch = kv_cache.batch_prompts(chunk, n, **shape)
         out = generate(exp.model_config, params, batch, max_new_tokens=max_new_tokens, temperature=temperature,
-                       top_p=top_p, stop_ids=stops, rng=jax.random.key(seed + start), force_answer_ids=force,
+                       top_p=top_p, stop_ids=stops, rng=jax.random.key(seed + c * per_call), force_answer_ids=force,
                        pad_id=exp.tokenizer.pad_id)
         texts = [response_text(exp.tokenizer, out["tokens"][r], out["lengths"][r]) for r in range(len(out["lengths"]))]
         groups += [texts[i * n:(i + 1) * n] for i in range(len(chunk))]

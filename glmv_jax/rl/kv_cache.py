@@ -31,6 +31,7 @@ from glmv_jax.models.decoder import ACT, AttentionContext, KVCache
 from glmv_jax.models.glmv import bucket, model_graph
 from glmv_jax.models.moe import moe_layer
 from glmv_jax.models.rope import apply_text_rope, text_rope_tables
+from glmv_jax.models.vision import frame_slots
 from glmv_jax.parallel.rules import constrain
 
 PROMPT_KEYS = ("input_ids", "token_type", "position_ids")
@@ -65,15 +66,53 @@ def rope_delta(p: dict) -> int:
     return int(np.asarray(p["position_ids"]).max()) + 1 - len(p["input_ids"])
 
 
+def longest_frame(prompts: Sequence[dict]) -> int:
+    """Patch rows of the largest image / video frame among the prompts (0 without vision)."""
+    sizes = [np.bincount(np.asarray(p["patch_frame"]).reshape(-1)).max() for p in prompts
+             if p.get("pixel_values") is not None and len(p["pixel_values"])]
+    return int(max(sizes, default=0))
+
+
+def prompt_segments(prompts: Sequence[dict]) -> np.ndarray:
+    """patch_segment [Np] of the prompts' patch rows as batch_prompts lays them out (unpadded): frames
+    numbered 1.. in prompt order."""
+    segments, frames = [np.zeros(0, np.int64)], 0
+    for p in prompts:
+        if p.get("pixel_values") is not None and len(p["pixel_values"]):
+            frame = np.asarray(p["patch_frame"]).reshape(-1)
+            segments.append(frame + frames + 1)
+            frames += int(frame.max()) + 1
+    return np.concatenate(segments)
+
+
+def frame_rows(patch_segment: np.ndarray, frame_len: int) -> int:
+    """Rows of `frame_len` slots that vision.frame_slots packs the frames of patch_segment [Np] into."""
+    return frame_slots(patch_segment, frame_len=frame_len).shape[0]
+
+
+def patch_frames(patch_segment: np.ndarray, frame_len: int | None = None, frames: int | None = None) -> np.ndarray:
+    """The ViT attention layout [F, L] (vision.frame_slots) of a batch's patch rows: rows of L = frame_len slots
+    (default bucket(longest frame, 256), as glmv.prepare_inputs), F = frames rows (default the rows needed,
+    bucketed), so similar batches share a compiled ViT."""
+    seg = np.asarray(patch_segment)
+    if frame_len is None:
+        frame_len = bucket(int(np.bincount(seg[seg > 0]).max()), 256) if (seg > 0).any() else 1
+    if frames is None:
+        frames = bucket(frame_rows(seg, frame_len), 1)
+    return frame_slots(seg, frames, frame_len)
+
+
 def batch_prompts(prompts: Sequence[dict], num_samples: int = 1, *, pad_id: int = 0, merge_area: int = 4,
-                  min_length: int = 16, min_patches: int = 64) -> dict[str, np.ndarray]:
+                  min_length: int = 16, min_patches: int = 64, frame_len: int | None = None,
+                  frames: int | None = None) -> dict[str, np.ndarray]:
     """Prompt dicts -> a left-padded batch of len(prompts) * num_samples rows (prompt i at rows
     i*num_samples .. (i+1)*num_samples - 1), lengths bucketed (models.glmv.bucket) so recompiles are rare.
 
     Keys: input_ids, segment_ids (1 prompt, 0 padding), position_ids [3, B, Tp], token_type [B, Tp],
     prompt_len [B], rope_delta [B], vision_index [B, Tp] (the merged feature each vision token takes) and,
     when any prompt has vision, pixel_values [Np, Pd], patch_pos, patch_grid [Np, 2], patch_segment [Np]
-    holding each distinct prompt's patches once (in prompt order, each in its token order)."""
+    holding each distinct prompt's patches once (in prompt order, each in its token order), and patch_frames
+    [F, L] (the ViT's per-frame attention layout: patch_frames(patch_segment, frame_len, frames))."""
     if not prompts:
         raise ValueError("no prompts to batch")
     if num_samples < 1:
@@ -113,6 +152,7 @@ def batch_prompts(prompts: Sequence[dict], num_samples: int = 1, *, pad_id: int 
         out["pixel_values"] = out["pixel_values"].astype(np.float32)
         for key in ("patch_pos", "patch_grid", "patch_segment"):
             out[key] = out[key].astype(np.int32)
+        out["patch_frames"] = patch_frames(out["patch_segment"], frame_len, frames)
     return out
 
 
@@ -131,11 +171,13 @@ def _logits(model, hidden: jax.Array) -> jax.Array:
 
 
 def embed_prompts(model, batch: dict) -> jax.Array:
-    """Token embeddings with vision features at the vision tokens (feature vision_index[b, t])."""
+    """Token embeddings with vision features at the vision tokens (feature vision_index[b, t]); the ViT attends
+    per frame when the batch has patch_frames (else over all patch rows, segment-masked: same values)."""
     x = model.text.embed(batch["input_ids"], model.dtype)
     if batch.get("pixel_values") is None:
         return x
-    features = model.vision(batch["pixel_values"], batch["patch_pos"], batch["patch_grid"], batch["patch_segment"])
+    features = model.vision(batch["pixel_values"], batch["patch_pos"], batch["patch_grid"], batch["patch_segment"],
+                            batch.get("patch_frames"))
     return jnp.where((batch["token_type"] > 0)[..., None], features[batch["vision_index"]].astype(x.dtype), x)
 
 
