@@ -1,0 +1,56 @@
+"""Helpers shared by the benchmarks: the machine line of a RESULTS.md section, load average, CPU+wall clocks,
+abstract (shape-only) params and train states for compile-only measurements, and appending to RESULTS.md.
+
+forward.py and train_step.py predate this module and keep their own copies of `clock` / the append code;
+new benchmarks import from here (and from train_step.py for its configs, inputs and step runner).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def uptime() -> str:
+    """`uptime` output (the machine load a result was taken under)."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def machine_line() -> str:
+    """Date, CPU / accelerator, core count and library versions for a RESULTS.md heading."""
+    import jax
+    device = jax.devices()[0]
+    where = device.device_kind if device.platform != "cpu" else (platform.processor() or platform.machine())
+    return (f"{datetime.datetime.now():%Y-%m-%d %H:%M} | {where} ({device.platform}, {jax.device_count()} "
+            f"device{'s' if jax.device_count() > 1 else ''}), {os.cpu_count()} cores | jax {jax.__version__}")
+
+
+def timed(fn: Callable[[], object]) -> tuple[object, float, float]:
+    """(fn(), wall seconds, process CPU seconds)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def abstract_params(config):
+    """ShapeDtypeStruct tree of the model's params (no init program is compiled)."""
+    import jax
+    from glmv_jax.models.glmv import init_params
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+def append_results(text: str) -> None:
+    """Appends a section to RESULTS.md (re-read right before writing: other benchmarks append too)."""
+    previous = RESULTS.read_text() if RESULTS.exists() else ""
+    with RESULTS.open("a") as f:
+        f.write(("\n" if previous and not previous.endswith("\n\n") else "") + text)
