@@ -13,12 +13,15 @@ they are used. Norm statistics, softmax and rope tables are fp32 whatever the co
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
+
+from glmv_jax.parallel import rules as rules_lib
 
 Axes = tuple[str | None, ...]
 INIT_STD = 0.02    # HF initializer_range
@@ -157,7 +160,24 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment: jax.A
     rows (at most `max_blocks` blocks) whose keys stop at the block's last query when causal, so the masked
     upper triangle is never computed. `per_pair` (default: on CPU) runs each (row, kv head) pair alone
     (lax.map), which keeps a block's [G, block, S] scores in cache instead of streaming a [B, K, G, T, S]
-    array through memory; otherwise (accelerators) rows and heads stay batched."""
+    array through memory; otherwise (accelerators) rows and heads stay batched.
+
+    A loop over rows cannot be split by GSPMD: under a multi-device activation mesh (rules.activation_sharding
+    or jax.set_mesh) the per-pair loop runs per device in jax.shard_map over the rows' (and heads') shards,
+    so each device loops over its own rows instead of every device computing (and storing) all of them."""
+    mesh_rules = _row_sharding_mesh()
+    if per_pair is None:        # the platform the program is compiled for (an AOT target may not be this host)
+        per_pair = (jax.default_backend() if mesh_rules is None else _platform(mesh_rules[0])) == "cpu"
+    if per_pair and mesh_rules is not None:
+        return _per_device(functools.partial(_blocked_attention, scale=scale, causal=causal, block=block,
+                                             max_blocks=max_blocks, per_pair=True),
+                           q, k, v, q_segment, kv_segment, *mesh_rules)
+    return _blocked_attention(q, k, v, q_segment, kv_segment, scale, causal, block, max_blocks, per_pair)
+
+
+def _blocked_attention(q, k, v, q_segment, kv_segment, scale: float, causal: bool, block: int, max_blocks: int,
+                       per_pair: bool) -> jax.Array:
+    """blocked_attention on the arrays as given (no mesh handling)."""
     b, t, n, h = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
     g = n // kv_heads
@@ -181,12 +201,46 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment: jax.A
             outs.append(jnp.einsum("XGTS,XSH->XGTH", probs, vb))
         return jnp.concatenate(outs, axis=2)
 
-    if jax.default_backend() == "cpu" if per_pair is None else per_pair:
+    if per_pair:
         one = lambda args: attend(*(a[None] for a in args))[0]
         out = jax.lax.map(one, (qx, kx, vx, qs, ks))
     else:
         out = attend(qx, kx, vx, qs, ks)
     return out.reshape(b, kv_heads, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+def _row_sharding_mesh():
+    """(mesh, rules) splitting activations over several devices, or None: no such mesh, or already inside a
+    shard_map (manual axes: the arrays are per-device blocks)."""
+    abstract = jax.sharding.get_abstract_mesh()
+    if not abstract.empty and any(t == jax.sharding.AxisType.Manual for t in abstract.axis_types):
+        return None
+    active = rules_lib.active_sharding()
+    if active is not None:
+        return active
+    return None if abstract.empty or abstract.size == 1 else (abstract, rules_lib.DEFAULT)
+
+
+def _platform(mesh) -> str:
+    """Platform of a Mesh's devices or an AbstractMesh's abstract device (this backend when unknown)."""
+    if isinstance(mesh, jax.sharding.Mesh):
+        return mesh.devices.flat[0].platform
+    return getattr(mesh.abstract_device, "platform", None) or jax.default_backend()
+
+
+def _per_device(fn: Callable, q, k, v, q_segment, kv_segment, mesh, rules) -> jax.Array:
+    """fn(q, k, v, q_segment, kv_segment) on each device's block: rows split as the rules split "act_batch",
+    heads as "act_heads" / "act_kv_heads" when q and kv heads split alike (GQA groups stay whole)."""
+    from jax.sharding import PartitionSpec as P
+    q_spec = rules_lib.logical_to_spec(("act_batch", None, "act_heads", None), q.shape, mesh, rules)
+    k_spec = rules_lib.logical_to_spec(("act_batch", None, "act_kv_heads", None), k.shape, mesh, rules)
+    rows = q_spec[0] if q_spec[0] == k_spec[0] else None
+    heads = q_spec[2] if q_spec[2] == k_spec[2] else None
+    if rows is None and heads is None:
+        return fn(q, k, v, q_segment, kv_segment)
+    qkv_spec, seg_spec = P(rows, None, heads, None), P(rows, None)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec, seg_spec),
+                         out_specs=qkv_spec)(q, k, v, q_segment, kv_segment)
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
