@@ -125,7 +125,7 @@ def batch_prompts(prompts: Sequence[dict], num_samples: int = 1, *, pad_id: int 
                position_ids=np.zeros((3, rows, tp), np.int32), token_type=np.zeros((rows, tp), np.int32),
                vision_index=np.zeros((rows, tp), np.int32), prompt_len=np.repeat(lengths, num_samples).astype(np.int32),
                rope_delta=np.repeat([rope_delta(p) for p in prompts], num_samples).astype(np.int32))
-    offset, patches, frames = 0, [], 0
+    offset, patches, seen_frames = 0, [], 0
     for i, (p, n_vis) in enumerate(zip(prompts, counts)):
         length = lengths[i]
         types = np.asarray(p["token_type"], np.int32)
@@ -140,8 +140,8 @@ def batch_prompts(prompts: Sequence[dict], num_samples: int = 1, *, pad_id: int 
             out["vision_index"][r, sl] = index
         if n_vis:
             frame = np.asarray(p["patch_frame"], np.int32)
-            patches.append((p["pixel_values"], p["patch_pos"], p["patch_grid"], frame + frames + 1))
-            frames += int(frame.max()) + 1
+            patches.append((p["pixel_values"], p["patch_pos"], p["patch_grid"], frame + seen_frames + 1))
+            seen_frames += int(frame.max()) + 1
             offset += n_vis
     if patches:
         np_rows = bucket(offset * merge_area, min_patches)
