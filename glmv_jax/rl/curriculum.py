@@ -14,8 +14,10 @@ every tier gets a weight f(tier's mean p) (shape: `weighting`, favouring p near 
 floored at `min_weight`; prompts are drawn without replacement (Gumbel top-k) within each domain's share of the
 rollout (fixed `domain_ratios`). After the rollout r = share of zero-variance groups, expansion = 1 / (1 - r)
 (clamped to [1, max_expansion]) feeds an EMA; each domain keeps its share of the B groups with the highest
-reward variance (= p closest to 1/2 for binary rewards). Deterministic given `seed`: iteration i draws from
-numpy Generator([seed, i]); `state_dict()` is JSON-able.
+reward variance (= p closest to 1/2 for binary rewards); with `fill_quota` a domain's quota slots that would
+hold zero-variance groups take other domains' best informative groups instead (off by default: the paper mixes
+domains in fixed proportions). Deterministic given `seed`: iteration i draws from numpy Generator([seed, i]);
+`state_dict()` is JSON-able.
 """
 
 from __future__ import annotations
@@ -89,6 +91,9 @@ class CurriculumConfig:
     initial_expansion: float = 1.0
     max_expansion: float = 4.0
     select_by: str = "variance"               # keep highest reward variance | mean closest to 1/2
+    fill_quota: bool = False                  # a domain's quota slots its informative groups cannot fill go to
+                                              # other domains' best informative groups (off: the paper's fixed
+                                              # per-domain mix, rl.md 1.5)
     zero_var_eps: float = 1e-6
     seed: int = 0
 
@@ -380,8 +385,9 @@ class RLCSCurriculum(_Sampler):
         return np.sort(np.concatenate(picks)).astype(int)
 
     def select(self, indices: np.ndarray, rewards: np.ndarray) -> np.ndarray:
-        """Positions (sorted) of the B groups to train on: per domain its ratio's share, most balanced first."""
-        mean, var, _ = group_stats(rewards, self.eps)
+        """Positions (sorted) of the B groups to train on: per domain its ratio's share, most balanced first;
+        with fill_quota the zero-variance ones among them give way to other domains' informative groups."""
+        mean, var, zero = group_stats(rewards, self.eps)
         score = var if self.cfg.select_by == "variance" else -np.abs(mean - 0.5)
         tie_break = self.rng(1).permutation(len(indices))
         dom = self.pool.domain_index[indices]
@@ -391,7 +397,22 @@ class RLCSCurriculum(_Sampler):
             pos = np.flatnonzero(dom == d)
             order = np.lexsort((tie_break[pos], -score[pos]))
             kept.append(pos[order[:q]])
-        return np.sort(np.concatenate(kept)).astype(int)
+        kept = np.concatenate(kept).astype(int)
+        if self.cfg.fill_quota:
+            kept = self._fill_quota(kept, score, tie_break, zero)
+        return np.sort(kept)
+
+    @staticmethod
+    def _fill_quota(kept: np.ndarray, score: np.ndarray, tie_break: np.ndarray, zero: np.ndarray) -> np.ndarray:
+        """Swap the zero-variance groups among `kept` (a domain's quota its informative groups could not fill)
+        for the best informative groups left out (any domain, by score then tie_break); zero-variance groups
+        stay only where no informative group is left. Same count as `kept`."""
+        left_out = np.setdiff1d(np.flatnonzero(~zero), kept)
+        spare = left_out[np.lexsort((tie_break[left_out], -score[left_out]))]
+        wasted = kept[zero[kept]]
+        wasted = wasted[np.lexsort((tie_break[wasted], -score[wasted]))]
+        swap = min(len(spare), len(wasted))
+        return np.concatenate([kept[~zero[kept]], spare[:swap], wasted[swap:]])
 
     def observe(self, indices, rewards) -> tuple[np.ndarray, dict[str, float]]:
         """Record the rollout's outcomes; -> (positions of the kept groups, metrics)."""
@@ -400,6 +421,8 @@ class RLCSCurriculum(_Sampler):
         cfg = self.cfg
         kept = self.select(indices, rewards)
         metrics = iteration_metrics(self.pool, indices, rewards, kept, self.tiers(), self.num_tiers, self.eps)
+        kept_per_domain = np.bincount(self.pool.domain_index[indices[kept]], minlength=len(self.pool.domains))
+        metrics.update({f"domain/{name}/kept": float(n) for name, n in zip(self.pool.domains, kept_per_domain)})
         mean, _, zero = group_stats(rewards, self.eps)
         samples = rewards.shape[1]
         for i, m in zip(indices, mean):                       # sequential: a prompt may appear twice

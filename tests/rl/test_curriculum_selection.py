@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from glmv_jax.rl.curriculum import CurriculumConfig, PromptPool, RLCSCurriculum
+from glmv_jax.rl.curriculum import CurriculumConfig, PromptPool, RLCSCurriculum, allocate
 
 G = 8
 
@@ -133,3 +133,77 @@ def test_no_expansion_keeps_the_rollout_at_the_batch_size():
         it = rlcs.run_iteration(rollout_with_constant_groups(constant))
         assert len(it.indices) == 8 and it.metrics["expansion_ema"] == 1.0
         assert it.metrics["expansion_ratio"] == pytest.approx(min(8 / (8 - constant), 4.0))   # max_expansion 4
+
+
+def binary_groups(passes) -> np.ndarray:
+    """[n, G] 0/1 rewards with passes[i] ones in row i."""
+    return (np.arange(G)[None, :] < np.asarray(passes)[:, None]).astype(float)
+
+
+def test_fill_quota_gives_unused_quota_to_other_domains_best_informative_groups():
+    pool = pool_of({"m": 10, "o": 10, "p": 10})               # indices 0-9 m, 10-19 o, 20-29 p
+    ratios = {"m": 0.5, "o": 0.25, "p": 0.25}
+    indices = np.array([0, 1, 2, 3, 10, 11, 12, 13, 14, 20, 21, 22])
+    passes = np.array([8, 0, 3, 8,                            # m: one informative group (pos 2), three constant
+                       4, 3, 2, 1, 0,                         # o: pos 4 (1/2) > 5 (3/8) > 6 (1/4) > 7 (1/8)
+                       5, 8, 0])                              # p: pos 9 (5/8), two constant
+    rewards = binary_groups(passes)
+    for rule in ("variance", "balance"):
+        plain = RLCSCurriculum(pool, CurriculumConfig(batch_size=8, group_size=G, select_by=rule,
+                                                      domain_ratios=ratios)).select(indices, rewards)
+        filled = RLCSCurriculum(pool, CurriculumConfig(batch_size=8, group_size=G, select_by=rule, domain_ratios=ratios,
+                                                       fill_quota=True)).select(indices, rewards)
+        # quotas m 4, o 2, p 2: without filling m keeps its 3 constant groups and p one
+        assert len(plain) == 8 and set(plain.tolist()) >= {2, 4, 5, 9}
+        assert int((passes[plain] % 8 == 0).sum()) == 4
+        # filled: the 4 wasted slots go to the best informative groups left out: o's 6 and 7 (p has none left);
+        # informative groups run out after two, so two constant quota groups stay
+        assert len(filled) == 8 and set(filled.tolist()) >= {2, 4, 5, 6, 7, 9}
+        assert int((passes[filled] % 8 == 0).sum()) == 2
+        assert set(filled.tolist()) - {2, 4, 5, 6, 7, 9} <= set(plain.tolist())
+
+
+def test_fill_quota_takes_the_groups_closest_to_one_half_and_never_exceeds_the_batch():
+    rng = np.random.default_rng(1)
+    pool = pool_of({"m": 40, "o": 40})
+    for trial in range(6):
+        indices = np.sort(rng.choice(80, size=30, replace=False))
+        p = np.where(indices < 40, rng.choice([0.0, 1.0, 0.5], size=30, p=[.45, .45, .1]), rng.random(30))
+        passes = rng.binomial(G, p)
+        rewards = binary_groups(passes)
+        cfg = CurriculumConfig(batch_size=12, group_size=G, domain_ratios={"m": 0.5, "o": 0.5}, fill_quota=True,
+                               seed=trial)
+        kept = RLCSCurriculum(pool, cfg).select(indices, rewards)
+        dom = (indices >= 40).astype(int)
+        quota = allocate(12, np.array([0.5, 0.5]), np.bincount(dom, minlength=2))
+        informative = (passes > 0) & (passes < G)
+        dist = np.abs(passes / G - 0.5)
+        is_kept = np.isin(np.arange(30), kept)
+        assert len(kept) == 12 == len(set(kept.tolist()))
+        assert int(informative[kept].sum()) == min(12, int(informative.sum()))    # as many as exist, up to B
+        for d in (0, 1):
+            mine_kept = is_kept & informative & (dom == d)
+            left_out = ~is_kept & informative & (dom == d)
+            if left_out.any() and mine_kept.any():        # within a domain: the kept are the closest to 1/2
+                assert dist[left_out].min() >= dist[mine_kept].max() - 1e-12
+            if (is_kept & (dom == d)).sum() > quota[d]:   # d took others' slots: no left-out group was closer
+                others_left = ~is_kept & informative
+                if others_left.any():
+                    assert dist[others_left].min() >= dist[mine_kept].max() - 1e-12
+
+
+def test_fill_quota_raises_the_informative_share_of_a_run_and_defaults_off():
+    assert CurriculumConfig(batch_size=4).fill_quota is False
+    pool = pool_of({"m": 30, "o": 30})
+
+    def rollout(indices):                                     # m all-wrong, o informative (3/8)
+        return np.where((np.asarray(indices) < 30)[:, None], 0.0, binary_groups([3] * len(indices)))
+
+    shares = {}
+    for fill in (False, True):
+        cfg = CurriculumConfig(batch_size=8, group_size=G, fill_quota=fill, expansion=True, initial_expansion=2.0)
+        it = RLCSCurriculum(pool, cfg).run_iteration(rollout)
+        assert len(it.kept) == 8
+        shares[fill] = it.metrics["kept_informative_share"]
+        assert it.metrics["domain/m/kept"] + it.metrics["domain/o/kept"] == 8
+    assert shares[False] == 0.5 and shares[True] == 1.0       # 16 rolled out: 8 m (constant), 8 o (informative)
