@@ -81,6 +81,7 @@ def compile_time(config: ModelConfig, batch: dict) -> dict:
 def compile_section(layer_counts: list[int]) -> str:
     import jax
     jax.config.update("jax_enable_compilation_cache", False)
+    before = uptime()
     base = small_config()
     batch, seq = rows(base, **CPU_ROWS)
     compile_time(with_depth(base, layer_counts[0], True), batch)     # untimed: one-time XLA/LLVM start-up
@@ -92,7 +93,7 @@ def compile_section(layer_counts: list[int]) -> str:
             print(f"  compile: {layers} layers, scan={scan}: lower {r['lower'][0]:.1f} s, "
                   f"compile {r['compile'][0]:.1f} s (cpu {r['compile'][1]:.1f} s)", flush=True)
     lines = [f"### scale: train-step compile time vs decoder depth | {machine_line()}", "",
-             f"`{uptime()}` (before). Config: train_step.py's small (512 wide, {base.vision.depth} ViT blocks "
+             f"`{before}` (before). Config: train_step.py's small (512 wide, {base.vision.depth} ViT blocks "
              f"fixed), batch {CPU_ROWS['batch']} x {seq} tokens, fp32, default XLA options, compilation cache "
              "off, one untimed warm-up compile first; lower = jit trace + lowering to HLO, compile = XLA compile; "
              "seconds wall (process CPU).", "",
