@@ -181,3 +181,36 @@ def test_run_directory_settings(tmp_path):
     assert all(r["images"][0].size == (64, 64) and r["tier"] in (0, 1) for r in records)   # eval tiers 0/1
     args = cli.build_parser().parse_args(["--checkpoint", str(tmp_path), "--tiers", "3=1", "--per-domain", "3"])
     assert [r["tier"] for r in cli.load_records(args, data, ev)] == [3] * 6
+
+
+def test_generate_answers_compiles_once_and_matches_per_batch_generation(hf_dir):
+    """Greedy evaluation over batches of different prompt lengths (and a smaller last batch): one compiled generation
+    loop (every batch padded to one shape, ViT frame rows included), and the same answers as generating
+    each batch at its own shapes (the previous path, one compile per shape)."""
+    import types
+    from glmv_jax.data.synthetic import generate as suite
+    from glmv_jax.data.transforms import Processor
+    from glmv_jax.rl import sampler
+    from glmv_jax.rl.evaluate import generate_answers
+    from glmv_jax.rl.rollout import load_model, prompt_dicts
+    bundle = load_model(hf_dir)
+    tok, n = bundle.tokenizer, 5
+    processor = Processor.for_model(bundle.config, min_pixels=256, max_pixels=2304)
+    records = (suite("counting", 3, seed=0, kind="rl", image_size=32) +
+               suite("choice", 2, seed=0, kind="rl", image_size=48))
+    exp = types.SimpleNamespace(model_config=bundle.config, tokenizer=tok, processor=processor)
+    loop = sampler._generation_fn(bundle.config, n, False, tok.pad_id)
+    before = loop._cache_size()
+    texts = generate_answers(exp, bundle.params, records, max_new_tokens=n, batch_size=2)
+    assert loop._cache_size() == before + 1
+    force, extra_stops = sampler.answer_ids(tok, "glm41v")
+    prompts = prompt_dicts(records, tok, processor)
+    assert len({len(p["input_ids"]) for p in prompts}) > 1
+    ref = []
+    for start in range(0, len(prompts), 2):
+        chunk = prompts[start:start + 2]
+        out = sampler.generate(bundle.config, bundle.params, chunk, max_new_tokens=n, temperature=0.0,
+                               stop_ids=tuple(tok.stop_ids) + extra_stops, force_answer_ids=force, pad_id=tok.pad_id)
+        ref += [sampler.response_text(tok, out["tokens"][r], out["lengths"][r]) for r in range(len(chunk))]
+    assert loop._cache_size() >= before + 3                 # the per-batch path compiled for several shapes
+    assert texts == ref
