@@ -14,8 +14,10 @@ JSON copied to benchmarks/plots/ when the plot is small).
     python -m benchmarks.rlcs                     # trains pretrain + SFT with the demo config first
 
 A run directory (named by sampler, seed and sizes) holding a finished run (its result.json) is reused, so a
-rerun with the same --out resumes after the last finished run. Wall times include XLA compiles: every new rollout size (RLCS expansion, DAPO rounds) and
-every new number of trained groups (DAPO) compiles the sampler / update for that shape once per process.
+rerun with the same --out resumes after the last finished run (so `--samplers rlcs_fill` with an earlier
+--out adds the fill_quota row to the earlier runs). Wall times include XLA compiles: run_rl pads rollouts to a
+few sizes (rl.rollout_pad_steps) and caches the GRPO update per settings, so the first run in a process pays
+most compiles and later runs reuse them.
 """
 
 from __future__ import annotations
@@ -37,10 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 PLOTS = Path(__file__).with_name("plots")
-SAMPLERS = ("rlcs", "uniform", "dapo")
+SAMPLERS = ("rlcs", "uniform", "dapo", "rlcs_fill")     # rlcs_fill: RLCS with curriculum.fill_quota=True
+DEFAULT_SAMPLERS = ("rlcs", "uniform", "dapo")
 ROW_KEYS = ("iteration", "rollouts", "prompts_rolled_out", "trained_groups", "updated", "informative_share",
             "kept_informative_share", "reward", "sampler/mean_reward", "seconds", "sampler/expansion_ema",
-            "sampler/generation_rounds")
+            "sampler/generation_rounds", "padded_prompts")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,7 +87,10 @@ def rl_config(args, sampler: str, seed: int, sft_dir: Path):
     cfg = demo_stages(args.smoke)[2]
     cfg.seed = seed
     cfg.train.init_from = str(sft_dir)
-    cfg.rl.update(sampler=sampler, iterations=args.iterations, save_every=args.iterations)
+    cfg.rl.update(sampler="rlcs" if sampler == "rlcs_fill" else sampler, iterations=args.iterations,
+                  save_every=args.iterations)
+    if sampler == "rlcs_fill":
+        cfg.rl.curriculum.fill_quota = True
     if args.batch_size:
         cfg.rl.batch_size = args.batch_size
     if args.group_size:
@@ -209,7 +215,7 @@ def plot(runs: list[dict], summary: dict, sft_eval: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
-    colors = dict(zip(SAMPLERS, ("tab:red", "tab:blue", "tab:green")))
+    colors = dict(zip(SAMPLERS, ("tab:red", "tab:blue", "tab:green", "tab:purple")))
     for sampler in summary:
         hs = [r["history"] for r in runs if r["sampler"] == sampler]
         n = min(len(h) for h in hs)
@@ -282,7 +288,8 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=int, default=0, help="groups trained per update (default: the demo's)")
     ap.add_argument("--group-size", type=int, default=0, help="responses per prompt (default: the demo's)")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds")
-    ap.add_argument("--samplers", default=",".join(SAMPLERS))
+    ap.add_argument("--samplers", default=",".join(DEFAULT_SAMPLERS),
+                    help=f"comma-separated, from {','.join(SAMPLERS)}")
     ap.add_argument("--eval-per-domain", type=int, default=0, help="held-out prompts per domain (default: the demo's)")
     ap.add_argument("--smoke", action="store_true", help="the demo's seconds-long smoke settings (tests)")
     ap.add_argument("--no-results", action="store_true", help="do not append to benchmarks/RESULTS.md")

@@ -24,7 +24,10 @@ def rl_block(**kw) -> ml_collections.ConfigDict:
         prompt_tiers=None,            # synthetic suite: tier weights of the prompt pool (None = all tiers)
         save_every=10,
         dapo_max_rounds=4,
-        curriculum=dict(num_tiers=5, weighting="informative", ema_decay=0.8, max_expansion=4.0),
+        rollout_pad_steps=2,          # rollout prompt counts padded to B * 2^(k/2) (bounded compiles); 0 = off
+        # fill_quota: a domain's unused quota goes to other domains' informative groups (off: the paper's
+        # fixed per-domain mix)
+        curriculum=dict(num_tiers=5, weighting="informative", ema_decay=0.8, max_expansion=4.0, fill_quota=False),
         grpo=dict(eps_low=0.2, eps_high=0.28, aggregation="per_sample", num_minibatches=4, ppo_epochs=1,
                   normalize_std=True),
     ))

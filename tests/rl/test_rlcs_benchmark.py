@@ -1,5 +1,8 @@
 """benchmarks/rlcs.py at the demo's smoke settings: 2 updates per sampler from one freshly initialized
-"SFT" checkpoint; the JSON's counts must agree with the settings and with each other."""
+"SFT" checkpoint; the JSON's counts must agree with the settings and with each other. Also the RL stage's
+compile-once pieces (rl/stage.py): the rollout's padded prompt count and its dropped padding rows, and the
+GRPO update shared by run_rl calls with the same settings."""
+import dataclasses
 import json
 
 import jax
@@ -7,6 +10,7 @@ import numpy as np
 import pytest
 
 from benchmarks import rlcs
+from glmv_jax.rl.stage import padded_rollout_size
 
 ITERATIONS = 2
 
@@ -44,9 +48,9 @@ def test_json_has_every_sampler_with_consistent_counts(report):
     s = data["settings"]
     b, g = s["batch_size"], s["group_size"]
     assert (out / "rlcs.png").stat().st_size > 0
-    assert sorted(data["summary"]) == sorted(rlcs.SAMPLERS)
+    assert sorted(data["summary"]) == sorted(rlcs.DEFAULT_SAMPLERS)
     runs = {r["sampler"]: r for r in data["runs"]}
-    assert sorted(runs) == sorted(rlcs.SAMPLERS)
+    assert sorted(runs) == sorted(rlcs.DEFAULT_SAMPLERS)
     spent = {}
     for name, run in runs.items():
         h = run["history"]
@@ -62,6 +66,10 @@ def test_json_has_every_sampler_with_consistent_counts(report):
         assert run["eval"]["mean"] == pytest.approx(np.mean(list(run["eval"]["accuracy"].values())))
     assert spent["uniform"] == ITERATIONS * b * g
     assert all(x["trained_groups"] == b for x in runs["uniform"]["history"] + runs["rlcs"]["history"])
+    assert all(x["padded_prompts"] == 0 for x in runs["uniform"]["history"])       # B prompts: no padding
+    for x in runs["rlcs"]["history"]:     # padding copies to the ladder size, not counted in rollouts
+        n = x["prompts_rolled_out"]
+        assert n + x["padded_prompts"] == padded_rollout_size(n, b, 2)
     assert spent["dapo"] >= spent["uniform"] and spent["rlcs"] >= spent["uniform"]
     for x in runs["dapo"]["history"]:       # DAPO rolls out more only while short of informative groups
         rounds = x["prompts_rolled_out"] // b
@@ -74,5 +82,70 @@ def test_bad_arguments_are_rejected():
         rlcs.parse_args(["--samplers", "rlcs,greedy"])
     with pytest.raises(SystemExit):
         rlcs.parse_args(["--group-size", "1"])
+    assert rlcs.parse_args(["--samplers", "rlcs_fill"]).samplers == ["rlcs_fill"]
     with pytest.raises(FileNotFoundError, match="neither a stage directory"):
         rlcs.find_sft_stage(rlcs.Path("/nonexistent/sft"))
+
+
+def test_padded_rollout_sizes_follow_the_ladder():
+    sizes = [padded_rollout_size(n, 14, 2) for n in range(1, 57)]
+    assert sorted(set(sizes)) == [14, 20, 28, 40, 56]            # ceil(14 * 2^(k/2))
+    assert all(s >= n and (n <= 14 or s <= n * 2 ** 0.5 + 1) for n, s in enumerate(sizes, 1))
+    assert [padded_rollout_size(n, 4, 1) for n in (1, 4, 5, 8, 9)] == [4, 4, 8, 8, 16]
+    assert [padded_rollout_size(n, 4, 0) for n in (1, 5, 7)] == [1, 5, 7]
+    with pytest.raises(ValueError, match="steps >= 0"):
+        padded_rollout_size(3, 4, -1)
+
+
+@pytest.fixture(scope="module")
+def rl_exp(sft_dir, tmp_path_factory):
+    cfg = rlcs.rl_config(rlcs.parse_args(["--smoke"]), "rlcs", 0, sft_dir)
+    from glmv_jax.train.experiment import setup
+    return setup(cfg, str(tmp_path_factory.mktemp("rl")))
+
+
+def test_padding_rows_are_dropped_and_leave_the_real_rows_unchanged(rl_exp):
+    from glmv_jax.rl.evaluate import prompt_records
+    from glmv_jax.rl.rollout import prompt_dicts
+    from glmv_jax.rl.stage import Rollouts
+    from glmv_jax.train.experiment import initial_params, param_shardings
+    exp, r = rl_exp, rl_exp.cfg.rl
+    records = prompt_records(exp.cfg, "train", r.prompts_per_domain, seed=0, tiers=r.get("prompt_tiers"))
+    prompts = prompt_dicts(records, exp.tokenizer, exp.processor)
+    params = initial_params(exp, *param_shardings(exp))
+    outs = {}
+    for steps in (0, 2):
+        rollouts = Rollouts(exp, prompts, records, lambda: params, jax.random.key(3))
+        rollouts.pad_steps = steps
+        indices = sorted({rollouts.longest, 0, 1, 2, 3})[:5]     # 5 prompts, B=4: padded to 6 with steps 2
+        assert len(indices) == 5
+        outs[steps] = (rollouts(np.asarray(indices)), rollouts)
+    (plain, plain_r), (padded, padded_r) = outs[0], outs[2]
+    assert plain_r.padded == 0 and padded_r.padded == 1
+    assert padded.shape == plain.shape == (5, r.group_size)
+    assert sorted(padded_r.done) == sorted(plain_r.done) == indices
+    np.testing.assert_array_equal(padded, plain)
+    for i in indices:
+        gen_plain, gen_padded = plain_r.done[i][0], padded_r.done[i][0]
+        assert plain_r.done[i][2] == padded_r.done[i][2]                         # response texts
+        np.testing.assert_array_equal(gen_padded["tokens"], gen_plain["tokens"])
+        np.testing.assert_allclose(gen_padded["logprobs"], gen_plain["logprobs"], rtol=1e-5, atol=1e-5)
+
+
+def test_fill_quota_config_reaches_the_curriculum(sft_dir):
+    from glmv_jax.rl.curriculum import PromptPool
+    from glmv_jax.rl.stage import make_sampler
+    cfg = rlcs.rl_config(rlcs.parse_args(["--smoke"]), "rlcs_fill", 0, sft_dir)
+    pool = PromptPool.from_records([{"id": str(i), "domain": "m"} for i in range(8)])
+    assert cfg.rl.sampler == "rlcs" and make_sampler(cfg, pool).cfg.fill_quota is True
+    plain = rlcs.rl_config(rlcs.parse_args(["--smoke"]), "rlcs", 0, sft_dir)
+    assert make_sampler(plain, pool).cfg.fill_quota is False
+
+
+def test_run_rl_calls_with_the_same_settings_share_one_grpo_update(rl_exp):
+    from glmv_jax.rl.stage import grpo_update_for
+    optimizer, update = grpo_update_for(rl_exp)
+    assert grpo_update_for(rl_exp)[1] is update and grpo_update_for(rl_exp)[0] is optimizer
+    other = rl_exp.cfg.copy_and_resolve_references()
+    other.optimizer.lr = float(other.optimizer.lr) * 2
+    assert grpo_update_for(dataclasses.replace(rl_exp, cfg=other))[1] is not update
