@@ -16,7 +16,7 @@ setup(
     install_requires=requirements,
     extras_require={
         # HF transformers on PyTorch (CPU) is the parity oracle for models and processors.
-        "test": ["torch==2.13.0", "transformers==5.24.0", "pytest>=8", "pytest-xdist>=3"],
+        "test": ["torch==2.13.0", "transformers==5.24.0", "pytest>=8", "pytest-xdist>=3", "nbformat>=5"],
         # Ahead-of-time compiles for TPU topologies on a CPU host (python -m experiments.aot --topology=v5e:...).
         "tpu-aot": ["libtpu==0.0.42.1"],
     },
