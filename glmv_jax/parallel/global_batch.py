@@ -144,6 +144,8 @@ def default_shardings(global_shapes: Mapping[str, Sequence[int]], mesh, rules: r
 def _host_block(sharding, global_shape: tuple, axis: int, n_local: int) -> int | None:
     """Which block of n_local entries along `axis` this process's devices hold, or None when they hold
     anything else (e.g. the whole axis, replicated across processes)."""
+    if n_local == 0:
+        return 0
     boxes = list(sharding.addressable_devices_indices_map(global_shape).values())
     start = min(b[axis].start or 0 for b in boxes)
     stop = max(global_shape[axis] if b[axis].stop is None else b[axis].stop for b in boxes)
