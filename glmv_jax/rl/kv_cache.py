@@ -15,6 +15,11 @@ dynamic_update_slice for all layers), and per-row lengths only enter through
 Cache: {stack name: decoder.KVCache(k, v [L, B, S, K, H], valid [B, S])}, scanned alongside the layers.
 Each layer scores its new key beside the cache (layers.cached_attention) and the new keys/values of all
 layers are written once per step.
+
+The sampler's loop uses the per-layer form instead (same math, no per-step weight copies):
+    weights = decode_weights(config, params); caches = unstack_caches(caches)        # once, before the loop
+    logits, caches = decode_layers(config, params, weights, caches, tokens, slot, positions, active)
+Vision batches carry patch_frames (the ViT's per-frame attention layout; see patch_frames).
 """
 
 from __future__ import annotations
