@@ -6,9 +6,12 @@ LayerNorm, GELU, SwiGLU) -> [N/4, O]. Every image and every temporal patch of a 
 "frame" with its own attention segment and its own position-table resampling.
 
 Attention runs frame by frame: `frame_slots` (numpy) lays the patch rows out as [F, L] slots (frames
-packed into rows of L, then empty slots); the ViT gathers q/k/v into that layout and runs attention.attend over
-the frames (on CPU one (frame, head) pair at a time, in query blocks whose scores stay in cache). Without
-that layout all patch rows form one frame with a same-segment mask: the same values at O(N^2) cost.
+packed into rows of L, then empty slots). The tower gathers its inputs (pixel rows, positions) into that slot
+layout once, runs every block on the F * L slots (attention.attend over the F frame rows; on CPU one (frame,
+head) pair at a time, in query blocks whose scores stay in cache), and takes the patch rows back after the
+last norm: no gather per block (on a sharded batch each would all-gather the whole [N, Nv, Hv] q/k/v onto
+every device). Without that layout all patch rows form one frame with a same-segment mask: the same values
+at O(N^2) cost.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from jax.ad_checkpoint import checkpoint_name
 
 from glmv_jax.config import ModelConfig, VisionConfig
 from glmv_jax.models import attention
-from glmv_jax.models.layers import (INIT_STD, Kernel, LayerNorm, RMSNorm, SwiGLU, linear, make_stack, normal_init,
-                                    param, run_stack)
+from glmv_jax.models.layers import (INIT_STD, Kernel, LayerNorm, RMSNorm, SwiGLU, contract, linear, make_stack,
+                                    normal_init, param, run_stack)
 from glmv_jax.models.rope import apply_vision_rope, vision_rope_tables
+from glmv_jax.parallel.rules import constrain
 
 CUBIC_A = -0.75   # PyTorch's bicubic kernel constant
 QUERY_BLOCK = 256  # ViT attention query rows per step: [256, L] fp32 scores stay in cache
@@ -164,11 +168,25 @@ def frame_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: FrameLayou
     q/k/v are gathered into the [F, L] frame slots and attention.attend (implementation `impl`) runs frames
     as its rows (keys of empty slots or of another segment masked; fp32 scores and softmax, probabilities
     in v's dtype as in HF's eager attention). Rows in no frame (padding) get zeros."""
+    rows = layout.rows.reshape(-1)
+    q, k, v = (jnp.take(jnp.asarray(a), rows, axis=0) for a in (q, k, v))
+    out = slot_attention(q, k, v, layout, scale, block, impl)                              # [F * L, Nv, Hv]
+    return to_patch_rows(out, layout)
+
+
+def slot_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: FrameLayout, scale: float,
+                   block: int = QUERY_BLOCK, impl: str = "auto") -> jax.Array:
+    """q, k, v [F * L, Nv, Hv] already in the slot layout -> [F * L, Nv, Hv]: attention.attend with the F
+    frame rows as its batch (keys of empty slots or of another segment masked)."""
     f, l = layout.rows.shape
-    heads, hd = q.shape[1:]
-    qf, kf, vf = (a[layout.rows] for a in (q, k, v))                              # [F, L, Nv, Hv]
+    qf, kf, vf = (a.reshape(f, l, *a.shape[1:]) for a in (q, k, v))
     out = attention.attend(qf, kf, vf, layout.segment, layout.segment, scale, causal=False, impl=impl, block=block)
-    return jnp.take(out.reshape(f * l, heads, hd), layout.slot, axis=0, mode="fill", fill_value=0)
+    return out.reshape(q.shape)
+
+
+def to_patch_rows(x: jax.Array, layout: FrameLayout) -> jax.Array:
+    """[F * L, ...] slot values -> [N, ...] per patch row; rows in no frame (padding) get zeros."""
+    return jnp.take(x, layout.slot, axis=0, mode="fill", fill_value=0)
 
 
 class VisionAttention(nnx.Module):
@@ -181,12 +199,12 @@ class VisionAttention(nnx.Module):
         self.out = Kernel((v.num_heads, v.head_dim, v.hidden_size), ("vit_heads", "head_dim", "vit_embed"), rngs)
 
     def __call__(self, x, cos, sin, layout: FrameLayout):
-        """x [N, Dv] -> [N, Dv]."""
+        """x [F * L, Dv] in the slot layout -> [F * L, Dv]."""
         w = self.qkv.kernel[...].astype(x.dtype)
-        q, k, v = (jnp.einsum("TD,DNH->TNH", x, w[:, i]) for i in range(3))
+        q, k, v = (contract(x, w[:, i], 1) for i in range(3))                            # TD,DNH->TNH
         q, k = apply_vision_rope(q, cos, sin), apply_vision_rope(k, cos, sin)
-        ctx = frame_attention(q, k, v, layout, self.head_dim ** -0.5, impl=self.impl)
-        return jnp.einsum("TNH,NHD->TD", ctx, self.out.kernel[...].astype(x.dtype))
+        ctx = slot_attention(q, k, v, layout, self.head_dim ** -0.5, impl=self.impl)
+        return contract(ctx, self.out.kernel[...].astype(x.dtype), 2)                       # TNH,NHD->TD
 
 
 class VisionBlock(nnx.Module):
@@ -234,14 +252,22 @@ class VisionTower(nnx.Module):
 
     def __call__(self, pixel_values, patch_pos, patch_grid, patch_segment, patch_frames=None) -> jax.Array:
         """pixel_values [N, Pd]; patch_pos, patch_grid [N, 2]; patch_segment [N]; patch_frames [F, L] or None
-        (frame_slots) -> [N/4, O] merged tokens."""
+        (frame_slots) -> [N/4, O] merged tokens. The blocks run on the F * L frame slots (empty slots hold
+        patch row 0's input, masked out of attention); without patch_frames the slots are the patch rows."""
         v = self.v
-        x = self.post_conv_norm(self.patch_embed(pixel_values.astype(self.dtype)))
-        x = x + self.pos_embed(patch_pos, patch_grid).astype(self.dtype)
-        cos, sin = vision_rope_tables(patch_pos, v.head_dim, v.rope_theta)
         layout = frame_layout(patch_segment, patch_frames)
-        x, _ = run_stack(self.blocks, x, lambda blk, h: (blk(h, cos, sin, layout), ()), scan=self.scan,
-                         remat=self.remat)
+        pixels = pixel_values.astype(self.dtype)
+        if patch_frames is not None:           # inputs into the slot layout: the only gather (no gradient)
+            rows = layout.rows.reshape(-1)
+            pixels, patch_pos, patch_grid = (jnp.take(jnp.asarray(a), rows, axis=0) for a in (pixels, patch_pos, patch_grid))
+        x = self.post_conv_norm(self.patch_embed(pixels))
+        x = x + self.pos_embed(patch_pos, patch_grid).astype(self.dtype)
+        x = constrain(x, ("act_tokens", "act_embed"))
+        cos, sin = vision_rope_tables(patch_pos, v.head_dim, v.rope_theta)
+        block = lambda blk, h: (constrain(blk(h, cos, sin, layout), ("act_tokens", "act_embed")), ())
+        x, _ = run_stack(self.blocks, x, block, scan=self.scan, remat=self.remat)
         x = self.post_norm(x)
+        if patch_frames is not None:
+            x = to_patch_rows(x, layout)
         x = self.downsample(x.reshape(-1, 4 * v.hidden_size))
         return self.merger(x)
