@@ -113,23 +113,24 @@ def test_padding_rows_are_dropped_and_leave_the_real_rows_unchanged(rl_exp):
     records = prompt_records(exp.cfg, "train", r.prompts_per_domain, seed=0, tiers=r.get("prompt_tiers"))
     prompts = prompt_dicts(records, exp.tokenizer, exp.processor)
     params = initial_params(exp, *param_shardings(exp))
+    longest = int(np.argmax([len(p["input_ids"]) for p in prompts]))      # the padding prompt: same Tp
+    indices = [longest] + [i for i in range(5) if i != longest][:4]
     outs = {}
-    for steps in (0, 2):
+    for steps, n in ((0, 4), (2, 5)):          # B=4: 4 prompts (8 rows), and 5 padded to 6 (12 rows)
         rollouts = Rollouts(exp, prompts, records, lambda: params, jax.random.key(3))
         rollouts.pad_steps = steps
-        indices = sorted({rollouts.longest, 0, 1, 2, 3})[:5]     # 5 prompts, B=4: padded to 6 with steps 2
-        assert len(indices) == 5
-        outs[steps] = (rollouts(np.asarray(indices)), rollouts)
+        outs[steps] = (rollouts(np.asarray(indices[:n])), rollouts)
     (plain, plain_r), (padded, padded_r) = outs[0], outs[2]
     assert plain_r.padded == 0 and padded_r.padded == 1
-    assert padded.shape == plain.shape == (5, r.group_size)
-    assert sorted(padded_r.done) == sorted(plain_r.done) == indices
-    np.testing.assert_array_equal(padded, plain)
-    for i in indices:
+    assert plain.shape == (4, r.group_size) and padded.shape == (5, r.group_size)
+    assert sorted(plain_r.done) == sorted(indices[:4]) and sorted(padded_r.done) == sorted(indices)
+    np.testing.assert_array_equal(padded[:4], plain)
+    for i in indices[:4]:                       # the shared prompts: same rows, same draws
         gen_plain, gen_padded = plain_r.done[i][0], padded_r.done[i][0]
         assert plain_r.done[i][2] == padded_r.done[i][2]                         # response texts
         np.testing.assert_array_equal(gen_padded["tokens"], gen_plain["tokens"])
         np.testing.assert_allclose(gen_padded["logprobs"], gen_plain["logprobs"], rtol=1e-5, atol=1e-5)
+    assert padded_r.done[indices[4]][0]["tokens"].shape[0] == r.group_size
 
 
 def test_fill_quota_config_reaches_the_curriculum(sft_dir):
