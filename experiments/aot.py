@@ -68,6 +68,12 @@ def main(argv):
     print(f"{cfg.stage} / {cfg.model.preset} on {topology}: plan {report['plan_s']:.1f} s, "
           f"lower + compile {report['compile_s']:.1f} s")
     print(aot.format_report(report))
+    gathered = aot.gathered_activations(compiled.as_text(), plan.abstract_params)
+    report["gathered_activations"] = [dict(r, shape=list(r["shape"])) for r in gathered]
+    if gathered:
+        print("largest all-gathers that are not parameters (activations copied onto every device?):")
+        for r in gathered:
+            print(f"  {r['dtype']}{list(r['shape'])} x{r['count']}: {r['bytes'] / 2**20:,.1f} MiB")
     if _JSON.value:
         with open(_JSON.value, "w") as f:
             json.dump(report, f, indent=1)

@@ -27,6 +27,7 @@ import dataclasses
 import importlib.util
 import math
 import os
+import re
 from dataclasses import replace
 from typing import Any, Sequence
 
@@ -256,6 +257,35 @@ def memory_report(compiled, plan: AotPlan, hbm_bytes: float | None = None) -> di
         report["hbm_bytes"] = float(hbm_bytes)
         report["fits"] = report["total_bytes"] <= hbm_bytes
     return report
+
+
+_ALL_GATHER = re.compile(r"= (\w+)\[([\d,]*)\][^ ]* all-gather\(")
+
+
+def gathered_activations(hlo_text: str, abstract_params: Any, top: int = 8) -> list[dict[str, Any]]:
+    """The largest all-gather results of a compiled program (`compiled.as_text()`) that are not parameters:
+    [{"dtype", "shape", "bytes", "count"}], biggest first. FSDP gathers every weight by design; a gathered
+    activation (rows of the batch on every device) is usually a sharding bug. A result counts as a parameter
+    when its element count equals a parameter's or one layer's slice of a stacked parameter (reshaped or
+    transposed kernels included)."""
+    param_sizes = set()
+    for leaf in jax.tree.leaves(abstract_params):
+        param_sizes.add(math.prod(leaf.shape))
+        if len(leaf.shape) > 1:
+            param_sizes.add(math.prod(leaf.shape[1:]))
+    found: dict[tuple[str, tuple[int, ...]], int] = {}
+    for dtype, dims in _ALL_GATHER.findall(hlo_text):
+        shape = tuple(int(d) for d in dims.split(",") if d)
+        if math.prod(shape) not in param_sizes:
+            found[(dtype, shape)] = found.get((dtype, shape), 0) + 1
+    rows = [{"dtype": dtype, "shape": shape, "count": count,
+             "bytes": math.prod(shape) * _HLO_ITEMSIZE.get(dtype, 4)}
+            for (dtype, shape), count in found.items()]
+    return sorted(rows, key=lambda r: -r["bytes"])[:top]
+
+
+_HLO_ITEMSIZE = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+                 "s8": 1, "u8": 1, "pred": 1}
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -135,3 +135,21 @@ def test_tpu_topology_through_libtpu(tmp_path):
     assert report["platform"] == "tpu" and report["devices"] == 4 and report["fits"]
     assert 0 < report["param_bytes_per_device"] < report["param_bytes_total"] / 2
     assert report["argument_bytes"] >= report["param_bytes_per_device"] + report["opt_state_bytes_per_device"]
+
+
+def test_gathered_activations_separates_parameters_from_activations(compiled):
+    plan, step = compiled
+    hlo = step.as_text()
+    kernel = plan.abstract_params["text"]["layers"]["mlp"]["up"]["kernel"]           # [L, D, F]
+    d, f = kernel.shape[1:]
+    fake = (f"  %a = f32[{d},{f}]{{1,0}} all-gather(%x), dimensions={{0}}\n"          # one layer's weight
+            f"  %b = bf16[{f},{d}]{{1,0}} all-gather(%y), dimensions={{1}}\n"         # ... transposed
+            "  %c = f32[8,64,4,16]{3,2,1,0} all-gather(%z), dimensions={0}\n"        # rows of q: an activation
+            "  %d = f32[8,64,4,16]{3,2,1,0} all-gather(%w), dimensions={0}\n")
+    assert aot.gathered_activations(fake, plan.abstract_params) == [
+        {"dtype": "f32", "shape": (8, 64, 4, 16), "count": 2, "bytes": 8 * 64 * 4 * 16 * 4}]
+    # The tiny step gathers no decoder or ViT attention inputs (the per-device attention path).
+    t = plan.model_config.text
+    batch, length = plan.abstract_batch["input_ids"].shape
+    q_elems = batch * length * t.num_attention_heads * t.dim_per_head
+    assert all(math.prod(r["shape"]) != q_elems for r in aot.gathered_activations(hlo, plan.abstract_params, 100))
