@@ -191,7 +191,8 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment: jax.A
     rows (at most `max_blocks` blocks) whose keys stop at the block's last query when causal, so the masked
     upper triangle is never computed. `per_pair` (default: on CPU) runs each (row, kv head) pair alone
     (lax.map), which keeps a block's [G, block, S] scores in cache instead of streaming a [B, K, G, T, S]
-    array through memory; otherwise (accelerators) rows and heads stay batched.
+    array through memory, and checkpoints each pair (the backward recomputes its scores instead of stacking
+    them for every pair); otherwise (accelerators) rows and heads stay batched.
 
     A loop over rows cannot be split by GSPMD: under a multi-device activation mesh (rules.activation_sharding
     or jax.set_mesh) the per-pair loop runs per device in jax.shard_map over the rows' (and heads') shards,
