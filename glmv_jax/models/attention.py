@@ -63,7 +63,10 @@ def resolve(impl: str, q: jax.Array | None = None, k: jax.Array | None = None,
     impl = check_impl(impl)
     if impl != "auto":
         return impl
-    backend = backend or jax.default_backend()
+    if backend is None:      # the active mesh's platform (an AOT compile for a TPU topology runs on a CPU host)
+        from glmv_jax.models.layers import mesh_platform
+        mesh, _ = _active_mesh()
+        backend = jax.default_backend() if mesh is None else mesh_platform(mesh)
     if backend == "tpu":
         return "splash" if q is None or q.shape[-1] % SPLASH_HEAD_ALIGN == 0 else "einsum"
     if backend in ("gpu", "cuda", "rocm") and q is not None and not cudnn_problems(q, k, backend=backend):

@@ -199,7 +199,7 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment: jax.A
     so each device loops over its own rows instead of every device computing (and storing) all of them."""
     mesh_rules = _row_sharding_mesh()
     if per_pair is None:        # the platform the program is compiled for (an AOT target may not be this host)
-        per_pair = (jax.default_backend() if mesh_rules is None else _platform(mesh_rules[0])) == "cpu"
+        per_pair = (jax.default_backend() if mesh_rules is None else mesh_platform(mesh_rules[0])) == "cpu"
     if per_pair and mesh_rules is not None:
         return _per_device(functools.partial(_blocked_attention, scale=scale, causal=causal, block=block,
                                              max_blocks=max_blocks, per_pair=True),
@@ -253,7 +253,7 @@ def _row_sharding_mesh():
     return None if abstract.empty or abstract.size == 1 else (abstract, rules_lib.DEFAULT)
 
 
-def _platform(mesh) -> str:
+def mesh_platform(mesh) -> str:
     """Platform of a Mesh's devices or an AbstractMesh's abstract device (this backend when unknown)."""
     if isinstance(mesh, jax.sharding.Mesh):
         return mesh.devices.flat[0].platform

@@ -107,6 +107,15 @@ def test_auto_picks_by_backend():
     assert attention.resolve("splash", backend="cpu") == "splash"
 
 
+def test_auto_follows_the_active_mesh_platform(monkeypatch):
+    """An AOT compile for a TPU topology runs on a CPU host: "auto" must pick by the mesh's devices."""
+    tpu_mesh = types.SimpleNamespace(abstract_device=types.SimpleNamespace(platform="tpu"))
+    monkeypatch.setattr(attention, "_active_mesh", lambda: (tpu_mesh, None))
+    assert attention.resolve("auto", jnp.zeros((1, 8, 4, 128)), None) == "splash"
+    monkeypatch.setattr(attention, "_active_mesh", lambda: (None, None))
+    assert attention.resolve("auto", jnp.zeros((1, 8, 4, 128)), None) == "einsum"
+
+
 def test_unknown_impl_raises():
     q = jnp.zeros((1, 4, 2, 8))
     seg = jnp.ones((1, 4), jnp.int32)
