@@ -80,6 +80,7 @@ def base_config(arg: str | None, stage: str) -> ml_collections.ConfigDict:
     ))
     c.train = ml_collections.ConfigDict(dict(
         steps=100, grad_accum_steps=1, log_every=10, save_every=50, keep=3, nonfinite="skip", z_loss=0.0,
+        loss_chunk=1024,          # cross-entropy over this many positions at a time (no whole [B, T, V] logits); 0 = off
         moe_bias_rate=1e-3,       # aux-loss-free router bias update speed (MoE decoders; 0 = off)
         moe_seq_aux_coef=0.0,     # sequence-level balance loss coefficient (1e-4 in the paper; 0 = off)
         init_from="",             # a previous stage's work directory: params only

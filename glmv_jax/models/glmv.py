@@ -38,14 +38,18 @@ class GlmV(nnx.Module):
         self.lm_head = linear(config.text.hidden_size, config.text.vocab_size, ("embed", "vocab"), rngs=rngs)
 
     def __call__(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
+        hidden, aux = self.hidden(batch)
+        kernel = self.lm_head.kernel[...].astype(hidden.dtype)
+        return jnp.einsum("BTD,DV->BTV", hidden, kernel, preferred_element_type=jnp.float32), aux
+
+    def hidden(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
+        """Final decoder hidden states [B, T, D] (after the last norm) and the aux dict, without the lm_head."""
         x = self.text.embed(batch["input_ids"], self.dtype)
         if batch.get("pixel_values") is not None and batch["pixel_values"].shape[0]:
             features = self.vision(batch["pixel_values"], batch["patch_pos"], batch["patch_grid"],
                                    batch["patch_segment"], batch.get("patch_frames"))
             x = merge_vision_tokens(x, features, batch["token_type"], batch.get("vision_index"))
-        hidden, aux = self.text(x, self.text.context(batch["position_ids"], batch["segment_ids"]))
-        kernel = self.lm_head.kernel[...].astype(hidden.dtype)
-        return jnp.einsum("BTD,DV->BTV", hidden, kernel, preferred_element_type=jnp.float32), aux
+        return self.text(x, self.text.context(batch["position_ids"], batch["segment_ids"]))
 
 
 def merge_vision_tokens(x: jax.Array, features: jax.Array, token_type: jax.Array,
@@ -111,6 +115,15 @@ def apply_with_aux(config: ModelConfig, params: Params, batch: dict[str, jax.Arr
     """(logits, aux) where aux["moe"] holds per-MoE-layer routing statistics (empty for dense models)."""
     graphdef, _ = model_graph(config)
     return nnx.merge(graphdef, params)(batch)
+
+
+def apply_hidden(config: ModelConfig, params: Params, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, dict]:
+    """(hidden [B, T, D], lm_head kernel [D, V] in the hidden's dtype, aux): the logits are hidden @ kernel,
+    left to the caller (e.g. losses.chunked_cross_entropy, which never materializes [B, T, V])."""
+    graphdef, _ = model_graph(config)
+    model = nnx.merge(graphdef, params)
+    hidden, aux = model.hidden(batch)
+    return hidden, model.lm_head.kernel[...].astype(hidden.dtype), aux
 
 
 @functools.lru_cache(maxsize=16)

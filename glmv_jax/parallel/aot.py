@@ -202,10 +202,10 @@ def compile_train_step(plan: AotPlan, compiler_options: dict | None = None):
     """The stage's jitted train step (train.supervised's loss, bias rule and step), lowered and compiled."""
     from glmv_jax.train.experiment import Experiment
     from glmv_jax.train.step import make_train_step, presplit
-    from glmv_jax.train.supervised import make_bias_rule, make_loss_fn
+    from glmv_jax.train.supervised import make_bias_rule, stage_loss_fn
     cfg, k = plan.cfg, plan.cfg.train.grad_accum_steps
     exp = Experiment(cfg, "", plan.mesh, plan.rules, plan.model_config, tokenizer=None, processor=None)
-    step = make_train_step(make_loss_fn(exp, cfg.train.z_loss, cfg.train.get("moe_seq_aux_coef", 0.0)),
+    step = make_train_step(stage_loss_fn(exp),
                            plan.optimizer, grad_accum_steps=k, nonfinite=cfg.train.nonfinite,
                            split_fn=presplit if k > 1 else None, state_shardings=jax.tree.map(
                                lambda s: s.sharding, plan.abstract_state),

@@ -15,6 +15,7 @@ On other hosts every method is a no-op.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from typing import Any, Mapping, Sequence
@@ -94,7 +95,8 @@ class MetricsWriter:
                 if self.flops_per_token and self.peak_flops:
                     record["mfu"] = self.flops_per_token * record["tokens_per_s"] / self.peak_flops
         for name, value in record.items():
-            self._tb.add_scalar(name, value, step)
+            if math.isfinite(value):     # NaN marks "undefined this step" (e.g. an empty tier): JSONL only
+                self._tb.add_scalar(name, value, step)
         self._jsonl.write(json.dumps({"step": int(step), **record}) + "\n")
         self._jsonl.flush()
         if self._bar is not None:

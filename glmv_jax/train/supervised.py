@@ -17,18 +17,29 @@ from glmv_jax.models.flops import forward_flops
 from glmv_jax.train.experiment import Experiment, initial_params, param_shardings
 
 
-def make_loss_fn(exp: Experiment, z_loss: float = 0.0, moe_seq_aux_coef: float = 0.0):
+def make_loss_fn(exp: Experiment, z_loss: float = 0.0, moe_seq_aux_coef: float = 0.0, loss_chunk: int = 0):
     """loss_fn(params, batch, rng) -> (loss_sum, (token_count, aux)) over a BATCH.md batch. For MoE models
     aux carries the per-layer expert loads ("moe_load_sum" [L, E]) for the correction-bias rule and, when
-    its coefficient is > 0, the sequence-level balance loss ("moe_seq_aux_loss")."""
-    from glmv_jax.models.glmv import apply_with_aux
-    from glmv_jax.train.losses import cross_entropy
+    its coefficient is > 0, the sequence-level balance loss ("moe_seq_aux_loss"). `loss_chunk` > 0 computes
+    the cross-entropy `loss_chunk` positions at a time (losses.chunked_cross_entropy: the [B, T, V] logits
+    are never held whole; same values); it must divide data.seq_len (a chunk >= seq_len means one chunk: off)."""
+    from glmv_jax.models.glmv import apply_hidden, apply_with_aux
+    from glmv_jax.train.losses import chunked_cross_entropy, cross_entropy
     config = exp.model_config
+    loss_chunk = 0 if loss_chunk >= exp.cfg.data.seq_len else loss_chunk
+    if loss_chunk < 0 or (loss_chunk and exp.cfg.data.seq_len % loss_chunk):
+        raise ValueError(f"train.loss_chunk {loss_chunk} must be 0 (off) or a positive divisor of data.seq_len "
+                         f"{exp.cfg.data.seq_len}")
 
     def loss_fn(params, batch, rng):
         del rng
-        logits, aux = apply_with_aux(config, params, batch)
-        loss_sum, count, extras = cross_entropy(logits, batch["targets"], batch["loss_mask"], z_loss)
+        if loss_chunk:
+            hidden, kernel, aux = apply_hidden(config, params, batch)
+            loss_sum, count, extras = chunked_cross_entropy(hidden, kernel, batch["targets"], batch["loss_mask"],
+                                                            chunk_size=loss_chunk, z_loss=z_loss)
+        else:
+            logits, aux = apply_with_aux(config, params, batch)
+            loss_sum, count, extras = cross_entropy(logits, batch["targets"], batch["loss_mask"], z_loss)
         out = {"ce_sum": extras["ce_sum"]}
         moe = aux.get("moe") if isinstance(aux, dict) else None
         if moe:
@@ -39,6 +50,12 @@ def make_loss_fn(exp: Experiment, z_loss: float = 0.0, moe_seq_aux_coef: float =
         return loss_sum, (count, out)
 
     return loss_fn
+
+
+def stage_loss_fn(exp: Experiment):
+    """make_loss_fn with the stage config's train.z_loss, train.moe_seq_aux_coef and train.loss_chunk."""
+    t = exp.cfg.train
+    return make_loss_fn(exp, t.z_loss, t.get("moe_seq_aux_coef", 0.0), t.get("loss_chunk", 0))
 
 
 def make_bias_rule(exp: Experiment, rate: float):
@@ -91,7 +108,7 @@ def run_supervised(exp: Experiment, progress: bool = True) -> dict[str, Any]:
     abstract_params, shardings = param_shardings(exp)
     sharded = exp.mesh.size > 1
     st_shardings = state_shardings(optimizer, abstract_params, shardings, exp.mesh) if sharded else None
-    loss_fn = make_loss_fn(exp, cfg.train.z_loss, cfg.train.get("moe_seq_aux_coef", 0.0))
+    loss_fn = stage_loss_fn(exp)
     step_fn = make_train_step(loss_fn, optimizer, grad_accum_steps=k, nonfinite=cfg.train.nonfinite,
                               split_fn=presplit if k > 1 else None, state_shardings=st_shardings, rules=exp.rules,
                               post_update=make_bias_rule(exp, cfg.train.get("moe_bias_rate", 1e-3)))

@@ -1,6 +1,6 @@
 """The real GLM-V train step on simulated meshes equals the single-device step (issue #7).
 
-The step is the one the supervised stages build (train/supervised.py: `make_loss_fn`, `make_bias_rule`,
+The step is the one the supervised stages build (train/supervised.py: `stage_loss_fn`, `make_bias_rule`,
 `experiment.param_shardings`, `state.state_shardings`, `step.make_train_step`), on the sft stage's tiny
 model fed a packed batch from the data pipeline (8 rows, images in the batch). After one AdamW step the
 loss, the gradient norm, the gradients (read back from Adam's first moment: after one update
@@ -36,7 +36,7 @@ from glmv_jax.train.experiment import param_shardings, setup
 from glmv_jax.train.optimizer import build_optimizer
 from glmv_jax.train.state import state_shardings, train_state_from_params
 from glmv_jax.train.step import batch_shardings, make_train_step
-from glmv_jax.train.supervised import make_bias_rule, make_loss_fn
+from glmv_jax.train.supervised import make_bias_rule, stage_loss_fn
 
 # Same math, compiles ~3x faster than the defaults on this CPU (the legacy elemental emitters, no expensive
 # LLVM passes): 3.5 s instead of 9.7 s of CPU for the tiny dense step.
@@ -88,7 +88,7 @@ def scaled_params(exp, seed: int = 0) -> dict:
 
 def stage_step(exp, optimizer, st_shardings=None, layout=None):
     """make_train_step exactly as run_supervised builds it (k = 1), plus the batch layout."""
-    return make_train_step(make_loss_fn(exp, exp.cfg.train.z_loss, exp.cfg.train.get("moe_seq_aux_coef", 0.0)),
+    return make_train_step(stage_loss_fn(exp),
                            optimizer, nonfinite=exp.cfg.train.nonfinite, state_shardings=st_shardings,
                            batch_shardings=layout, rules=exp.rules, compiler_options=COMPILER_OPTIONS,
                            post_update=make_bias_rule(exp, exp.cfg.train.get("moe_bias_rate", 1e-3)))

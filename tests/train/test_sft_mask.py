@@ -101,3 +101,18 @@ def test_make_loss_fn_rejects_misshapen_targets(exp, params):
     bad = dict(batch, loss_mask=batch["loss_mask"][:, :-1])
     with pytest.raises(ValueError, match="targets .* and loss_mask .* must have the same shape"):
         jax.eval_shape(lambda p: make_loss_fn(exp)(p, bad, None), params)
+
+
+def test_chunked_loss_equals_whole_logits_loss(exp, params):
+    """train.loss_chunk: the cross-entropy over 32-position chunks (no [B, T, V] logits) == over whole logits,
+    in value, token count and gradient; a chunk that does not divide seq_len is refused."""
+    batch = next(make_pipeline(exp.cfg.data, exp.tokenizer, exp.processor, seed=0))
+    whole, chunked = make_loss_fn(exp, loss_chunk=0), make_loss_fn(exp, loss_chunk=32)
+    (loss_w, (count_w, _)), grad_w = jax.value_and_grad(lambda p: whole(p, batch, None), has_aux=True)(params)
+    (loss_c, (count_c, _)), grad_c = jax.value_and_grad(lambda p: chunked(p, batch, None), has_aux=True)(params)
+    assert float(count_w) == float(count_c) > 0
+    np.testing.assert_allclose(float(loss_c), float(loss_w), rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7),
+                 grad_c, grad_w)
+    with pytest.raises(ValueError, match="loss_chunk 48 must be 0"):
+        make_loss_fn(exp, loss_chunk=48)
