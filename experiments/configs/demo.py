@@ -20,7 +20,7 @@ VISION = dict(depth=2, hidden_size=64, num_heads=4, out_hidden_size=128, interme
 TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, mrope_section=(2, 3, 3), max_position_embeddings=1024)
 SFT_TIERS = {"0": 0.6, "1": 0.3, "2": 0.1}
-EVAL = dict(per_domain=24, max_new_tokens=40, batch_size=56, style="glm41v", seed=0, tiers={"0": 0.6, "1": 0.4})
+EVAL = dict(per_domain=48, max_new_tokens=40, batch_size=56, style="glm41v", seed=0, tiers={"0": 0.6, "1": 0.4})
 
 
 def _stage(name: str, smoke: bool) -> ml_collections.ConfigDict:
@@ -47,18 +47,18 @@ def get_config(arg=None):
 
     sft = _stage("sft", smoke)
     sft.data.kind = "sft"
-    sft.train.steps = 3 if smoke else 350
+    sft.train.steps = 3 if smoke else 700
     sft.optimizer.update(lr=2e-3, warmup_steps=min(15, sft.train.steps // 3), total_steps=sft.train.steps, b2=0.98)
 
     rl = _stage("rl", smoke)
     rl.data.kind = "rl"
-    rl.rl = rl_block(sampler="rlcs", batch_size=14, group_size=8, iterations=2 if smoke else 20,
+    rl.rl = rl_block(sampler="rlcs", batch_size=14, group_size=8, iterations=2 if smoke else 40,
                      max_new_tokens=8 if smoke else 40, prompts_per_domain=4 if smoke else 96,
                      prompt_tiers={"0": 0.5, "1": 0.5}, save_every=5)
     rl.rl.grpo.update(num_minibatches=2)
     if smoke:
         rl.rl.update(batch_size=4, group_size=2)
-    rl.optimizer.update(lr=3e-4, warmup_steps=0, total_steps=100, weight_decay=0.0, final_lr_fraction=1.0)
+    rl.optimizer.update(lr=1e-4, warmup_steps=0, total_steps=100, weight_decay=0.0, final_lr_fraction=1.0)
 
     c = ml_collections.ConfigDict()
     c.stages = [pretrain, sft, rl]
