@@ -26,10 +26,12 @@ def make_loss_fn(exp: Experiment, z_loss: float = 0.0, moe_seq_aux_coef: float =
     from glmv_jax.models.glmv import apply_hidden, apply_with_aux
     from glmv_jax.train.losses import chunked_cross_entropy, cross_entropy
     config = exp.model_config
-    loss_chunk = 0 if loss_chunk >= exp.cfg.data.seq_len else loss_chunk
-    if loss_chunk < 0 or (loss_chunk and exp.cfg.data.seq_len % loss_chunk):
-        raise ValueError(f"train.loss_chunk {loss_chunk} must be 0 (off) or a positive divisor of data.seq_len "
-                         f"{exp.cfg.data.seq_len}")
+    if loss_chunk:
+        seq_len = exp.cfg.data.seq_len
+        loss_chunk = 0 if loss_chunk >= seq_len else loss_chunk
+        if loss_chunk < 0 or (loss_chunk and seq_len % loss_chunk):
+            raise ValueError(f"train.loss_chunk {loss_chunk} must be 0 (off) or a positive divisor of data.seq_len "
+                             f"{seq_len}")
 
     def loss_fn(params, batch, rng):
         del rng
