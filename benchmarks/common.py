@@ -1,8 +1,7 @@
 """Helpers shared by the benchmarks: the machine line of a RESULTS.md section, load average, CPU+wall clocks,
 abstract (shape-only) params and train states for compile-only measurements, and appending to RESULTS.md.
 
-forward.py and train_step.py predate this module and keep their own copies of `clock` / the append code;
-new benchmarks import from here (and from train_step.py for its configs, inputs and step runner).
+New benchmarks import from here (and from train_step.py for its configs, inputs and step runner).
 """
 
 from __future__ import annotations
@@ -40,6 +39,25 @@ def timed(fn: Callable[[], object]) -> tuple[object, float, float]:
     wall, cpu = time.perf_counter(), time.process_time()
     out = fn()
     return out, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def clock(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall, process CPU) seconds of one call."""
+    return timed(fn)[1:]
+
+
+def interleaved(contenders: dict, repeats: int, warmup: bool = False) -> dict[str, tuple[float, float]]:
+    """`repeats` rounds of one call of each contender in turn (all see the same load) -> best (wall, cpu) each;
+    `warmup` calls each once first, untimed."""
+    if warmup:
+        for fn in contenders.values():
+            fn()
+    best = {name: (float("inf"), float("inf")) for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            wall, cpu = clock(fn)
+            best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
+    return best
 
 
 def abstract_params(config):

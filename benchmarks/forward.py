@@ -21,7 +21,6 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from glmv_jax.config import ModelConfig, TextConfig, VisionConfig  # noqa: E402
+from benchmarks.common import interleaved  # noqa: E402
 from glmv_jax.models.flops import forward_flops  # noqa: E402
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -60,25 +60,6 @@ def make_inputs(config: ModelConfig, batch: int, text_tokens: int, grid=(1, 32, 
     pixel_values = rng.standard_normal((batch * t * h * w, config.vision.patch_dim)).astype(np.float32)
     return dict(input_ids=input_ids, attention_mask=np.ones_like(input_ids), mm_token_type_ids=types,
                 pixel_values=pixel_values, image_grid_thw=np.array([grid] * batch, np.int64))
-
-
-def clock(fn) -> tuple[float, float]:
-    """(wall, process CPU) seconds of one call."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
-def interleaved(contenders: dict, repeats: int) -> dict[str, tuple[float, float]]:
-    """Warms each contender up, then `repeats` rounds of one call each in turn -> best (wall, cpu) each."""
-    for fn in contenders.values():
-        fn()
-    best = {name: (float("inf"), float("inf")) for name in contenders}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            wall, cpu = clock(fn)
-            best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
-    return best
 
 
 def matmul_contenders(n: int = 2048) -> tuple[dict, float]:
@@ -187,7 +168,7 @@ def main():
         work.update({name: args.batch * vision_flops(config, grids) for name in parts if name.startswith("ViT")})
         work.update({name: text_flops(config, args.batch, seq) for name in parts if name.startswith("decoder")})
     load_before = load_average()
-    best = interleaved(contenders, args.repeats)
+    best = interleaved(contenders, args.repeats, warmup=True)
     load_after = load_average()
     ours = np.asarray(forward(config, params, **inputs))
     errors = {name: float(np.abs(ours - hf_run(m)().numpy()).max() / np.abs(hf_run(m)().numpy()).max())

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.forward import medium_config  # noqa: E402
 from glmv_jax.config import ModelConfig, TextConfig, VisionConfig  # noqa: E402
+from benchmarks.common import interleaved  # noqa: E402
 from glmv_jax.models.flops import forward_flops  # noqa: E402
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -128,23 +129,6 @@ def torch_runner(model, inputs: dict, labels: np.ndarray, threads: int):
 
     run()
     return run, losses[0]
-
-
-def clock(fn) -> tuple[float, float]:
-    """(wall, process CPU) seconds of one call."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
-def interleaved(contenders: dict, repeats: int) -> dict[str, tuple[float, float]]:
-    """`repeats` rounds of one call of each contender in turn (all see the same load) -> best (wall, cpu)."""
-    best = {name: (float("inf"), float("inf")) for name in contenders}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            wall, cpu = clock(fn)
-            best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
-    return best
 
 
 def matmul_contenders(thread_counts, n: int = 2048) -> tuple[dict, float]:
