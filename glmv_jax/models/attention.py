@@ -105,14 +105,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_segment: jax.Array, kv_se
 
 
 def _active_mesh():
-    """(mesh, rules) of rules.activation_sharding (read the way rules.constrain does), else jax.set_mesh's
-    mesh with the default rules, else (None, None): the same lookup as parallel/context.py."""
+    """(mesh or None, rules) activations are laid out on (parallel/rules.py current_mesh)."""
     from glmv_jax.parallel import rules
-    active = rules.active_sharding()
-    if active is not None:
-        return active
-    abstract = jax.sharding.get_abstract_mesh()
-    return (None, None) if abstract.empty else (abstract, rules.DEFAULT)
+    return rules.current_mesh()
 
 
 def sequence_parallel_size() -> int:

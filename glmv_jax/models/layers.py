@@ -247,10 +247,8 @@ def _row_sharding_mesh():
     abstract = jax.sharding.get_abstract_mesh()
     if not abstract.empty and any(t == jax.sharding.AxisType.Manual for t in abstract.axis_types):
         return None
-    active = rules_lib.active_sharding()
-    if active is not None:
-        return active
-    return None if abstract.empty or abstract.size == 1 else (abstract, rules_lib.DEFAULT)
+    mesh, rules = rules_lib.current_mesh()
+    return None if mesh is None or mesh.size == 1 else (mesh, rules)
 
 
 def mesh_platform(mesh) -> str:

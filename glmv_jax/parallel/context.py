@@ -55,14 +55,8 @@ _NEG = float(jnp.finfo(jnp.float32).min)
 
 def _resolve_mesh(mesh) -> tuple[Any, Any]:
     """(mesh or None, rules): the given mesh, else activation_sharding's, else jax.set_mesh's."""
-    active = rules_lib.active_sharding()
-    rules = active[1] if active is not None else rules_lib.DEFAULT
-    if mesh is None and active is not None:
-        mesh = active[0]
-    if mesh is None:
-        abstract = jax.sharding.get_abstract_mesh()
-        mesh = None if abstract.empty else abstract
-    return mesh, rules
+    current, rules = rules_lib.current_mesh()
+    return (current if mesh is None else mesh), rules
 
 
 def _specs(mesh, rules, axis: str, q_shape, k_shape) -> tuple[P, P, P]:

@@ -135,6 +135,16 @@ def active_sharding() -> tuple[Mesh, Rules] | None:
     return _ACTIVE.get()
 
 
+def current_mesh() -> tuple[Mesh | jax.sharding.AbstractMesh | None, Rules]:
+    """(mesh, rules) activations are laid out on now: `activation_sharding`'s, else the `jax.set_mesh` mesh with
+    the DEFAULT rules, else (None, DEFAULT)."""
+    active = _ACTIVE.get()
+    if active is not None:
+        return active
+    abstract = jax.sharding.get_abstract_mesh()
+    return (None if abstract.empty else abstract), DEFAULT
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """with_sharding_constraint by logical names; a no-op outside `activation_sharding` or on one device."""
     active = _ACTIVE.get()
