@@ -87,7 +87,7 @@ def enable_compilation_cache() -> None:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)     # orbax logs every checkpoint step at INFO
-    from glmv_jax.parallel.distributed import initialize_from_env
+    from glmv_jax.sharding.distributed import initialize_from_env
     initialize_from_env()                      # multi-host: before any device is touched
     enable_compilation_cache()
     cfg = _CONFIG.value

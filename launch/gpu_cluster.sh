@@ -3,7 +3,7 @@
 #   SLURM:    sbatch --nodes=4 --gpus-per-node=8 launch/gpu_cluster.sh --config experiments/configs/sft.py:model=glm41v_9b
 #   explicit: launch/gpu_cluster.sh --coordinator host0:1234 --num-nodes 2 --node-rank 0 --config ... [--dry-run]
 # Under SLURM, JAX detects the cluster itself; otherwise GLMV_COORDINATOR / GLMV_NUM_PROCESSES /
-# GLMV_PROCESS_ID are exported for glmv_jax/parallel/distributed.py.
+# GLMV_PROCESS_ID are exported for glmv_jax/sharding/distributed.py.
 set -euo pipefail
 CONFIG="" WORKDIR="runs/gpu" DRY=0 COORD="" NODES="" RANK="" EXTRA=()
 while [[ $# -gt 0 ]]; do

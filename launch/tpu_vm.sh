@@ -2,7 +2,7 @@
 # Run an experiment on every worker of a Cloud TPU VM (single or multi-host pod slice).
 #   launch/tpu_vm.sh --name my-v5p-64 --zone us-east5-a --config experiments/configs/sft.py:model=glm41v_9b [--dry-run]
 # Each worker installs the package from this checkout (copied with scp) and starts the same command;
-# JAX's TPU runtime finds the other hosts by itself (glmv_jax/parallel/distributed.py).
+# JAX's TPU runtime finds the other hosts by itself (glmv_jax/sharding/distributed.py).
 set -euo pipefail
 NAME="" ZONE="" CONFIG="" WORKDIR="runs/tpu" DRY=0 PROJECT_FLAG="" EXTRA=()
 while [[ $# -gt 0 ]]; do

@@ -26,7 +26,7 @@ Implementations:
               when the head dim is a multiple of 128 (every GLM-V preset; else einsum: splash kernels with
               narrower heads were not checked on a TPU here).
 
-Context parallelism: when the active activation-sharding mesh (parallel/rules.py `activation_sharding`)
+Context parallelism: when the active activation-sharding mesh (sharding/rules.py `activation_sharding`)
 has a "sequence" axis larger than 1 and the attention is causal, `attend` hands the call to
 glmv_jax.parallel.context.context_parallel_attention whatever `impl` says.
 """
@@ -105,8 +105,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_segment: jax.Array, kv_se
 
 
 def _active_mesh():
-    """(mesh or None, rules) activations are laid out on (parallel/rules.py current_mesh)."""
-    from glmv_jax.parallel import rules
+    """(mesh or None, rules) activations are laid out on (sharding/rules.py current_mesh)."""
+    from glmv_jax.sharding import rules
     return rules.current_mesh()
 
 
@@ -209,7 +209,7 @@ def sharded_splash_attention(q, k, v, q_segment, kv_segment, scale: float, *, ca
     jax.shard_map with the batch split as the rules split "act_batch" and heads as "act_heads" /
     "act_kv_heads" when q and kv heads split alike (so GQA groups stay whole), sequence unsplit."""
     from jax.sharding import PartitionSpec as P
-    from glmv_jax.parallel.rules import logical_to_spec
+    from glmv_jax.sharding.rules import logical_to_spec
     mesh, rules = _active_mesh()
     run = functools.partial(splash_attention, scale=scale, causal=causal)
     if mesh is None or mesh.size == 1:

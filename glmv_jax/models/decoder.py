@@ -24,7 +24,7 @@ from glmv_jax.models.layers import (INIT_STD, Einsum, RMSNorm, SwiGLU, cached_at
                                     param, run_stack)
 from glmv_jax.models.moe import MoE
 from glmv_jax.models.rope import apply_text_rope, text_rope_tables
-from glmv_jax.parallel.rules import constrain
+from glmv_jax.sharding.rules import constrain
 
 ACT = ("act_batch", "act_length", "act_embed")
 

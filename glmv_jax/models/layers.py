@@ -6,7 +6,7 @@ Einsum legend (every einsum string in glmv_jax/models uses these letters):
   F mlp width        E experts           C capacity/group    V vocab
 
 Modules are Flax NNX and used functionally (glmv.py: build once, `nnx.split`, `nnx.merge` inside jit).
-Every parameter carries logical axis names through `nnx.with_partitioning`; glmv_jax/parallel/rules.py
+Every parameter carries logical axis names through `nnx.with_partitioning`; glmv_jax/sharding/rules.py
 maps them to mesh axes. Parameters are kept in `param_dtype` (fp32) and cast to the compute dtype where
 they are used. Norm statistics, softmax and rope tables are fp32 whatever the compute dtype.
 """
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from glmv_jax.parallel import rules as rules_lib
+from glmv_jax.sharding import rules as rules_lib
 
 Axes = tuple[str | None, ...]
 INIT_STD = 0.02    # HF initializer_range

@@ -29,7 +29,7 @@ from glmv_jax.models import attention
 from glmv_jax.models.layers import (INIT_STD, Kernel, LayerNorm, RMSNorm, SwiGLU, contract, linear, make_stack,
                                     normal_init, param, run_stack)
 from glmv_jax.models.rope import apply_vision_rope, vision_rope_tables
-from glmv_jax.parallel.rules import constrain
+from glmv_jax.sharding.rules import constrain
 
 CUBIC_A = -0.75   # PyTorch's bicubic kernel constant
 QUERY_BLOCK = 256  # ViT attention query rows per step: [256, L] fp32 scores stay in cache

@@ -36,8 +36,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from glmv_jax.config import ModelConfig, get_preset
-from glmv_jax.parallel import rules as rules_lib
-from glmv_jax.parallel.mesh import AXES, MeshError, resolve_shape
+from glmv_jax.sharding import rules as rules_lib
+from glmv_jax.sharding.mesh import AXES, MeshError, resolve_shape
 
 
 class TopologyError(ValueError):

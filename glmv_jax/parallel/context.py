@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from glmv_jax.models.layers import blocked_attention, causal_segment_mask, dot_product_attention
-from glmv_jax.parallel import rules as rules_lib
+from glmv_jax.sharding import rules as rules_lib
 
 IMPLS = ("ring", "allgather")
 LAYOUTS = ("contiguous", "zigzag")

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from glmv_jax.parallel import rules as rules_lib
+from glmv_jax.sharding import rules as rules_lib
 
 PATCH_KEYS = ("pixel_values", "patch_pos", "patch_grid", "patch_segment")   # [Np, ...] packed patch rows
 ROW_AXIS = {"position_ids": 1}                                             # other keys: rows on axis 0

@@ -37,7 +37,7 @@ from glmv_jax.models.glmv import bucket, model_graph
 from glmv_jax.models.moe import moe_layer
 from glmv_jax.models.rope import apply_text_rope, text_rope_tables
 from glmv_jax.models.vision import frame_slots
-from glmv_jax.parallel.rules import constrain
+from glmv_jax.sharding.rules import constrain
 
 PROMPT_KEYS = ("input_ids", "token_type", "position_ids")
 VISION_KEYS = ("pixel_values", "patch_pos", "patch_grid", "patch_segment")

@@ -16,8 +16,8 @@ import jax
 from jax.sharding import Mesh
 
 from glmv_jax.config import ModelConfig, get_preset
-from glmv_jax.parallel import rules as rules_lib
-from glmv_jax.parallel.mesh import mesh_from_config
+from glmv_jax.sharding import rules as rules_lib
+from glmv_jax.sharding.mesh import mesh_from_config
 
 
 @dataclasses.dataclass

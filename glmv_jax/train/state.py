@@ -5,7 +5,7 @@
     state = init_train_state(init_fn, opt, jax.random.PRNGKey(0), shardings)       # init_fn(rng) -> params
     state = train_state_from_params(params, opt, jax.random.PRNGKey(0), shardings) # loaded weights
 
-`param_shardings` comes from the model's logical axes: `parallel.rules.tree_shardings(logical, params, mesh,
+`param_shardings` comes from the model's logical axes: `sharding.rules.tree_shardings(logical, params, mesh,
 rules)` (see `param_shardings_from_logical`). Optimizer moments take the sharding of their parameter,
 scalars (counts, step, rng) are replicated. `init_train_state` runs under `jax.jit(out_shardings=...)`, so
 no device ever holds an unsharded copy of the parameters or the optimizer state.
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from glmv_jax.parallel import rules as rules_lib
+from glmv_jax.sharding import rules as rules_lib
 from glmv_jax.train.optimizer import Optimizer, path_str
 
 
@@ -59,7 +59,7 @@ def _new_state(params: Any, optimizer: Optimizer, rng: jax.Array) -> TrainState:
 
 def param_shardings_from_logical(logical_axes: Any, abstract_params: Any, mesh: Mesh,
                                  rules: rules_lib.Rules = rules_lib.DEFAULT) -> Any:
-    """NamedShardings for params from the tree of logical axis-name tuples (parallel.rules)."""
+    """NamedShardings for params from the tree of logical axis-name tuples (sharding.rules)."""
     return rules_lib.tree_shardings(logical_axes, abstract_params, mesh, rules)
 
 

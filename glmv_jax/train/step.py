@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from glmv_jax.parallel import rules as rules_lib
+from glmv_jax.sharding import rules as rules_lib
 from glmv_jax.train.optimizer import Optimizer
 from glmv_jax.train.state import TrainState
 
@@ -115,7 +115,7 @@ def make_train_step(loss_fn: LossFn, optimizer: Optimizer, *, grad_accum_steps: 
     """Jitted `step(state, batch) -> (new_state, metrics)`; the state buffers are donated.
 
     With `state_shardings` (TrainState of NamedShardings) the step is jitted with in/out shardings on that
-    mesh and the model's activation constraints (`parallel.rules.constrain`) are active while tracing;
+    mesh and the model's activation constraints (`sharding.rules.constrain`) are active while tracing;
     `batch_shardings` (e.g. from `batch_shardings(batch, mesh, rules)`) lays the host batch out on the mesh.
     nonfinite: "skip" leaves params and optimizer state unchanged on a NaN/Inf loss or gradient and counts
     it in `state.nonfinite_count`; "raise" does the same inside the step and `loop.run_steps` stops with

@@ -14,8 +14,8 @@ from flax import nnx
 from glmv_jax.config import ATTENTION_IMPLS, ConfigError, tiny
 from glmv_jax.models import attention, glmv, vision
 from glmv_jax.models.layers import causal_segment_mask, dot_product_attention
-from glmv_jax.parallel.mesh import make_mesh
-from glmv_jax.parallel.rules import activation_sharding
+from glmv_jax.sharding.mesh import make_mesh
+from glmv_jax.sharding.rules import activation_sharding
 from tests.hf_oracle import multimodal_inputs
 from tests.models.conftest import pad_prompts
 

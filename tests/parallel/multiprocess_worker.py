@@ -5,7 +5,7 @@ put path (`train.supervised.batch_putter` -> `parallel.global_batch`).
     python -m tests.parallel.multiprocess_worker --out DIR [--steps 2]
 
 Started with XLA_FLAGS=--xla_force_host_platform_device_count=N and JAX_PLATFORMS=cpu; with GLMV_COORDINATOR /
-GLMV_NUM_PROCESSES / GLMV_PROCESS_ID it joins a multi-process job through parallel.distributed (gloo
+GLMV_NUM_PROCESSES / GLMV_PROCESS_ID it joins a multi-process job through sharding.distributed (gloo
 collectives on CPU) and feeds `host_batch(process)`; otherwise it is a single process holding all 8 devices
 and feeds `reference_batch()`: the same 8 rows and 3 images packed as one compact batch (patch rows without
 gaps, built independently of the per-host index offsets).
@@ -25,7 +25,7 @@ import os
 import jax
 import numpy as np
 
-from glmv_jax.parallel.distributed import initialize_from_env
+from glmv_jax.sharding.distributed import initialize_from_env
 
 MESH = {"data": 2, "fsdp": 4}
 ROWS, LENGTH = 4, 32                      # per host
@@ -123,8 +123,8 @@ def main() -> None:
     from jax.experimental import multihost_utils
     from glmv_jax.config import tiny
     from glmv_jax.models.glmv import init_params, logical_axes
-    from glmv_jax.parallel.mesh import make_mesh
-    from glmv_jax.parallel.rules import DEFAULT, tree_shardings
+    from glmv_jax.sharding.mesh import make_mesh
+    from glmv_jax.sharding.rules import DEFAULT, tree_shardings
     from glmv_jax.train.checkpoint import Checkpointer
     from glmv_jax.train.experiment import Experiment
     from glmv_jax.train.loop import run_steps

@@ -14,8 +14,8 @@ from glmv_jax.models import glmv
 from glmv_jax.models.layers import blocked_attention
 from glmv_jax.parallel import context
 from glmv_jax.parallel.context import context_parallel_attention
-from glmv_jax.parallel.mesh import make_mesh
-from glmv_jax.parallel.rules import activation_sharding
+from glmv_jax.sharding.mesh import make_mesh
+from glmv_jax.sharding.rules import activation_sharding
 
 B, T, K, G, H = 2, 32, 2, 3, 8
 SCALE = H ** -0.5

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from glmv_jax.parallel.distributed import cluster_kind, explicit_args
+from glmv_jax.sharding.distributed import cluster_kind, explicit_args
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -21,8 +21,8 @@ from jax.sharding import AbstractMesh, AxisType
 from glmv_jax.config import get_preset
 from glmv_jax.models.glmv import logical_axes
 from glmv_jax.parallel.aot import abstract_params_of, per_device_bytes
-from glmv_jax.parallel.mesh import AXES, make_mesh
-from glmv_jax.parallel.rules import RULE_SETS, get_rules, logical_to_spec, replication_report, tree_shardings
+from glmv_jax.sharding.mesh import AXES, make_mesh
+from glmv_jax.sharding.rules import RULE_SETS, get_rules, logical_to_spec, replication_report, tree_shardings
 from glmv_jax.train.optimizer import path_str
 
 GOLDEN = Path(__file__).parent / "golden"

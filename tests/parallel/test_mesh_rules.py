@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from glmv_jax.parallel.mesh import MeshError, make_mesh, mesh_from_config
-from glmv_jax.parallel.rules import (DEFAULT, PURE_FSDP, activation_sharding, check_replication, constrain,
+from glmv_jax.sharding.mesh import MeshError, make_mesh, mesh_from_config
+from glmv_jax.sharding.rules import (DEFAULT, PURE_FSDP, activation_sharding, check_replication, constrain,
                                      get_rules, logical_to_spec, replication_report, tree_shardings)
 
 

@@ -1,4 +1,4 @@
-"""Two processes x 4 simulated CPU devices joined through jax.distributed (parallel.distributed's GLMV_* path,
+"""Two processes x 4 simulated CPU devices joined through jax.distributed (sharding.distributed's GLMV_* path,
 gloo collectives) train the tiny model on one global data 2 x fsdp 4 mesh, each feeding its own packed host
 batch (uneven patch fill: host 0 two images, host 1 one image and more text; host-local patch_segment,
 patch_frames and vision tokens) through the supervised trainer's put path (parallel.global_batch); a third,
@@ -115,8 +115,8 @@ def test_checkpoint_written_by_two_processes_restores_in_one(runs):
     """Both processes saved their shards (Orbax, async); this 8-device process restores onto fsdp 8."""
     from glmv_jax.config import tiny
     from glmv_jax.models.glmv import init_params, logical_axes
-    from glmv_jax.parallel.mesh import make_mesh
-    from glmv_jax.parallel.rules import DEFAULT, tree_shardings
+    from glmv_jax.sharding.mesh import make_mesh
+    from glmv_jax.sharding.rules import DEFAULT, tree_shardings
     from glmv_jax.train.checkpoint import Checkpointer
     from glmv_jax.train.optimizer import build_optimizer
     from glmv_jax.train.state import abstract_train_state, state_shardings

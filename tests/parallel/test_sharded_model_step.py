@@ -31,7 +31,7 @@ import pytest
 from experiments.configs import sft
 from glmv_jax.data.pipeline import make_pipeline
 from glmv_jax.models.glmv import init_params
-from glmv_jax.parallel.mesh import make_mesh
+from glmv_jax.sharding.mesh import make_mesh
 from glmv_jax.train.experiment import param_shardings, setup
 from glmv_jax.train.optimizer import build_optimizer
 from glmv_jax.train.state import state_shardings, train_state_from_params
@@ -221,7 +221,7 @@ def test_step_equals_single_device(name, single, sharded):
         assert float(np.sum(ref_metrics["moe_load_sum"])) > 0
 
 
-# Expected addressable shard shapes, worked out by hand from parallel/rules.py DEFAULT for the tiny configs
+# Expected addressable shard shapes, worked out by hand from sharding/rules.py DEFAULT for the tiny configs
 # (vocab 512, D 64, 4 heads of 16, F 96, 2 layers; ViT width 32; MoE: 8 experts of width 32, 2 MoE layers).
 SHARD_SHAPES = {
     "fsdp8": {("text", "embed", "embedding"): (512, 8), ("text", "layers", "attn", "q", "kernel"): (2, 8, 4, 16),

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from glmv_jax.parallel.mesh import make_mesh
-from glmv_jax.parallel.rules import DEFAULT, logical_to_spec
+from glmv_jax.sharding.mesh import make_mesh
+from glmv_jax.sharding.rules import DEFAULT, logical_to_spec
 from glmv_jax.train.checkpoint import Checkpointer
 from glmv_jax.train.state import (abstract_train_state, init_train_state, param_shardings_from_logical,
                                   state_shardings, train_state_from_params)
