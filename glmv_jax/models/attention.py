@@ -28,7 +28,7 @@ Implementations:
 
 Context parallelism: when the active activation-sharding mesh (sharding/rules.py `activation_sharding`)
 has a "sequence" axis larger than 1 and the attention is causal, `attend` hands the call to
-glmv_jax.parallel.context.context_parallel_attention whatever `impl` says.
+glmv_jax.models.context_parallel.context_parallel_attention whatever `impl` says.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_segment: jax.Array, kv_se
         raise ValueError(f"segment ids {q_segment.shape} / {kv_segment.shape} do not match q {q.shape[:2]} / "
                          f"k {k.shape[:2]}")
     if causal and sequence_parallel_size() > 1:
-        from glmv_jax.parallel.context import context_parallel_attention
+        from glmv_jax.models.context_parallel import context_parallel_attention
         return context_parallel_attention(q, k, v, q_segment, kv_segment, scale, causal=True)
     if impl == "einsum":
         return blocked_attention(q, k, v, q_segment, kv_segment, scale, causal=causal, block=block)

@@ -179,20 +179,20 @@ def _sequence_mesh():
 
 def test_sequence_mesh_hands_causal_attention_to_context_parallel(monkeypatch, packed):
     """Under an activation-sharding mesh with sequence > 1, causal attend calls
-    parallel.context.context_parallel_attention (whatever impl says); non-causal and mesh-less calls do not."""
+    models.context_parallel.context_parallel_attention (whatever impl says); non-causal and mesh-less calls do not."""
     calls = []
 
     def spy(q, k, v, q_segment, kv_segment, scale, *, causal):
         calls.append((q.shape, k.shape, np.asarray(q_segment).shape, scale, causal))
         return jnp.full_like(q, 7.0)
 
-    module = sys.modules.get("glmv_jax.parallel.context")
+    module = sys.modules.get("glmv_jax.models.context_parallel")
     if module is None:
         try:
-            import glmv_jax.parallel.context as module
+            import glmv_jax.models.context_parallel as module
         except ImportError:
-            module = types.ModuleType("glmv_jax.parallel.context")
-            monkeypatch.setitem(sys.modules, "glmv_jax.parallel.context", module)
+            module = types.ModuleType("glmv_jax.models.context_parallel")
+            monkeypatch.setitem(sys.modules, "glmv_jax.models.context_parallel", module)
     monkeypatch.setattr(module, "context_parallel_attention", spy, raising=False)
     p = packed
     args = (p["q"], p["k"], p["v"], p["seg"], p["seg"], p["scale"])
@@ -206,9 +206,9 @@ def test_sequence_mesh_hands_causal_attention_to_context_parallel(monkeypatch, p
 
 
 def test_context_parallel_through_attend_matches_reference(packed):
-    """With the real glmv_jax.parallel.context (when present): attend under a sequence-4 mesh equals the
+    """With the real glmv_jax.models.context_parallel (when present): attend under a sequence-4 mesh equals the
     single-device reference on real rows. T must divide by the sequence axis, so the case is cut to 36."""
-    pytest.importorskip("glmv_jax.parallel.context")
+    pytest.importorskip("glmv_jax.models.context_parallel")
     p = packed
     t = 36
     seg = p["seg"][:, :t]

@@ -12,8 +12,8 @@ import pytest
 
 from glmv_jax.models import glmv
 from glmv_jax.models.layers import blocked_attention
-from glmv_jax.parallel import context
-from glmv_jax.parallel.context import context_parallel_attention
+from glmv_jax.models import context_parallel as context
+from glmv_jax.models.context_parallel import context_parallel_attention
 from glmv_jax.sharding.mesh import make_mesh
 from glmv_jax.sharding.rules import activation_sharding
 
