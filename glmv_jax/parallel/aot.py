@@ -162,8 +162,8 @@ def abstract_batch_shapes(data_cfg, model_config: ModelConfig, micro_batches: in
 
 
 def abstract_batch_with_shardings(shapes: dict, mesh: Mesh, rules: rules_lib.Rules, micro_batches: int) -> dict:
-    """Rows over act_batch, patch rows over act_tokens (train.step.batch_shardings); the [k] axis replicated."""
-    from glmv_jax.train.step import batch_shardings
+    """Rows over act_batch, patch rows over act_tokens (sharding.global_batch.batch_shardings); the [k] axis replicated."""
+    from glmv_jax.sharding.global_batch import batch_shardings
     k = micro_batches
     per_micro = {key: jax.ShapeDtypeStruct(s.shape[1:] if k > 1 else s.shape, s.dtype) for key, s in shapes.items()}
     shardings = batch_shardings(per_micro, mesh, rules)

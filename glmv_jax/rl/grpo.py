@@ -29,6 +29,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from glmv_jax.batch import ROW_AXIS
 from glmv_jax.train import step as step_lib
 from glmv_jax.train.optimizer import Optimizer
 from glmv_jax.train.state import TrainState
@@ -244,7 +245,7 @@ def _rows(batch: dict) -> int:
 
 def _take_rows(batch: dict, rows: jax.Array) -> dict:
     """Rows `rows` of every per-row entry (axis 1 of position_ids, axis 0 otherwise)."""
-    return {k: jnp.take(v, rows, axis=step_lib.ROW_AXIS.get(k, 0)) for k, v in batch.items()}
+    return {k: jnp.take(v, rows, axis=ROW_AXIS.get(k, 0)) for k, v in batch.items()}
 
 
 def _check_batch(batch: dict, cfg: GRPOConfig, presplit: bool) -> None:
@@ -263,7 +264,7 @@ def _check_batch(batch: dict, cfg: GRPOConfig, presplit: bool) -> None:
     if rows % cfg.num_minibatches:
         raise ValueError(f"{rows} rollout rows are not divisible by num_minibatches={cfg.num_minibatches}")
     for k, v in batch.items():
-        axis = step_lib.ROW_AXIS.get(k, 0)
+        axis = ROW_AXIS.get(k, 0)
         if v.ndim <= axis or v.shape[axis] != rows:
             raise ValueError(f"batch[{k!r}] with shape {v.shape} is not per-row ({rows} rows); batches with packed "
                              f"vision rows must be built per minibatch and passed with presplit=True")

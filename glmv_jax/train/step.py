@@ -29,17 +29,15 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
+from glmv_jax.batch import PATCH_KEYS, ROW_AXIS
 from glmv_jax.sharding import rules as rules_lib
 from glmv_jax.train.optimizer import Optimizer
 from glmv_jax.train.state import TrainState
 
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, tuple[jax.Array, dict]]]
 NONFINITE_MODES = ("skip", "raise")
-ROW_AXIS = {"position_ids": 1}   # batch entries whose row axis B is not axis 0
 
 
 def split_microbatches(batch: dict, k: int) -> dict:
@@ -64,20 +62,7 @@ def split_microbatches(batch: dict, k: int) -> dict:
     return {key: split(key, value) for key, value in batch.items()}
 
 
-PATCH_KEYS = ("pixel_values", "patch_pos", "patch_grid", "patch_segment")   # [Np, ...] packed patch rows
 RESERVED_METRICS = ("loss", "objective", "grad_norm", "lr", "tokens", "seq_tokens", "nonfinite", "nonfinite_count")
-
-
-def batch_shardings(batch: dict, mesh, rules: rules_lib.Rules = rules_lib.DEFAULT) -> dict:
-    """NamedShardings for a BATCH.md batch: rows over the rules' act_batch axes (axis 1 of position_ids),
-    packed patch rows over act_tokens; mesh axes that do not divide a dimension are dropped."""
-    def names(key: str, ndim: int):
-        if key in PATCH_KEYS:
-            return ("act_tokens",) + (None,) * (ndim - 1)
-        axis = ROW_AXIS.get(key, 0)
-        return tuple("act_batch" if d == axis else None for d in range(ndim))
-    return {key: NamedSharding(mesh, rules_lib.logical_to_spec(names(key, np.ndim(x)), np.shape(x), mesh, rules))
-            for key, x in batch.items()}
 
 
 def presplit(batch: dict, k: int) -> dict:

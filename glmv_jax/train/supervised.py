@@ -89,7 +89,7 @@ def flops_per_token(exp: Experiment) -> float:
 def batch_putter(exp: Experiment):
     """put_batch(host batch) -> the global batch on exp.mesh (parallel.global_batch): every host's packed
     batch joined into one, index keys made global, laid out with the train step's batch shardings."""
-    from glmv_jax.parallel.global_batch import global_batch
+    from glmv_jax.sharding.global_batch import global_batch
     merge_area = exp.model_config.vision.spatial_merge_size ** 2
     return lambda batch: global_batch(batch, exp.mesh, exp.rules, merge_area)
 

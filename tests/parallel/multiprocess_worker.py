@@ -106,7 +106,7 @@ def gather_path_agrees(batch: dict, mesh, put: dict) -> bool:
     process-blocked arrays `put` made from the same host batch."""
     from jax.experimental import multihost_utils
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from glmv_jax.parallel.global_batch import global_batch
+    from glmv_jax.sharding.global_batch import global_batch
     replicated = global_batch(batch, mesh, shardings={key: NamedSharding(mesh, P()) for key in put})
     blocked = multihost_utils.process_allgather(put, tiled=True)
     return all(np.array_equal(np.asarray(replicated[k].addressable_data(0)), np.asarray(blocked[k])) for k in put)

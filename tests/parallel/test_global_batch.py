@@ -17,11 +17,11 @@ import pytest
 from glmv_jax.config import tiny
 from glmv_jax.data.pipeline import data_config, per_process
 from glmv_jax.models.glmv import apply, init_params, merge_vision_tokens
-from glmv_jax.parallel.global_batch import (add_vision_index, block_axes, global_batch, join_host_batches,
+from glmv_jax.sharding.global_batch import (add_vision_index, block_axes, global_batch, join_host_batches,
                                             offset_indices)
 from glmv_jax.sharding.mesh import make_mesh
 from glmv_jax.sharding.rules import DEFAULT
-from glmv_jax.train.step import batch_shardings
+from glmv_jax.sharding.global_batch import batch_shardings
 from tests.parallel.multiprocess_worker import FRAMES, PATCHES, ROWS, host_batch, reference_batch
 
 CONFIG = tiny()

@@ -35,7 +35,8 @@ from glmv_jax.sharding.mesh import make_mesh
 from glmv_jax.train.experiment import param_shardings, setup
 from glmv_jax.train.optimizer import build_optimizer
 from glmv_jax.train.state import state_shardings, train_state_from_params
-from glmv_jax.train.step import batch_shardings, make_train_step
+from glmv_jax.sharding.global_batch import batch_shardings
+from glmv_jax.train.step import make_train_step
 from glmv_jax.train.supervised import make_bias_rule, stage_loss_fn
 
 # Same math, compiles ~3x faster than the defaults on this CPU (the legacy elemental emitters, no expensive

@@ -10,7 +10,8 @@ from glmv_jax.sharding.rules import DEFAULT, logical_to_spec
 from glmv_jax.train.checkpoint import Checkpointer
 from glmv_jax.train.state import (abstract_train_state, init_train_state, param_shardings_from_logical,
                                   state_shardings, train_state_from_params)
-from glmv_jax.train.step import batch_shardings, make_train_step
+from glmv_jax.sharding.global_batch import batch_shardings
+from glmv_jax.train.step import make_train_step
 from tests.train import toy
 
 ROWS = 16

@@ -12,7 +12,8 @@ from glmv_jax.train.loop import NonFiniteError, run_steps
 from glmv_jax.train.metrics import MetricsWriter
 from glmv_jax.train.state import train_state_from_params
 from glmv_jax.sharding.mesh import make_mesh
-from glmv_jax.train.step import batch_shardings, make_train_step, presplit, split_microbatches
+from glmv_jax.sharding.global_batch import batch_shardings
+from glmv_jax.train.step import make_train_step, presplit, split_microbatches
 from tests.train import toy
 
 

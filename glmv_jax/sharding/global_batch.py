@@ -28,10 +28,21 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from glmv_jax.batch import PATCH_KEYS, ROW_AXIS
 from glmv_jax.sharding import rules as rules_lib
 
-PATCH_KEYS = ("pixel_values", "patch_pos", "patch_grid", "patch_segment")   # [Np, ...] packed patch rows
-ROW_AXIS = {"position_ids": 1}                                             # other keys: rows on axis 0
+
+
+def batch_shardings(batch: dict, mesh, rules: rules_lib.Rules = rules_lib.DEFAULT) -> dict:
+    """NamedShardings for a BATCH.md batch: rows over the rules' act_batch axes (axis 1 of position_ids),
+    packed patch rows over act_tokens; mesh axes that do not divide a dimension are dropped."""
+    def names(key: str, ndim: int):
+        if key in PATCH_KEYS:
+            return ("act_tokens",) + (None,) * (ndim - 1)
+        axis = ROW_AXIS.get(key, 0)
+        return tuple("act_batch" if d == axis else None for d in range(ndim))
+    return {key: NamedSharding(mesh, rules_lib.logical_to_spec(names(key, np.ndim(x)), np.shape(x), mesh, rules))
+            for key, x in batch.items()}
 
 
 def _lead(batch: Mapping[str, np.ndarray]) -> int:
@@ -133,8 +144,7 @@ def join_host_batches(batches: Sequence[Mapping[str, np.ndarray]], merge_area: i
 
 def default_shardings(global_shapes: Mapping[str, Sequence[int]], mesh, rules: rules_lib.Rules = rules_lib.DEFAULT,
                       presplit: bool = False) -> dict[str, NamedSharding]:
-    """train.step.batch_shardings for these global shapes; the leading [k] axis of presplit batches replicated."""
-    from glmv_jax.train.step import batch_shardings
+    """batch_shardings for these global shapes; the leading [k] axis of presplit batches replicated."""
     shapes = {key: jax.ShapeDtypeStruct(tuple(s)[1:] if presplit else tuple(s), np.int32)
               for key, s in global_shapes.items()}
     out = batch_shardings(shapes, mesh, rules)
