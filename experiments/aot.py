@@ -5,7 +5,7 @@
     python -m experiments.aot --config=experiments/configs/sft.py:model=glm41v_9b --topology=v5e:16x16 \
         --hbm_gib=16 --config.train.grad_accum_steps=8
 
-No parameter is materialized (glmv_jax/parallel/aot.py). `--topology=cpu:N` runs the compile in a child
+No parameter is materialized (glmv_jax/train/aot.py). `--topology=cpu:N` runs the compile in a child
 process with N simulated CPU devices (its memory numbers are XLA:CPU's: a proxy); a TPU topology name
 compiles for compile-only TPU devices through libtpu (pip install libtpu). Exit status 0 when the step
 fits `--hbm_gib`, 3 when it does not.
@@ -44,7 +44,7 @@ def child_env(count: int, env: dict | None = None) -> dict:
 
 def main(argv):
     del argv
-    from glmv_jax.parallel import aot
+    from glmv_jax.train import aot
     topology = _TOPOLOGY.value
     count = aot.cpu_device_count(topology)
     if count is not None and os.environ.get(_CHILD) != "1":

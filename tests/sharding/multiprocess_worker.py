@@ -2,7 +2,7 @@
 global data 2 x fsdp 4 mesh, each process feeding its own packed host batch through the supervised trainer's
 put path (`train.supervised.batch_putter` -> `parallel.global_batch`).
 
-    python -m tests.parallel.multiprocess_worker --out DIR [--steps 2]
+    python -m tests.sharding.multiprocess_worker --out DIR [--steps 2]
 
 Started with XLA_FLAGS=--xla_force_host_platform_device_count=N and JAX_PLATFORMS=cpu; with GLMV_COORDINATOR /
 GLMV_NUM_PROCESSES / GLMV_PROCESS_ID it joins a multi-process job through sharding.distributed (gloo

@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from experiments.configs import pretrain
 from glmv_jax.models import layers
-from glmv_jax.parallel import aot
+from glmv_jax.train import aot
 from glmv_jax.sharding.rules import activation_sharding
 
 FAST = {"xla_backend_optimization_level": 0}     # LLVM codegen only: the HLO and its buffers are the same

@@ -1,4 +1,4 @@
-"""AOT compile of a stage's train step without materializing parameters (glmv_jax/parallel/aot.py) and the
+"""AOT compile of a stage's train step without materializing parameters (glmv_jax/train/aot.py) and the
 `python -m experiments.aot` entry point: the tiny preset on the 8 simulated CPU devices, per-device bytes
 checked against the shardings computed independently, mesh/topology mismatches, and a TPU topology through
 libtpu when it is installed."""
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import sft
-from glmv_jax.parallel import aot
+from glmv_jax.train import aot
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = {"xla_backend_optimization_level": 0}     # LLVM codegen only: the HLO and its buffers are the same

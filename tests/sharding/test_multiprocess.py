@@ -79,7 +79,7 @@ def runs(tmp_path_factory):
 
 
 def test_two_processes_match_one_process(runs):
-    from tests.parallel.multiprocess_worker import PATCHES, ROWS
+    from tests.sharding.multiprocess_worker import PATCHES, ROWS
     p0, p1, single = runs["p0"], runs["p1"], runs["single"]
     for r, pid, real in ((p0, 0, 48), (p1, 1, 16)):
         assert (r["kind"], r["process"], r["process_count"], r["local_devices"]) == ("explicit", pid, 2, 4)
@@ -120,7 +120,7 @@ def test_checkpoint_written_by_two_processes_restores_in_one(runs):
     from glmv_jax.train.checkpoint import Checkpointer
     from glmv_jax.train.optimizer import build_optimizer
     from glmv_jax.train.state import abstract_train_state, state_shardings
-    from tests.parallel.multiprocess_worker import OPTIMIZER
+    from tests.sharding.multiprocess_worker import OPTIMIZER
 
     config, mesh = tiny(), make_mesh({"fsdp": 8})
     optimizer = build_optimizer(OPTIMIZER)

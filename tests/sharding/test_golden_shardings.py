@@ -1,12 +1,12 @@
 """Golden sharding tables: every parameter's shape, logical axes and PartitionSpec for the presets under each
-rule set, on a representative abstract mesh, compared against tests/parallel/golden/<preset>_<rules>.txt.
+rule set, on a representative abstract mesh, compared against tests/sharding/golden/<preset>_<rules>.txt.
 
 Built from abstract shapes only (jax.eval_shape), so the 106B glm45v costs nothing. A deliberate change of
 the model's parameters or of the rules shows up as a readable diff; rewrite the tables with
 
-    GLMV_REGEN_GOLDEN=1 python -m pytest tests/parallel/test_golden_shardings.py
+    GLMV_REGEN_GOLDEN=1 python -m pytest tests/sharding/test_golden_shardings.py
 
-and review the diff of tests/parallel/golden/ before committing it.
+and review the diff of tests/sharding/golden/ before committing it.
 """
 
 import difflib
@@ -20,7 +20,7 @@ from jax.sharding import AbstractMesh, AxisType
 
 from glmv_jax.config import get_preset
 from glmv_jax.models.glmv import logical_axes
-from glmv_jax.parallel.aot import abstract_params_of, per_device_bytes
+from glmv_jax.train.aot import abstract_params_of, per_device_bytes
 from glmv_jax.sharding.mesh import AXES, make_mesh
 from glmv_jax.sharding.rules import RULE_SETS, get_rules, logical_to_spec, replication_report, tree_shardings
 from glmv_jax.train.optimizer import path_str

@@ -22,7 +22,7 @@ from glmv_jax.sharding.global_batch import (add_vision_index, block_axes, global
 from glmv_jax.sharding.mesh import make_mesh
 from glmv_jax.sharding.rules import DEFAULT
 from glmv_jax.sharding.global_batch import batch_shardings
-from tests.parallel.multiprocess_worker import FRAMES, PATCHES, ROWS, host_batch, reference_batch
+from tests.sharding.multiprocess_worker import FRAMES, PATCHES, ROWS, host_batch, reference_batch
 
 CONFIG = tiny()
 
