@@ -161,7 +161,8 @@ def bench_config(name: str, config: ModelConfig, args) -> dict:
     import jax
     import torch
     from glmv_jax.convert.hf import hf_state_dict_to_params
-    from glmv_jax.rl import kv_cache, sampler
+    from glmv_jax.generate import kv_cache
+    from glmv_jax.generate import sampler
     from tests.hf_oracle import build_hf_model
 
     clock = time.perf_counter()

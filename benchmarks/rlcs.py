@@ -4,7 +4,7 @@ checkpoint on the built-in task suite (issue #5).
 For every seed and sampler, the demo's RL stage (experiments/configs/demo.py) starts from the SFT params
 (`train.init_from`) with the same pool of train prompts, batch (B groups trained per update) and group size
 (G), runs N iterations of run_rl, then evaluates greedy answers on the same held-out prompts
-(rl/evaluate.py). Recorded per iteration: rollouts spent (prompts rolled out x G, DAPO's extra rounds and
+(evaluation/evaluate.py). Recorded per iteration: rollouts spent (prompts rolled out x G, DAPO's extra rounds and
 RLCS's expansion included), the share of informative groups (nonzero reward variance) among the groups
 trained on and among those rolled out, the train reward; per run: held-out reward per domain and its mean,
 wall time. Writes rlcs.json and rlcs.png to --out and appends a section to benchmarks/RESULTS.md (plot and

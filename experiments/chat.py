@@ -38,8 +38,8 @@ def chat(args: argparse.Namespace) -> str:
     import jax
 
     from glmv_jax.data.transforms import Processor
-    from glmv_jax.rl.rollout import load_model, prompt_dicts
-    from glmv_jax.rl.sampler import answer_ids, generate, response_text
+    from glmv_jax.generate.loading import load_model, prompt_dicts
+    from glmv_jax.generate.sampler import answer_ids, generate, response_text
 
     if not os.path.isfile(args.image):
         raise FileNotFoundError(f"image file {args.image} does not exist")

@@ -60,7 +60,7 @@ def run_settings(checkpoint: str):
     """(data ConfigDict with source / domains / image_size / manifests, eval settings dict) of a checkpoint:
     the saved stage config of an experiments.run work directory, else the base config's defaults."""
     from experiments.configs.base import base_config
-    from glmv_jax.rl.rollout import _is_hf_dir, _run_stage
+    from glmv_jax.generate.loading import _is_hf_dir, _run_stage
     path = Path(checkpoint)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
@@ -90,7 +90,7 @@ def parse_tiers(text: str | None):
 def load_records(args, data, ev: dict) -> list[dict]:
     """The evaluation prompts: the suite's split over the (selected) domains, or the manifest's records."""
     import ml_collections
-    from glmv_jax.rl.evaluate import prompt_records
+    from glmv_jax.evaluation.evaluate import prompt_records
     if args.manifest:
         if not os.path.isfile(args.manifest):
             raise FileNotFoundError(f"manifest {args.manifest} does not exist")
@@ -142,8 +142,8 @@ def check_args(args) -> None:
 def evaluate_checkpoint(args) -> dict[str, Any]:
     from glmv_jax.data.transforms import Processor
     from glmv_jax.rewards import compute_reward
-    from glmv_jax.rl.evaluate import pass_at_k_table, sample_answers, score
-    from glmv_jax.rl.rollout import load_model
+    from glmv_jax.evaluation.evaluate import pass_at_k_table, sample_answers, score
+    from glmv_jax.generate.loading import load_model
 
     check_args(args)
     data, ev = run_settings(args.checkpoint)

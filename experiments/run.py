@@ -37,14 +37,14 @@ def run_stage(cfg, workdir: str) -> dict:
         from glmv_jax.rl.stage import run_rl
         return run_rl(exp)
     if cfg.stage == "eval":
-        from glmv_jax.rl.evaluate import run_eval
+        from glmv_jax.evaluation.evaluate import run_eval
         return run_eval(exp)
     raise ValueError(f"unknown stage {cfg.stage!r}")
 
 
 def evaluate_stage(cfg, workdir: str, params) -> dict:
     """Held-out evaluation of a stage's final params (its `eval` block), cached in the stage directory."""
-    from glmv_jax.rl.evaluate import evaluate
+    from glmv_jax.evaluation.evaluate import evaluate
     from glmv_jax.train.experiment import setup
     path = os.path.join(workdir, "eval.json")
     if os.path.exists(path):

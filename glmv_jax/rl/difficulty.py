@@ -9,7 +9,7 @@ human labels, written as JSONL (one record per prompt) that `curriculum.PromptPo
 
 A sample passes when its reward > threshold (0.75 as glmv_reward's pass@k log; any value in (0, 1) is the
 same for binary rewards). The CLI builds its generate_fn with `--generator module:factory`, by default
-`glmv_jax.rl.sampler:make_generate_fn(checkpoint, max_new_tokens=, temperature=, top_p=, seed=, style=)`.
+`glmv_jax.generate.sampler:make_generate_fn(checkpoint, max_new_tokens=, temperature=, top_p=, seed=, style=)`.
 """
 
 from __future__ import annotations
@@ -222,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> list[DifficultyRecord]:
     ap.add_argument("--merge", nargs="*", default=[], help="earlier difficulty JSONLs (other models) to merge")
     ap.add_argument("--human", default=None, help="JSONL of {id, difficulty | label} human labels")
     ap.add_argument("--human-weight", type=float, default=0.5)
-    ap.add_argument("--generator", default="glmv_jax.rl.sampler:make_generate_fn",
+    ap.add_argument("--generator", default="glmv_jax.generate.sampler:make_generate_fn",
                     help="module:factory; factory(checkpoint, max_new_tokens=, temperature=, top_p=, seed=, style=)")
     args = ap.parse_args(argv)
 

@@ -95,7 +95,7 @@ class Rollouts:
     """rollout_fn(indices) -> rewards [n, G], remembering every rollout of the iteration for the update."""
 
     def __init__(self, exp, prompts, records, params_ref, rng):
-        from glmv_jax.rl.sampler import answer_ids
+        from glmv_jax.generate.sampler import answer_ids
         self.exp, self.prompts, self.records, self.params_ref, self.rng = exp, prompts, records, params_ref, rng
         r = exp.cfg.rl
         self.force, extra = answer_ids(exp.tokenizer, r.style)
@@ -166,8 +166,8 @@ def update_batch(exp, rollouts: Rollouts, kept_indices: np.ndarray, seq_len: int
 
 def run_rl(exp) -> dict[str, Any]:
     from glmv_jax.rl.curriculum import PromptPool
-    from glmv_jax.rl.evaluate import prompt_records
-    from glmv_jax.rl.rollout import prompt_dicts
+    from glmv_jax.evaluation.evaluate import prompt_records
+    from glmv_jax.generate.loading import prompt_dicts
     from glmv_jax.train.checkpoint import Checkpointer
     from glmv_jax.train.experiment import initial_params, param_shardings
     from glmv_jax.train.metrics import MetricsWriter

@@ -14,7 +14,7 @@ import pytest
 from experiments import evaluate as cli
 from glmv_jax.config import tiny
 from glmv_jax.rewards import compute_reward
-from glmv_jax.rl.evaluate import pass_at_k, pass_at_k_table, score
+from glmv_jax.evaluation.evaluate import pass_at_k, pass_at_k_table, score
 
 BOX = "<think>look</think><answer><|begin_of_box|>{}<|end_of_box|></answer>"
 
@@ -190,9 +190,9 @@ def test_generate_answers_compiles_once_and_matches_per_batch_generation(hf_dir)
     import types
     from glmv_jax.data.synthetic import generate as suite
     from glmv_jax.data.transforms import Processor
-    from glmv_jax.rl import sampler
-    from glmv_jax.rl.evaluate import generate_answers
-    from glmv_jax.rl.rollout import load_model, prompt_dicts
+    from glmv_jax.generate import sampler
+    from glmv_jax.evaluation.evaluate import generate_answers
+    from glmv_jax.generate.loading import load_model, prompt_dicts
     bundle = load_model(hf_dir)
     tok, n = bundle.tokenizer, 5
     processor = Processor.for_model(bundle.config, min_pixels=256, max_pixels=2304)

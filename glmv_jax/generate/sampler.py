@@ -1,4 +1,4 @@
-"""Generation: a jitted prefill + `lax.while_loop` decode over a preallocated KV cache (rl/kv_cache.py; the
+"""Generation: a jitted prefill + `lax.while_loop` decode over a preallocated KV cache (generate/kv_cache.py; the
 loop runs kv_cache.decode_layers over per-layer weight and cache buffers split once per call).
 
     out = generate(config, params, prompts, max_new_tokens=256, temperature=1.0, stop_ids=tok.stop_ids,
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from glmv_jax.config import ModelConfig
-from glmv_jax.rl import kv_cache
+from glmv_jax.generate import kv_cache
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,5 +205,3 @@ def answer_ids(tokenizer, style: str) -> tuple[tuple[int, ...], tuple[int, ...]]
         return (ids["</think>"],), ()
     raise ValueError(f"unknown response style {style!r}; expected glm41v, glm45v or glm46v")
 
-
-from glmv_jax.rl.rollout import load_model, make_generate_fn, rollout_batch  # noqa: E402,F401  (public API)

@@ -12,7 +12,7 @@ from scipy import stats
 
 from glmv_jax.config import tiny
 from glmv_jax.models import glmv
-from glmv_jax.rl import sampler
+from glmv_jax.generate import sampler
 
 ROWS = 2000
 ALPHA = 1e-4          # false-rejection rate of a correct sampler

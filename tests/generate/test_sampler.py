@@ -12,7 +12,9 @@ import torch
 from glmv_jax.config import tiny
 from glmv_jax.convert.hf import hf_state_dict_to_params
 from glmv_jax.models import glmv
-from glmv_jax.rl import kv_cache, sampler
+
+from glmv_jax.generate import kv_cache, loading, sampler
+from glmv_jax.rl import rollout
 from glmv_jax.rl.grpo import token_logprobs
 from tests.hf_oracle import build_hf_model, multimodal_inputs
 
@@ -162,7 +164,7 @@ def test_rollout_logprobs_equal_full_forward(config, params, prompts):
     """old_logp of the rollout batch == token_logprobs(apply(batch), targets, T) wherever response_mask."""
     temp = 0.7
     kw = dict(num_samples=1, max_new_tokens=N, stop_ids=(), rng=jax.random.key(1), temperature=temp)
-    out = sampler.rollout_batch(config, params, prompts, **kw)
+    out = rollout.rollout_batch(config, params, prompts, **kw)
     batch = out["batch"]
     mask = batch["response_mask"] > 0
     assert mask.sum(1).tolist() == [N] * 3
@@ -170,7 +172,7 @@ def test_rollout_logprobs_equal_full_forward(config, params, prompts):
     logits = jax.jit(lambda p, b: glmv.apply(config, p, b))(params, batch)
     ref = np.asarray(token_logprobs(logits, batch["targets"], temperature=temp))
     np.testing.assert_allclose(batch["old_logp"][mask], ref[mask], rtol=0, atol=2e-5)
-    presplit = sampler.rollout_batch(config, params, prompts, num_minibatches=3, **kw)["batch"]
+    presplit = rollout.rollout_batch(config, params, prompts, num_minibatches=3, **kw)["batch"]
     assert presplit["input_ids"].shape == (3, 1) + batch["input_ids"].shape[1:]
     assert presplit["position_ids"].shape[:3] == (3, 3, 1)
     np.testing.assert_array_equal(presplit["old_logp"].reshape(batch["old_logp"].shape), batch["old_logp"])
@@ -216,7 +218,7 @@ def test_forced_answering(config, params, inputs, prompts, greedy):
         so_far = out["tokens"][r, :budget + 2]
         ref = full_logits(config, params, inputs[r], so_far)[-1]
         assert out["tokens"][r, budget + 2] == int(np.argmax(ref))
-    batch = sampler.rollout_batch(config, params, prompts, num_samples=1, max_new_tokens=n, stop_ids=(),
+    batch = rollout.rollout_batch(config, params, prompts, num_samples=1, max_new_tokens=n, stop_ids=(),
                                   rng=None, temperature=0.0, thinking_budget=budget, force_answer_ids=force)["batch"]
     plen = len(prompts[1]["input_ids"])
     assert batch["response_mask"][1, plen - 1:plen - 1 + n].tolist() == out["response_mask"][1].tolist()
@@ -294,15 +296,15 @@ def test_chat_command_runs(hf_dir, tmp_path):
 def test_make_generate_fn_for_difficulty(hf_dir):
     from glmv_jax.data.synthetic import generate as suite
     from glmv_jax.data.transforms import Processor
-    from glmv_jax.rl.rollout import load_model
+    from glmv_jax.generate.loading import load_model
     bundle = load_model(hf_dir)
     processor = Processor.for_model(bundle.config, min_pixels=1024, max_pixels=1024)
     records = suite("counting", 2, seed=0, kind="rl", image_size=32)
-    fn = sampler.make_generate_fn(bundle.params, bundle.config, bundle.tokenizer, processor, max_new_tokens=6,
+    fn = loading.make_generate_fn(bundle.params, bundle.config, bundle.tokenizer, processor, max_new_tokens=6,
                                   temperature=1.0, top_p=1.0, seed=0, style="glm41v")
     texts = fn(records, 2)
     assert [len(group) for group in texts] == [2, 2] and all(isinstance(t, str) for g in texts for t in g)
-    again = sampler.make_generate_fn(bundle.params, bundle.config, bundle.tokenizer, processor, max_new_tokens=6,
+    again = loading.make_generate_fn(bundle.params, bundle.config, bundle.tokenizer, processor, max_new_tokens=6,
                                      temperature=1.0, top_p=1.0, seed=0, style="glm41v")(records, 2)
     assert again == texts                                              # seeded
 
@@ -312,7 +314,7 @@ def test_load_model_from_a_run_work_directory(tmp_path):
     import json
     from experiments.configs import sft
     from glmv_jax.models.glmv import init_params
-    from glmv_jax.rl.rollout import load_model
+    from glmv_jax.generate.loading import load_model
     from glmv_jax.train.checkpoint import Checkpointer
     from glmv_jax.train.experiment import _tokenizer, model_config_for
     from glmv_jax.train.optimizer import build_optimizer

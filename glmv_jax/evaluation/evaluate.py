@@ -64,7 +64,7 @@ def batch_shape(prompts: Sequence[dict], batch_size: int, per_call: int, merge_a
     rows of the fullest chunk at per_call and at batch_size prompts per call (so greedy, n=1, and sampled,
     n | batch_size, passes over the same records share one compiled loop)."""
     from glmv_jax.models.glmv import bucket
-    from glmv_jax.rl import kv_cache
+    from glmv_jax.generate import kv_cache
     most_patches = max(0 if p.get("pixel_values") is None else len(p["pixel_values"]) for p in prompts)
     frame_len = bucket(max(kv_cache.longest_frame(prompts), 1), 256)
     rows = [kv_cache.frame_rows(kv_cache.prompt_segments(c), frame_len)
@@ -80,9 +80,9 @@ def sample_answers(exp, params, records: Sequence[dict], n: int, *, max_new_toke
 
     Each generate call holds max(1, batch_size // n) prompts (each image encoded once for its n rows), and
     every call of an evaluation is padded to one shape (batch_shape), so the evaluation compiles once."""
-    from glmv_jax.rl import kv_cache
-    from glmv_jax.rl.rollout import prompt_dicts
-    from glmv_jax.rl.sampler import answer_ids, generate, response_text
+    from glmv_jax.generate import kv_cache
+    from glmv_jax.generate.loading import prompt_dicts
+    from glmv_jax.generate.sampler import answer_ids, generate, response_text
     if n < 1 or batch_size < 1:
         raise ValueError(f"samples per prompt and batch_size must be >= 1, got {n}, {batch_size}")
     if not records:
