@@ -30,6 +30,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glmv_jax.batch import PATCH_KEYS, ROW_AXIS
 from glmv_jax.sharding import rules as rules_lib
