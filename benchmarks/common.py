@@ -14,7 +14,21 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from glmv_jax.config import ModelConfig, TextConfig, VisionConfig
+
 RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def glmv_config(vision: dict, text: dict, special_base: int | None = None) -> ModelConfig:
+    """A GLM-V-shaped benchmark config: interleaved M-RoPE (8, 12, 12) over the whole head unless `text` says
+    otherwise, pad id 0, eos (1,), and the six vision special tokens at ids special_base .. special_base + 5
+    (default: vocab_size - 10)."""
+    text = dict(dict(mrope_section=(8, 12, 12), partial_rotary_factor=1.0, pad_token_id=0, eos_token_id=(1,)), **text)
+    base = text["vocab_size"] - 10 if special_base is None else special_base
+    names = ("image_token_id", "video_token_id", "image_start_token_id", "image_end_token_id",
+             "video_start_token_id", "video_end_token_id")
+    return ModelConfig(vision=VisionConfig(**vision), text=TextConfig(**text),
+                       **{name: base + i for i, name in enumerate(names)}).validate()
 
 
 def uptime() -> str:

@@ -27,8 +27,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from glmv_jax.config import ModelConfig, TextConfig, VisionConfig  # noqa: E402
-from benchmarks.common import interleaved  # noqa: E402
+from glmv_jax.config import ModelConfig  # noqa: E402
+from benchmarks.common import glmv_config, interleaved  # noqa: E402
 from glmv_jax.models.flops import forward_flops  # noqa: E402
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -36,15 +36,11 @@ RESULTS = Path(__file__).with_name("RESULTS.md")
 
 def medium_config() -> ModelConfig:
     """~115M parameters, GLM-4.1V-shaped (dense decoder, interleaved M-RoPE, GQA)."""
-    vision = VisionConfig(depth=8, hidden_size=512, num_heads=8, out_hidden_size=768, intermediate_size=2048,
-                          patch_size=14, image_size=336)
-    text = TextConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
-                      num_attention_heads=12, num_key_value_heads=2, mrope_section=(8, 12, 12),
-                      partial_rotary_factor=1.0, pad_token_id=0, eos_token_id=(1,))
     # head_dim 64 x 1.0 = 64 rotary dims = 32 frequencies = 8 + 12 + 12
-    return ModelConfig(vision=vision, text=text, image_token_id=31990, video_token_id=31991,
-                       image_start_token_id=31992, image_end_token_id=31993, video_start_token_id=31994,
-                       video_end_token_id=31995).validate()
+    return glmv_config(dict(depth=8, hidden_size=512, num_heads=8, out_hidden_size=768, intermediate_size=2048,
+                            patch_size=14, image_size=336),
+                       dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
+                            num_attention_heads=12, num_key_value_heads=2))
 
 
 def make_inputs(config: ModelConfig, batch: int, text_tokens: int, grid=(1, 32, 32), seed=0):

@@ -31,8 +31,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import glmv_config  # noqa: E402
 from benchmarks.forward import medium_config  # noqa: E402
-from glmv_jax.config import ModelConfig, TextConfig, VisionConfig  # noqa: E402
+from glmv_jax.config import ModelConfig  # noqa: E402
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 GRID = (1, 8, 8)
@@ -40,14 +41,10 @@ GRID = (1, 8, 8)
 
 def small_config() -> ModelConfig:
     """~8M parameters: 4 decoder layers of width 256, vocabulary 8000, a 2-block ViT."""
-    vision = VisionConfig(depth=2, hidden_size=128, num_heads=4, out_hidden_size=256, intermediate_size=512,
-                          patch_size=14, image_size=112)
-    text = TextConfig(vocab_size=8000, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, mrope_section=(8, 12, 12),
-                      partial_rotary_factor=1.0, pad_token_id=0, eos_token_id=(1,))
-    return ModelConfig(vision=vision, text=text, image_token_id=7990, video_token_id=7991,
-                       image_start_token_id=7992, image_end_token_id=7993, video_start_token_id=7994,
-                       video_end_token_id=7995).validate()
+    return glmv_config(dict(depth=2, hidden_size=128, num_heads=4, out_hidden_size=256, intermediate_size=512,
+                            patch_size=14, image_size=112),
+                       dict(vocab_size=8000, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                            num_attention_heads=4, num_key_value_heads=2))
 
 
 CONFIGS = {"small": small_config, "medium": medium_config}

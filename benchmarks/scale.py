@@ -27,9 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import abstract_params, append_results, machine_line, timed, uptime  # noqa: E402
+from benchmarks.common import abstract_params, append_results, glmv_config, machine_line, timed, uptime  # noqa: E402
 from benchmarks.train_step import OPTIMIZER, jax_batch, jax_runner, make_inputs, small_config  # noqa: E402
-from glmv_jax.config import ModelConfig, TextConfig, VisionConfig, tiny  # noqa: E402
+from glmv_jax.config import ModelConfig, tiny  # noqa: E402
 from glmv_jax.models.flops import forward_flops  # noqa: E402
 
 # Data-sheet dense bf16 peaks (FLOP/s) by device_kind substring, first match wins.
@@ -159,14 +159,10 @@ def cpu_mfu_section(repeats: int) -> str:
 def dense_1b() -> ModelConfig:
     """~1.1B dense GLM-4.1V-shaped config: 12-block 1024-wide ViT, 16-layer 2048-wide decoder (GQA 16/4,
     head dim 128, interleaved M-RoPE on half the head as in GLM-4.1V), 32k vocabulary."""
-    vision = VisionConfig(depth=12, hidden_size=1024, num_heads=16, out_hidden_size=2048, intermediate_size=5632,
-                          patch_size=14, image_size=448)
-    text = TextConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
-                      num_attention_heads=16, num_key_value_heads=4, mrope_section=(8, 12, 12),
-                      pad_token_id=0, eos_token_id=(1,))
-    return ModelConfig(vision=vision, text=text, image_token_id=31990, video_token_id=31991,
-                       image_start_token_id=31992, image_end_token_id=31993, video_start_token_id=31994,
-                       video_end_token_id=31995).validate()
+    return glmv_config(dict(depth=12, hidden_size=1024, num_heads=16, out_hidden_size=2048, intermediate_size=5632,
+                            patch_size=14, image_size=448),
+                       dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+                            num_attention_heads=16, num_key_value_heads=4, partial_rotary_factor=0.5))
 
 
 def gpu_cases(small: bool) -> dict:

@@ -27,8 +27,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.forward import medium_config  # noqa: E402
-from glmv_jax.config import ModelConfig, TextConfig, VisionConfig  # noqa: E402
-from benchmarks.common import interleaved  # noqa: E402
+from glmv_jax.config import ModelConfig  # noqa: E402
+from benchmarks.common import glmv_config, interleaved  # noqa: E402
 from glmv_jax.models.flops import forward_flops  # noqa: E402
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -38,13 +38,10 @@ OPTIMIZER = dict(lr=1e-4, warmup_steps=0, total_steps=1000, final_lr_fraction=1.
 
 def small_config() -> ModelConfig:
     """~25M parameters, GLM-4.1V-shaped: 4 ViT blocks, 4 dense decoder layers, GQA, interleaved M-RoPE."""
-    vision = VisionConfig(depth=4, hidden_size=384, num_heads=6, out_hidden_size=512, intermediate_size=1536,
-                          patch_size=14, image_size=224)
-    text = TextConfig(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=2, mrope_section=(8, 12, 12),
-                      partial_rotary_factor=1.0, pad_token_id=0, eos_token_id=(1,))
-    return ModelConfig(vision=vision, text=text, image_token_id=8180, video_token_id=8181, image_start_token_id=8182,
-                       image_end_token_id=8183, video_start_token_id=8184, video_end_token_id=8185).validate()
+    return glmv_config(dict(depth=4, hidden_size=384, num_heads=6, out_hidden_size=512, intermediate_size=1536,
+                            patch_size=14, image_size=224),
+                       dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+                            num_attention_heads=8, num_key_value_heads=2), special_base=8180)
 
 
 CASES = {  # name -> (config, image grid (t, h, w) in patches, text tokens per row)
