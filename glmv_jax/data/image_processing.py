@@ -131,17 +131,22 @@ def patchify(frames: np.ndarray, patch_size: int, merge_size: int, temporal_patc
 # --------------------------------------------------------------------------- the processor
 
 
-@dataclasses.dataclass(frozen=True)
-class ImageProcessorConfig:
-    """HF `Glm4vImageProcessor` settings. min/max_pixels are HF's size shortest_edge/longest_edge (pixel counts)."""
-    min_pixels: int = 112 * 112
-    max_pixels: int = 28 * 28 * 15000
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PatchingConfig:
+    """What images and videos share: patch sizes, the 2x2 merge and normalisation."""
     patch_size: int = 14
     temporal_patch_size: int = 2
     merge_size: int = 2
     image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     image_std: tuple[float, float, float] = OPENAI_CLIP_STD
     rescale_factor: float = 1 / 255
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ImageProcessorConfig(PatchingConfig):
+    """HF `Glm4vImageProcessor` settings. min/max_pixels are HF's size shortest_edge/longest_edge (pixel counts)."""
+    min_pixels: int = 112 * 112
+    max_pixels: int = 28 * 28 * 15000
 
     @classmethod
     def glm41v(cls, **overrides) -> "ImageProcessorConfig":

@@ -21,8 +21,8 @@ from typing import Any, Sequence
 import numpy as np
 import PIL.Image
 
-from glmv_jax.data.image_processing import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, patchify, resize_bicubic,
-                                            smart_resize, to_rgb_array)
+from glmv_jax.data.image_processing import (PatchingConfig, patchify, resize_bicubic, smart_resize,
+                                            to_rgb_array)
 
 DEFAULT_FPS_WHEN_UNKNOWN = 24  # HF's Glm4vProcessor fallback for timestamps
 
@@ -105,20 +105,14 @@ def sample_frames_glm46v(meta: VideoMetadata, temporal_patch_size: int = 2, max_
 # --------------------------------------------------------------------------- the processor
 
 
-@dataclasses.dataclass(frozen=True)
-class VideoProcessorConfig:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VideoProcessorConfig(PatchingConfig):
     """HF video processor settings. `sampling` is "glm41v" (4.1V and 4.5V) or "glm46v" (4.6V dynamic fps)."""
     sampling: str = "glm41v"
     fps: float = 2
     max_duration: float = 300
     min_pixels: int = 112 * 112
     max_pixels: int = 28 * 28 * 2 * 30000
-    patch_size: int = 14
-    temporal_patch_size: int = 2
-    merge_size: int = 2
-    image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
-    image_std: tuple[float, float, float] = OPENAI_CLIP_STD
-    rescale_factor: float = 1 / 255
 
     def __post_init__(self):
         if self.sampling not in ("glm41v", "glm46v"):
