@@ -204,16 +204,24 @@ def make_pipeline(data_cfg: Any, tokenizer, processor: Processor, sources: Any =
     return iter(StackIterDataset(packed, k) if k > 1 else packed)
 
 
-class StackIterDataset(grain.IterDataset):
+class _WrapIterDataset(grain.IterDataset):
+    """An IterDataset whose iterator is `iterator_cls(parent's iterator, *args)`."""
+
+    def __init__(self, parent: grain.IterDataset, iterator_cls, *args):
+        super().__init__(parent)
+        self._iterator_cls, self._args = iterator_cls, args
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return self._iterator_cls(self._parent.__iter__(), *self._args)
+
+
+class StackIterDataset(_WrapIterDataset):
     """k consecutive packed batches stacked on a new leading axis (train.step's presplit micro-batches: each
     holds its own patches, so the vision tower runs per micro-batch). The tail that does not fill k is dropped."""
 
     def __init__(self, parent: grain.IterDataset, k: int):
-        super().__init__(parent)
+        super().__init__(parent, StackIterator, k)
         self.k = k
-
-    def __iter__(self) -> "StackIterator":
-        return StackIterator(self._parent.__iter__(), self.k)
 
 
 class StackIterator(grain.DatasetIterator):
@@ -238,15 +246,12 @@ class StackIterator(grain.DatasetIterator):
 # --------------------------------------------------------------------------- RL / eval prompts
 
 
-class SkipBadIterDataset(grain.IterDataset):
+class SkipBadIterDataset(_WrapIterDataset):
     """Drops BadRecord markers (counted by reason) or raises them, per on_bad_record."""
 
     def __init__(self, parent: grain.IterDataset, on_bad_record: str = "skip"):
-        super().__init__(parent)
+        super().__init__(parent, SkipBadIterator, on_bad_record)
         self.on_bad_record = on_bad_record
-
-    def __iter__(self) -> "SkipBadIterator":
-        return SkipBadIterator(self._parent.__iter__(), self.on_bad_record)
 
 
 class SkipBadIterator(grain.DatasetIterator):

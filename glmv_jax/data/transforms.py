@@ -182,7 +182,23 @@ def _bad(e: Exception, record: dict | None, element: dict) -> BadRecord:
 # --------------------------------------------------------------------------- grain transforms
 
 
-class TrainingExampleTransform(grain.transforms.Map):
+class _RecordTransform(grain.transforms.Map):
+    """raw element -> parse_record -> `refuse(record)` (a reason string, or None) -> `build(record)`; any
+    record error becomes a BadRecord naming the record."""
+
+    def map(self, element: dict) -> dict | BadRecord:
+        record = None
+        try:
+            record = parse_record(element)
+            reason = self.refuse(record)
+            if reason:
+                raise BadRecordError("invalid_field", record["where"], reason)
+            return self.build(record)
+        except (BadRecordError, chat_template.ChatTemplateError) as e:
+            return _bad(e, record, element)
+
+
+class TrainingExampleTransform(_RecordTransform):
     """raw element -> sample dict (packing.py format) or BadRecord.
 
     loss_on: "auto" (conversations: assistant turns; pretraining text: all text) or "all" (every text token
@@ -193,15 +209,11 @@ class TrainingExampleTransform(grain.transforms.Map):
             raise ValueError(f"loss_on must be 'auto' or 'all', got {loss_on!r}")
         self.tokenizer, self.processor, self.loss_on = tokenizer, processor, loss_on
 
-    def map(self, element: dict) -> dict | BadRecord:
-        record = None
-        try:
-            record = parse_record(element)
-            if record["kind"] == "rl":
-                raise BadRecordError("invalid_field", record["where"], "an rl prompt has no target to train on")
-            return self.example(record)
-        except (BadRecordError, chat_template.ChatTemplateError) as e:
-            return _bad(e, record, element)
+    def refuse(self, record: dict) -> str | None:
+        return "an rl prompt has no target to train on" if record["kind"] == "rl" else None
+
+    def build(self, record: dict) -> dict:
+        return self.example(record)
 
     def example(self, record: dict) -> dict:
         tok, proc = self.tokenizer, self.processor
@@ -232,7 +244,7 @@ class TrainingExampleTransform(grain.transforms.Map):
         return sample
 
 
-class PromptTransform(grain.transforms.Map):
+class PromptTransform(_RecordTransform):
     """raw element -> RL / eval prompt dict or BadRecord: input_ids [L], token_type [L], position_ids [3, L],
     rope_delta, patches in token order (as in samples) plus the HF-shaped pixel arrays and grids, and the
     record's id / domain / answer / difficulty / messages."""
@@ -240,15 +252,11 @@ class PromptTransform(grain.transforms.Map):
     def __init__(self, tokenizer, processor: Processor):
         self.tokenizer, self.processor = tokenizer, processor
 
-    def map(self, element: dict) -> dict | BadRecord:
-        record = None
-        try:
-            record = parse_record(element)
-            if record["messages"] is None:
-                raise BadRecordError("invalid_field", record["where"], "a prompt needs a conversation record")
-            return self.prompt(record)
-        except (BadRecordError, chat_template.ChatTemplateError) as e:
-            return _bad(e, record, element)
+    def refuse(self, record: dict) -> str | None:
+        return "a prompt needs a conversation record" if record["messages"] is None else None
+
+    def build(self, record: dict) -> dict:
+        return self.prompt(record)
 
     def prompt(self, record: dict) -> dict:
         tok, proc = self.tokenizer, self.processor
