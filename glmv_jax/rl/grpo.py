@@ -3,7 +3,7 @@
     stats = group_stats(rewards, **cfg.advantage_settings)        # rewards [n, G] -> mean, std, zero_variance, advantages
     loss, metrics = grpo_loss(new_logp, old_logp, adv_rows, response_mask, cfg)
     update = make_grpo_update(logp_fn, optimizer, cfg)           # logp_fn(params, batch) -> logp [B, T]
-    state, metrics = update(state, rollout_batch)                 # num_minibatches x ppo_epochs optimizer steps
+    state, metrics = update(state, batch)                         # num_minibatches x ppo_epochs optimizer steps
 
 Position convention (BATCH.md `targets`): every [B, T] array is about the token targets[b, t], the one that
 follows position t. logp[b, t] = log pi(targets[b, t] | tokens <= t); response_mask[b, t] = 1 where

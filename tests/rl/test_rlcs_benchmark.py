@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from benchmarks import rlcs
-from glmv_jax.rl.stage import padded_rollout_size
+from glmv_jax.rl.stage import grpo_config, padded_rollout_size
 
 ITERATIONS = 2
 
@@ -117,20 +117,20 @@ def test_padding_rows_are_dropped_and_leave_the_real_rows_unchanged(rl_exp):
     indices = [longest] + [i for i in range(5) if i != longest][:4]
     outs = {}
     for steps, n in ((0, 4), (2, 5)):          # B=4: 4 prompts (8 rows), and 5 padded to 6 (12 rows)
-        rollouts = Rollouts(exp, prompts, records, lambda: params, jax.random.key(3))
-        rollouts.pad_steps = steps
-        outs[steps] = (rollouts(np.asarray(indices[:n])), rollouts)
-    (plain, plain_r), (padded, padded_r) = outs[0], outs[2]
+        rollouts = Rollouts(exp, prompts, records, params, jax.random.key(3), pad_steps=steps)
+        outs[steps] = (rollouts(np.asarray(indices[:n])), rollouts.trajectories(), rollouts)
+    (plain, plain_t, plain_r), (padded, padded_t, padded_r) = outs[0], outs[2]
+    g = r.group_size
     assert plain_r.padded == 0 and padded_r.padded == 1
-    assert plain.shape == (4, r.group_size) and padded.shape == (5, r.group_size)
-    assert sorted(plain_r.done) == sorted(indices[:4]) and sorted(padded_r.done) == sorted(indices)
+    assert plain.shape == (4, g) and padded.shape == (5, g)
+    assert plain_t.prompt_index[::g].tolist() == indices[:4] and padded_t.prompt_index[::g].tolist() == indices
     np.testing.assert_array_equal(padded[:4], plain)
-    for i in indices[:4]:                       # the shared prompts: same rows, same draws
-        gen_plain, gen_padded = plain_r.done[i][0], padded_r.done[i][0]
-        assert plain_r.done[i][2] == padded_r.done[i][2]                         # response texts
-        np.testing.assert_array_equal(gen_padded["tokens"], gen_plain["tokens"])
-        np.testing.assert_allclose(gen_padded["logprobs"], gen_plain["logprobs"], rtol=1e-5, atol=1e-5)
-    assert padded_r.done[indices[4]][0]["tokens"].shape[0] == r.group_size
+    np.testing.assert_array_equal(padded_t.group_rewards(), padded)
+    shared = padded_t.groups(range(4))          # the shared prompts: same rows, same draws
+    assert shared.texts == plain_t.texts                                          # response texts
+    np.testing.assert_array_equal(shared.tokens, plain_t.tokens)
+    np.testing.assert_allclose(shared.logprobs, plain_t.logprobs, rtol=1e-5, atol=1e-5)
+    assert padded_t.groups([4]).tokens.shape[0] == g
 
 
 def test_fill_quota_config_reaches_the_curriculum(sft_dir):
@@ -145,8 +145,9 @@ def test_fill_quota_config_reaches_the_curriculum(sft_dir):
 
 def test_run_rl_calls_with_the_same_settings_share_one_grpo_update(rl_exp):
     from glmv_jax.rl.stage import grpo_update_for
-    optimizer, update = grpo_update_for(rl_exp)
-    assert grpo_update_for(rl_exp)[1] is update and grpo_update_for(rl_exp)[0] is optimizer
+    optimizer, update = grpo_update_for(rl_exp, grpo_config(rl_exp.cfg.rl))
+    again = grpo_update_for(rl_exp, grpo_config(rl_exp.cfg.rl))
+    assert again[1] is update and again[0] is optimizer
     other = rl_exp.cfg.copy_and_resolve_references()
     other.optimizer.lr = float(other.optimizer.lr) * 2
-    assert grpo_update_for(dataclasses.replace(rl_exp, cfg=other))[1] is not update
+    assert grpo_update_for(dataclasses.replace(rl_exp, cfg=other), grpo_config(other.rl))[1] is not update
