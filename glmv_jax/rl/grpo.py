@@ -264,12 +264,12 @@ def _take_rows(batch: dict, rows: jax.Array) -> dict:
     return {k: jnp.take(v, rows, axis=ROW_AXIS.get(k, 0)) for k, v in batch.items()}
 
 
-def _check_batch(batch: dict, cfg: GRPOConfig, presplit: bool) -> None:
+def _check_batch(batch: dict, cfg: GRPOConfig, presplit: bool, has_ref: bool) -> None:
     missing = [k for k in ROLLOUT_KEYS if k not in batch]
     if missing:
         raise ValueError(f"rollout batch lacks {missing}; it needs {list(ROLLOUT_KEYS)} besides the model inputs")
-    if cfg.kl_coef > 0 and "ref_logp" not in batch:
-        raise ValueError("kl_coef > 0 needs batch['ref_logp'] (reference token log-probs)")
+    if cfg.kl_coef > 0 and "ref_logp" not in batch and not has_ref:
+        raise ValueError("kl_coef > 0 needs batch['ref_logp'] (reference token log-probs) or update(..., ref_params)")
     if presplit:
         for k, v in batch.items():
             if v.shape[:1] != (cfg.num_minibatches,):
@@ -288,10 +288,12 @@ def _check_batch(batch: dict, cfg: GRPOConfig, presplit: bool) -> None:
 
 def make_grpo_update(logp_fn: LogpFn, optimizer: Optimizer, cfg: GRPOConfig, *, presplit: bool = False,
                      nonfinite: str = "skip", jit: bool = True) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """`update(state, batch) -> (state, metrics)`: cfg.ppo_epochs x cfg.num_minibatches optimizer steps.
+    """`update(state, batch, ref_params=None) -> (state, metrics)`: cfg.ppo_epochs x cfg.num_minibatches
+    optimizer steps.
 
     batch: the model inputs logp_fn needs (BATCH.md keys incl. vision) + response_mask [B, T], old_logp [B, T],
-    advantages [B] or [B, T] (+ ref_logp [B, T] when kl_coef > 0). Rows are reshuffled into minibatches every
+    advantages [B] or [B, T] (+ ref_logp [B, T] when kl_coef > 0, unless ref_params, the reference policy's
+    params, are passed: then ref_logp = logp_fn(ref_params, batch)). Rows are reshuffled into minibatches every
     epoch. With presplit=True every entry has a leading [num_minibatches] axis (for packed vision rows, which
     only the rollout assembler can split): the minibatch order is reshuffled instead, and with grad_accum_steps
     k > 1 entries are [num_minibatches, k, ...].
@@ -314,20 +316,23 @@ def make_grpo_update(logp_fn: LogpFn, optimizer: Optimizer, cfg: GRPOConfig, *, 
     train_step = step_lib.make_train_step(loss_fn, optimizer, grad_accum_steps=cfg.grad_accum_steps,
                                           nonfinite=nonfinite, split_fn=split_fn, jit=False)
 
-    def old_logp_now(params, batch):
-        """logp_fn at the current params, one minibatch at a time (rows in their original order)."""
+    def logp_at(params, batch):
+        """logp_fn at `params`, one (micro-)batch at a time (rows in their original order)."""
         logp_of = lambda mb: jax.lax.stop_gradient(_as_logp(logp_fn(params, mb)))
         if presplit:
-            return jax.lax.map(logp_of, batch)
+            per_minibatch = logp_of if cfg.grad_accum_steps == 1 else (lambda mb: jax.lax.map(logp_of, mb))
+            return jax.lax.map(per_minibatch, batch)
         rows = _rows(batch)
         chunks = jnp.arange(rows).reshape(M, rows // M)
         return jax.lax.map(lambda idx: logp_of(_take_rows(batch, idx)), chunks).reshape(rows, -1)
 
-    def update(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        _check_batch(batch, cfg, presplit)
+    def update(state: TrainState, batch: dict, ref_params: Any = None) -> tuple[TrainState, dict]:
+        _check_batch(batch, cfg, presplit, ref_params is not None)
         batch = dict(batch)
+        if ref_params is not None and cfg.kl_coef > 0:
+            batch["ref_logp"] = logp_at(ref_params, batch)
         if cfg.recompute_old_logp:
-            batch["old_logp"] = old_logp_now(state.params, batch)
+            batch["old_logp"] = logp_at(state.params, batch)
         rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0x67727030)
         n = M if presplit else _rows(batch)
         orders = jnp.stack([jax.random.permutation(k, n) if cfg.shuffle else jnp.arange(n)

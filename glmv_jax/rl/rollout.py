@@ -78,13 +78,18 @@ class Trajectories:
 
     @classmethod
     def concatenate(cls, parts: Sequence["Trajectories"]) -> "Trajectories":
-        """Rows of `parts` one after the other (one group size; all scored or none, all with texts or none)."""
+        """Rows of `parts` one after the other (one group size; texts and rewards in all parts or in none)."""
         if len({p.group_size for p in parts}) != 1:
             raise ValueError(f"trajectories of group sizes {sorted({p.group_size for p in parts})} do not concatenate")
-        join = lambda xs: (None if any(x is None for x in xs) else
-                           sum(xs, ()) if isinstance(xs[0], tuple) else np.concatenate(xs))
-        return cls(parts[0].group_size, **{k: join([getattr(p, k) for p in parts])
-                                           for k in cls.ROWS + ("texts", "rewards")})
+
+        def join(key):
+            xs = [getattr(p, key) for p in parts]
+            if all(x is None for x in xs):
+                return None
+            if any(x is None for x in xs):
+                raise ValueError(f"trajectories to concatenate need {key} in all parts or in none")
+            return sum(xs, ()) if isinstance(xs[0], tuple) else np.concatenate(xs)
+        return cls(parts[0].group_size, **{k: join(k) for k in cls.ROWS + ("texts", "rewards")})
 
 
 def rollout(config: ModelConfig, params: Any, prompts: Sequence[dict], *, num_samples: int, max_new_tokens: int,
@@ -195,12 +200,13 @@ def assemble_batch(prompts: Sequence[dict], num_samples: int, generation: dict, 
 
 
 def grpo_batch(prompts: Sequence[dict], traj: Trajectories, advantages: Any, *, num_minibatches: int = 1,
-               seq_len: int | None = None, merge_area: int = 4) -> dict[str, np.ndarray]:
+               grad_accum_steps: int = 1, seq_len: int | None = None, merge_area: int = 4) -> dict[str, np.ndarray]:
     """The presplit GRPO update batch (grpo.make_grpo_update(..., presplit=True)) of trajectories whose row r
-    answers prompts[traj.prompt_index[r]]: every key [M, ...], each minibatch of consecutive rows with its own
-    patches; advantages [R] -> [M, R / M]."""
+    answers prompts[traj.prompt_index[r]]: every key [M, ...] (grad_accum_steps k > 1: [M, k, ...]), each of
+    the M * k (micro-)batches of consecutive rows with its own patches; advantages [R] -> [M, (k,) R / (M k)]."""
+    m, k = int(num_minibatches), int(grad_accum_steps)
     group_prompts = [prompts[int(i)] for i in traj.prompt_index[::traj.group_size]]
     batch = assemble_batch(group_prompts, traj.group_size, traj.generation(), seq_len=seq_len,
-                           num_minibatches=num_minibatches, merge_area=merge_area)
-    batch["advantages"] = np.asarray(advantages, np.float32).reshape(num_minibatches, -1)
-    return batch
+                           num_minibatches=m * k, merge_area=merge_area)
+    batch["advantages"] = np.asarray(advantages, np.float32).reshape(m * k, -1)
+    return {key: v.reshape((m, k) + v.shape[1:]) for key, v in batch.items()} if k > 1 else batch

@@ -7,7 +7,9 @@ same draws.
 
 Config block `rl` (experiments/configs/rl.py): sampler, batch_size (groups trained per iteration),
 group_size, iterations, max_new_tokens, temperature, top_p, thinking_budget, style, prompts_per_domain,
-prompt_tiers, curriculum (CurriculumConfig fields), grpo (GRPOConfig fields), save_every.
+prompt_tiers, curriculum (CurriculumConfig fields), grpo (GRPOConfig fields, all honoured: kl_coef > 0 takes
+the starting policy (train.init_from, the HF checkpoint or the seeded init) as the reference, entropy_coef > 0
+has the model's logp_fn return entropy, grad_accum_steps splits every minibatch into micro-batches), save_every.
 
 Compiles: the jitted GRPO update is cached per (model config, sampling temperature, optimizer config, GRPO
 config, nonfinite policy) for the process (`grpo_update_for`), and its batches have one sequence length per
@@ -87,8 +89,8 @@ def _cached_update(model_config, temperature: float, optimizer_json: str, grpo_c
                    rules_repr: str):
     del mesh, rules_repr                  # keys only: a new mesh or rules table traces afresh
     optimizer = build_optimizer(json.loads(optimizer_json))
-    update = make_grpo_update(make_model_logp_fn(model_config, temperature=temperature), optimizer, grpo_cfg,
-                              presplit=True, nonfinite=nonfinite)
+    logp_fn = make_model_logp_fn(model_config, temperature=temperature, with_entropy=grpo_cfg.entropy_coef > 0)
+    update = make_grpo_update(logp_fn, optimizer, grpo_cfg, presplit=True, nonfinite=nonfinite)
     return optimizer, update
 
 
@@ -154,11 +156,12 @@ class Rollouts:
         return Trajectories.concatenate(self.parts)
 
 
-def trainable_groups(kept: np.ndarray, group_size: int, num_minibatches: int) -> np.ndarray:
-    """The kept groups the update can take: the first n with n * group_size divisible by num_minibatches
-    (a DAPO iteration that ran out of rounds may keep any number of groups; B * G itself must divide)."""
+def trainable_groups(kept: np.ndarray, group_size: int, parts: int) -> np.ndarray:
+    """The kept groups the update can take: the first n with n * group_size divisible by parts (num_minibatches
+    x grad_accum_steps; a DAPO iteration that ran out of rounds may keep any number of groups; B * G itself
+    must divide)."""
     n = len(kept)
-    while n and (n * group_size) % num_minibatches:
+    while n and (n * group_size) % parts:
         n -= 1
     return kept[:n]
 
@@ -169,20 +172,21 @@ def update_seq_len(prompts: list[dict], max_new_tokens: int) -> int:
 
 
 def train_iteration(exp, grpo_cfg: GRPOConfig, update, state, iteration: Iteration, traj: Trajectories,
-                    prompts: list[dict], seq_len: int):
+                    prompts: list[dict], seq_len: int, reference=None):
     """Group statistics of the rollout, the GRPO batch of the kept groups the update can take, the update
-    (skipped when there is none) -> (state, history row entries, the update's scalar metrics)."""
+    (skipped when there is none; `reference`: the KL reference params, needed when kl_coef > 0)
+    -> (state, history row entries, the update's scalar metrics)."""
     if not np.array_equal(traj.prompt_index[::traj.group_size], iteration.indices):
         raise ValueError("the sampler's rolled-out prompts do not match the rollouts' trajectories")
     stats = group_stats(iteration.rewards, **grpo_cfg.advantage_settings)
-    kept = trainable_groups(iteration.kept, traj.group_size, grpo_cfg.num_minibatches)
+    kept = trainable_groups(iteration.kept, traj.group_size, grpo_cfg.num_minibatches * grpo_cfg.grad_accum_steps)
     row, metrics = {"reward": float("nan")}, {}
     if len(kept):            # no trainable group (DAPO out of rounds): no update this iteration
         chosen = traj.groups(kept)
         batch = grpo_batch(prompts, chosen, stats.advantages[kept].reshape(-1),
-                           num_minibatches=grpo_cfg.num_minibatches, seq_len=seq_len,
-                           merge_area=exp.model_config.vision.spatial_merge_size ** 2)
-        state, metrics = update(state, batch)
+                           num_minibatches=grpo_cfg.num_minibatches, grad_accum_steps=grpo_cfg.grad_accum_steps,
+                           seq_len=seq_len, merge_area=exp.model_config.vision.spatial_merge_size ** 2)
+        state, metrics = update(state, batch) if reference is None else update(state, batch, reference)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
         row = {"reward": float(chosen.rewards.mean()),
                "response_length": float(chosen.lengths.astype(np.float32).mean()),
@@ -222,6 +226,7 @@ def run_rl(exp) -> dict[str, Any]:
             state, sampler_state = restored
             sampler.set_state(sampler_state)
         start = sampler.iteration
+        reference = fresh().params if grpo_cfg.kl_coef > 0 else None    # the KL reference: the starting policy
         with MetricsWriter(os.path.join(exp.workdir, "logs"), r.iterations, initial_step=start,
                            description="rl") as writer:
             for it in range(start, r.iterations):
@@ -230,7 +235,7 @@ def run_rl(exp) -> dict[str, Any]:
                                     pad_steps=pad_steps)
                 iteration = sampler.run_iteration(rollouts)
                 state, entries, metrics = train_iteration(exp, grpo_cfg, update, state, iteration,
-                                                          rollouts.trajectories(), prompts, seq_len)
+                                                          rollouts.trajectories(), prompts, seq_len, reference)
                 row = {"iteration": it + 1, **entries, "rollout_rounds": rollouts.calls,
                        "padded_prompts": rollouts.padded, "seconds": time.perf_counter() - t0,
                        **{f"grpo/{k}": v for k, v in metrics.items()},

@@ -314,6 +314,29 @@ def test_presplit_update_with_grad_accumulation_matches_a_direct_step():
     assert float(metrics["grad_norm"]) == pytest.approx(float(ref_grad_norm), rel=1e-5)
 
 
+def test_presplit_micro_batches_recompute_old_logp_and_take_reference_params():
+    """[M, k, ...] batches (num_minibatches 2 x grad_accum_steps 2): recompute_old_logp and ref_params reach
+    every micro-batch, so the update equals one given those log-probs."""
+    rng = np.random.default_rng(7)
+    table = jnp.asarray(rng.normal(size=(PROMPTS, L + 1, V)), jnp.float32)
+    ref = {"table": table + 0.3 * jnp.asarray(rng.normal(size=table.shape), jnp.float32)}
+    batch, _ = rollout({"table": table}, 6)
+    split = lambda b: {k: np.stack([np.asarray(v)[i::4] for i in range(4)]).reshape((2, 2, -1) + v.shape[1:])
+                       for k, v in b.items()}
+    given = dict(batch, old_logp=table_logp_jit({"table": table}, batch), ref_logp=table_logp_jit(ref, batch))
+    cfg = GRPOConfig(num_minibatches=2, grad_accum_steps=2, kl_coef=0.1, shuffle=False)
+    opt, state = make_state(table, lr=0.01)
+    expected, expected_metrics = grpo.make_grpo_update(table_logp, opt, cfg, presplit=True)(state, split(given))
+    stale = dict(batch, old_logp=batch["old_logp"] - 0.5)
+    opt, state = make_state(table, lr=0.01)
+    update = grpo.make_grpo_update(table_logp, opt, dataclasses.replace(cfg, recompute_old_logp=True), presplit=True)
+    got, metrics = update(state, split(stale), ref)
+    np.testing.assert_allclose(got.params["table"], expected.params["table"], atol=1e-6)
+    for key in ("loss", "kl_ref", "approx_kl", "ratio_mean"):
+        assert float(metrics[key]) == pytest.approx(float(expected_metrics[key]), rel=1e-5, abs=1e-7), key
+    assert float(metrics["kl_ref"]) > 0.0
+
+
 def test_update_batch_errors():
     batch, _ = rollout({"table": jnp.zeros((PROMPTS, L + 1, V))}, 8)
     opt, state = make_state()

@@ -151,3 +151,31 @@ def test_run_rl_calls_with_the_same_settings_share_one_grpo_update(rl_exp):
     other = rl_exp.cfg.copy_and_resolve_references()
     other.optimizer.lr = float(other.optimizer.lr) * 2
     assert grpo_update_for(dataclasses.replace(rl_exp, cfg=other), grpo_config(other.rl))[1] is not update
+
+
+def test_kl_entropy_and_grad_accumulation_reach_the_stage_update(rl_exp):
+    """train_iteration on real rollouts with kl_coef (reference: the starting params), entropy_coef,
+    grad_accum_steps 2 and recompute_old_logp: the update runs on the [M, k, ...] batch and reports the KL to
+    the reference (0 at the first step, where the params are the reference) and the entropy."""
+    from glmv_jax.evaluation.evaluate import prompt_records
+    from glmv_jax.generate.loading import prompt_dicts
+    from glmv_jax.rl.curriculum import Iteration
+    from glmv_jax.rl.grpo import GRPOConfig
+    from glmv_jax.rl.stage import Rollouts, grpo_update_for, train_iteration, update_seq_len
+    from glmv_jax.train.experiment import initial_params, param_shardings
+    from glmv_jax.train.state import train_state_from_params
+    exp, r = rl_exp, rl_exp.cfg.rl
+    records = prompt_records(exp.cfg, "train", r.prompts_per_domain, seed=0, tiers=r.get("prompt_tiers"))
+    prompts = prompt_dicts(records, exp.tokenizer, exp.processor)
+    params = initial_params(exp, *param_shardings(exp))
+    rollouts = Rollouts(exp, prompts, records, params, jax.random.key(5))
+    indices = np.arange(4)
+    iteration = Iteration(indices, rollouts(indices), np.arange(4), {})
+    cfg = GRPOConfig(num_minibatches=2, grad_accum_steps=2, kl_coef=0.05, entropy_coef=0.01, recompute_old_logp=True)
+    optimizer, update = grpo_update_for(exp, cfg)
+    state = train_state_from_params(jax.tree.map(jax.numpy.copy, params), optimizer, jax.random.key(0))
+    state, row, metrics = train_iteration(exp, cfg, update, state, iteration, rollouts.trajectories(), prompts,
+                                          update_seq_len(prompts, r.max_new_tokens), reference=params)
+    assert row["updated"] == 1 and row["trained_groups"] == 4 and int(state.step) == 2
+    assert metrics["first/kl_ref"] == pytest.approx(0.0, abs=1e-5) and metrics["first/ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert np.isfinite(metrics["entropy"]) and metrics["entropy"] > 0.0 and np.isfinite(metrics["kl_ref"])
