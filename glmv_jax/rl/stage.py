@@ -23,7 +23,9 @@ Per-iteration history rows (also logs/metrics.jsonl) carry what a sampler compar
 (benchmarks/rlcs.py): `rollouts` (responses generated, DAPO's extra rounds and RLCS's expansion included),
 `informative_share` (groups with nonzero reward variance, grpo.group_stats with the stage's GRPOConfig, among
 the groups rolled out), `kept_informative_share` (among the groups trained on), `trained_groups`, `updated` (0 when no group could be trained on: the update is
-skipped) and `reward` (mean over the trained groups; `sampler/mean_reward` is over all rolled out).
+skipped), `reward` (mean over the trained groups; `sampler/mean_reward` is over all rolled out) and
+`verifier_errors` (responses of the iteration, DAPO's extra rounds included, whose RewardResult.info
+reason is "verifier_error": the verifier failed and the response scored 0).
 """
 
 from __future__ import annotations
@@ -104,20 +106,23 @@ def grpo_update_for(exp, grpo_cfg: GRPOConfig):
                           grpo_cfg, str(cfg.train.nonfinite), exp.mesh, repr(exp.rules))
 
 
-def score_groups(records: list[dict], traj: Trajectories, style: str) -> np.ndarray:
-    """Verifier rewards [num_groups, G] of trajectories with texts; group j answers records[prompt_index]."""
+def score_groups(records: list[dict], traj: Trajectories, style: str) -> tuple[np.ndarray, int]:
+    """Verifier rewards [num_groups, G] of trajectories with texts (group j answers records[prompt_index]) and
+    how many of them are verifier errors (RewardResult.info["reason"] == "verifier_error", reward 0)."""
     g = traj.group_size
-    rewards = np.zeros((traj.num_groups, g), np.float32)
+    rewards, errors = np.zeros((traj.num_groups, g), np.float32), 0
     for j in range(traj.num_groups):
         rec = records[int(traj.prompt_index[j * g])]
         results = compute_rewards(rec["domain"], list(traj.texts[j * g:(j + 1) * g]), rec["answer"], style=style)
         rewards[j] = [x.reward for x in results]
-    return rewards
+        errors += sum(x.info.get("reason") == "verifier_error" for x in results)
+    return rewards, errors
 
 
 class Rollouts:
     """One iteration's rollout_fn at fixed params: rollouts(indices) -> rewards [n, G] for the sampler; every
-    call's scored Trajectories (prompt_index: pool indices) are kept in call order for the update.
+    call's scored Trajectories (prompt_index: pool indices) are kept in call order for the update, and
+    `verifier_errors` counts the responses whose verifier failed.
 
     The sampling key of call c (1, 2, ...) is rng folded with c. The prompt list is padded to
     padded_rollout_size(n, B, pad_steps) with copies of the pool's longest prompt, whose rows are dropped
@@ -125,7 +130,7 @@ class Rollouts:
 
     def __init__(self, exp, prompts: list[dict], records: list[dict], params, rng, *, pad_steps: int = 0):
         self.exp, self.prompts, self.records, self.params, self.rng = exp, prompts, records, params, rng
-        self.pad_steps, self.padded = int(pad_steps), 0
+        self.pad_steps, self.padded, self.verifier_errors = int(pad_steps), 0, 0
         self.force, extra = answer_ids(exp.tokenizer, exp.cfg.rl.style)
         self.stops = tuple(exp.tokenizer.stop_ids) + tuple(extra)
         self.longest = int(np.argmax([len(p["input_ids"]) for p in prompts]))   # the padding prompt
@@ -146,9 +151,10 @@ class Rollouts:
                        thinking_budget=r.get("thinking_budget"), force_answer_ids=self.force,
                        tokenizer=self.exp.tokenizer).groups(range(n))
         traj = dataclasses.replace(traj, prompt_index=rows[traj.prompt_index])
-        rewards = score_groups(self.records, traj, r.style)
+        rewards, errors = score_groups(self.records, traj, r.style)
         self.parts.append(traj.scored(rewards))
         self.padded += size - n
+        self.verifier_errors += errors
         return rewards
 
     def trajectories(self) -> Trajectories:
@@ -237,7 +243,8 @@ def run_rl(exp) -> dict[str, Any]:
                 state, entries, metrics = train_iteration(exp, grpo_cfg, update, state, iteration,
                                                           rollouts.trajectories(), prompts, seq_len, reference)
                 row = {"iteration": it + 1, **entries, "rollout_rounds": rollouts.calls,
-                       "padded_prompts": rollouts.padded, "seconds": time.perf_counter() - t0,
+                       "padded_prompts": rollouts.padded, "verifier_errors": rollouts.verifier_errors,
+                       "seconds": time.perf_counter() - t0,
                        **{f"grpo/{k}": v for k, v in metrics.items()},
                        **{f"sampler/{k}": float(v) for k, v in iteration.metrics.items() if np.ndim(v) == 0}}
                 history.append(row)
