@@ -1,6 +1,7 @@
 """GRPO: group-normalized advantages, the clipped policy loss (clip-higher), and the jitted update.
 
-    stats = group_stats(rewards, **cfg.advantage_settings)        # rewards [n, G] -> mean, std, zero_variance, advantages
+    stats = group_stats(rewards, **cfg.advantage_settings)        # rewards [n, G] -> mean, std, zero_variance,
+                                                                  # advantages [n, G]
     loss, metrics = grpo_loss(new_logp, old_logp, adv_rows, response_mask, cfg)
     update = make_grpo_update(logp_fn, optimizer, cfg)           # logp_fn(params, batch) -> logp [B, T]
     state, metrics = update(state, batch)                         # num_minibatches x ppo_epochs optimizer steps

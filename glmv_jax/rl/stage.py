@@ -22,10 +22,11 @@ expansion compiles generation a bounded number of times; padded rows count nowhe
 Per-iteration history rows (also logs/metrics.jsonl) carry what a sampler comparison needs
 (benchmarks/rlcs.py): `rollouts` (responses generated, DAPO's extra rounds and RLCS's expansion included),
 `informative_share` (groups with nonzero reward variance, grpo.group_stats with the stage's GRPOConfig, among
-the groups rolled out), `kept_informative_share` (among the groups trained on), `trained_groups`, `updated` (0 when no group could be trained on: the update is
-skipped), `reward` (mean over the trained groups; `sampler/mean_reward` is over all rolled out) and
-`verifier_errors` (responses of the iteration, DAPO's extra rounds included, whose RewardResult.info
-reason is "verifier_error": the verifier failed and the response scored 0).
+the groups rolled out), `kept_informative_share` (among the groups trained on), `trained_groups`, `updated`
+(0 when no group could be trained on: the update is skipped), `reward` (mean over the trained groups;
+`sampler/mean_reward` is over all rolled out) and `verifier_errors` (responses of the iteration, DAPO's extra
+rounds included, whose RewardResult.info reason is "verifier_error": the verifier failed, the response
+scored 0).
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ def test_each_advantage_setting_changes_the_result():
     assert base[1, 3] > 0 and base[1, 0] < 0                      # std 1.7e-4 (ddof 0) > zero_var_eps 1e-6
     settings = lambda **kw: dataclasses.replace(default, **kw).advantage_settings
     ddof0 = grpo.group_stats(rewards, **settings(std_ddof=0)).advantages
-    np.testing.assert_allclose(ddof0[0], np.array([1, -1, -1, 1]) * 0.5 / (0.5 + 1e-6), rtol=1e-6)   # population std 0.5
+    np.testing.assert_allclose(ddof0[0], np.array([1, -1, -1, 1]) * 0.5 / (0.5 + 1e-6), rtol=1e-6)   # std 0.5
     eps = grpo.group_stats(rewards, **settings(std_eps=0.5)).advantages
     np.testing.assert_allclose(eps[0], np.array([1, -1, -1, 1]) * 0.5 / (np.sqrt(1 / 3) + 0.5), rtol=1e-6)
     coarse = grpo.group_stats(rewards, **settings(zero_var_eps=1e-3))

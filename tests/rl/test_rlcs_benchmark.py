@@ -1,7 +1,8 @@
 """benchmarks/rlcs.py at the demo's smoke settings: 2 updates per sampler from one freshly initialized
 "SFT" checkpoint; the JSON's counts must agree with the settings and with each other. Also the RL stage's
 compile-once pieces (rl/stage.py): the rollout's padded prompt count and its dropped padding rows, and the
-GRPO update shared by run_rl calls with the same settings."""
+GRPO update shared by run_rl calls with the same settings; and a stage update with kl_coef, entropy_coef and
+grad_accum_steps on real rollouts."""
 import dataclasses
 import json
 
@@ -10,7 +11,18 @@ import numpy as np
 import pytest
 
 from benchmarks import rlcs
-from glmv_jax.rl.stage import grpo_config, padded_rollout_size
+from experiments.configs import demo
+from glmv_jax.evaluation.evaluate import prompt_records
+from glmv_jax.generate.loading import prompt_dicts
+from glmv_jax.models.glmv import init_params
+from glmv_jax.rl.curriculum import Iteration, PromptPool
+from glmv_jax.rl.grpo import GRPOConfig
+from glmv_jax.rl.stage import (Rollouts, grpo_config, grpo_update_for, make_sampler, padded_rollout_size,
+                               train_iteration, update_seq_len)
+from glmv_jax.train.checkpoint import Checkpointer
+from glmv_jax.train.experiment import initial_params, param_shardings, setup
+from glmv_jax.train.optimizer import build_optimizer
+from glmv_jax.train.state import init_train_state, train_state_from_params
 
 ITERATIONS = 2
 
@@ -18,12 +30,6 @@ ITERATIONS = 2
 @pytest.fixture(scope="module")
 def sft_dir(tmp_path_factory):
     """A stage directory as run_supervised leaves it (checkpoints/ + tokenizer.model), fresh params."""
-    from experiments.configs import demo
-    from glmv_jax.models.glmv import init_params
-    from glmv_jax.train.checkpoint import Checkpointer
-    from glmv_jax.train.experiment import setup
-    from glmv_jax.train.optimizer import build_optimizer
-    from glmv_jax.train.state import init_train_state
     path = tmp_path_factory.mktemp("sft")
     cfg = demo.get_config("smoke").stages[1]
     exp = setup(cfg, str(path))
@@ -100,19 +106,20 @@ def test_padded_rollout_sizes_follow_the_ladder():
 @pytest.fixture(scope="module")
 def rl_exp(sft_dir, tmp_path_factory):
     cfg = rlcs.rl_config(rlcs.parse_args(["--smoke"]), "rlcs", 0, sft_dir)
-    from glmv_jax.train.experiment import setup
     return setup(cfg, str(tmp_path_factory.mktemp("rl")))
 
 
-def test_padding_rows_are_dropped_and_leave_the_real_rows_unchanged(rl_exp):
-    from glmv_jax.evaluation.evaluate import prompt_records
-    from glmv_jax.generate.loading import prompt_dicts
-    from glmv_jax.rl.stage import Rollouts
-    from glmv_jax.train.experiment import initial_params, param_shardings
+@pytest.fixture(scope="module")
+def rl_pool(rl_exp):
+    """(records, prompt dicts, params) of the RL stage's prompt pool, params as the stage starts from them."""
     exp, r = rl_exp, rl_exp.cfg.rl
     records = prompt_records(exp.cfg, "train", r.prompts_per_domain, seed=0, tiers=r.get("prompt_tiers"))
-    prompts = prompt_dicts(records, exp.tokenizer, exp.processor)
-    params = initial_params(exp, *param_shardings(exp))
+    return records, prompt_dicts(records, exp.tokenizer, exp.processor), initial_params(exp, *param_shardings(exp))
+
+
+def test_padding_rows_are_dropped_and_leave_the_real_rows_unchanged(rl_exp, rl_pool):
+    exp, r = rl_exp, rl_exp.cfg.rl
+    records, prompts, params = rl_pool
     longest = int(np.argmax([len(p["input_ids"]) for p in prompts]))      # the padding prompt: same Tp
     indices = [longest] + [i for i in range(5) if i != longest][:4]
     outs = {}
@@ -134,8 +141,6 @@ def test_padding_rows_are_dropped_and_leave_the_real_rows_unchanged(rl_exp):
 
 
 def test_fill_quota_config_reaches_the_curriculum(sft_dir):
-    from glmv_jax.rl.curriculum import PromptPool
-    from glmv_jax.rl.stage import make_sampler
     cfg = rlcs.rl_config(rlcs.parse_args(["--smoke"]), "rlcs_fill", 0, sft_dir)
     pool = PromptPool.from_records([{"id": str(i), "domain": "m"} for i in range(8)])
     assert cfg.rl.sampler == "rlcs" and make_sampler(cfg, pool).cfg.fill_quota is True
@@ -144,7 +149,6 @@ def test_fill_quota_config_reaches_the_curriculum(sft_dir):
 
 
 def test_run_rl_calls_with_the_same_settings_share_one_grpo_update(rl_exp):
-    from glmv_jax.rl.stage import grpo_update_for
     optimizer, update = grpo_update_for(rl_exp, grpo_config(rl_exp.cfg.rl))
     again = grpo_update_for(rl_exp, grpo_config(rl_exp.cfg.rl))
     assert again[1] is update and again[0] is optimizer
@@ -153,21 +157,12 @@ def test_run_rl_calls_with_the_same_settings_share_one_grpo_update(rl_exp):
     assert grpo_update_for(dataclasses.replace(rl_exp, cfg=other), grpo_config(other.rl))[1] is not update
 
 
-def test_kl_entropy_and_grad_accumulation_reach_the_stage_update(rl_exp):
+def test_kl_entropy_and_grad_accumulation_reach_the_stage_update(rl_exp, rl_pool):
     """train_iteration on real rollouts with kl_coef (reference: the starting params), entropy_coef,
     grad_accum_steps 2 and recompute_old_logp: the update runs on the [M, k, ...] batch and reports the KL to
     the reference (0 at the first step, where the params are the reference) and the entropy."""
-    from glmv_jax.evaluation.evaluate import prompt_records
-    from glmv_jax.generate.loading import prompt_dicts
-    from glmv_jax.rl.curriculum import Iteration
-    from glmv_jax.rl.grpo import GRPOConfig
-    from glmv_jax.rl.stage import Rollouts, grpo_update_for, train_iteration, update_seq_len
-    from glmv_jax.train.experiment import initial_params, param_shardings
-    from glmv_jax.train.state import train_state_from_params
     exp, r = rl_exp, rl_exp.cfg.rl
-    records = prompt_records(exp.cfg, "train", r.prompts_per_domain, seed=0, tiers=r.get("prompt_tiers"))
-    prompts = prompt_dicts(records, exp.tokenizer, exp.processor)
-    params = initial_params(exp, *param_shardings(exp))
+    records, prompts, params = rl_pool
     rollouts = Rollouts(exp, prompts, records, params, jax.random.key(5))
     indices = np.arange(4)
     iteration = Iteration(indices, rollouts(indices), np.arange(4), {})
@@ -177,5 +172,6 @@ def test_kl_entropy_and_grad_accumulation_reach_the_stage_update(rl_exp):
     state, row, metrics = train_iteration(exp, cfg, update, state, iteration, rollouts.trajectories(), prompts,
                                           update_seq_len(prompts, r.max_new_tokens), reference=params)
     assert row["updated"] == 1 and row["trained_groups"] == 4 and int(state.step) == 2
-    assert metrics["first/kl_ref"] == pytest.approx(0.0, abs=1e-5) and metrics["first/ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["first/kl_ref"] == pytest.approx(0.0, abs=1e-5)
+    assert metrics["first/ratio_mean"] == pytest.approx(1.0, abs=1e-5)
     assert np.isfinite(metrics["entropy"]) and metrics["entropy"] > 0.0 and np.isfinite(metrics["kl_ref"])
