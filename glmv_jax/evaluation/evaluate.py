@@ -8,6 +8,7 @@ the domain verifiers. Accuracy = mean reward per domain (and per tier).
 
 from __future__ import annotations
 
+import json
 import os
 from collections import defaultdict
 from typing import Any, Sequence
@@ -29,17 +30,26 @@ def prompt_records(cfg, split: str, per_domain: int, seed: int, tiers: Any = Non
             records += generate(domain, per_domain, seed=seed, split=split, kind="rl", tiers=tiers,
                                 image_size=cfg.data.image_size)
         return records
-    import json
+    return [record for manifest in cfg.data.manifests for record in read_manifest(manifest)]
+
+
+def read_manifest(path: str, required: Sequence[str] = ()) -> list[dict]:
+    """The prompt records of a JSONL manifest, each with base_dir (the manifest's directory: image paths are
+    relative to it); a record without one of the `required` keys raises."""
+    base_dir = os.path.dirname(os.path.abspath(path))
     records = []
-    for manifest in cfg.data.manifests:
-        with open(manifest) as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{manifest}:{n}: invalid JSON ({e})") from None
-                    records.append({**record, "base_dir": os.path.dirname(os.path.abspath(manifest))})
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: invalid JSON ({e})") from None
+            for key in required:
+                if key not in record:
+                    raise ValueError(f"{path}:{n}: prompt record has no {key!r}")
+            records.append({**record, "base_dir": base_dir})
     return records
 
 
@@ -115,7 +125,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def pass_at_k_table(records: Sequence[dict], rewards: Any, k: int, threshold: float = 0.75) -> dict[str, Any]:
-    """rewards [prompts, n] of n samples per record; a sample passes when its reward > threshold (rl.md 2.2:
+    """rewards [prompts, n] of n samples per record; a sample passes when its reward > threshold (docs/rl.md 2.2:
     GLM-V's pass@k logging). -> {"pass_at_k": {domain: mean over prompts}, "by_tier": {domain: {tier: ...}},
     "sample_reward": {domain: mean reward of all samples}, "sample_reward_by_tier": {domain: {tier: ...}}}."""
     rewards = np.asarray(rewards, np.float64)
@@ -169,6 +179,5 @@ def run_eval(exp) -> dict[str, Any]:
         raise ValueError("the eval stage needs train.init_from (a stage work directory) or model.hf_checkpoint")
     result = evaluate(exp, params)
     with open(os.path.join(exp.workdir, "eval.json"), "w") as f:
-        import json
         json.dump(result, f, indent=1)
     return {"stage": "eval", "eval": result}

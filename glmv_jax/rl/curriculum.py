@@ -1,4 +1,4 @@
-"""RLCS: curriculum sampling over difficulty tiers with ratio-EMA rollout expansion (rl.md 1.6-1.7), and the
+"""RLCS: curriculum sampling over difficulty tiers with ratio-EMA rollout expansion (docs/rl.md 1.6-1.7), and the
 two baselines (uniform sampling, DAPO regenerate-until-full).
 
     pool = PromptPool.from_records(records)                  # id, domain, offline difficulty in [0, 1]
@@ -27,6 +27,8 @@ import math
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+
+from glmv_jax.rl.grpo import GroupStats, group_stats
 
 WEIGHTINGS = ("informative", "learnability", "gaussian", "uniform")
 SELECT_BY = ("variance", "balance")
@@ -93,7 +95,7 @@ class CurriculumConfig:
     select_by: str = "variance"               # keep highest reward variance | mean closest to 1/2
     fill_quota: bool = False                  # a domain's quota slots its informative groups cannot fill go to
                                               # other domains' best informative groups (off: the paper's fixed
-                                              # per-domain mix, rl.md 1.5)
+                                              # per-domain mix, docs/rl.md 1.5)
     zero_var_eps: float = 1e-6
     seed: int = 0
 
@@ -162,13 +164,6 @@ def allocate(total: int, ratios: np.ndarray, capacity: np.ndarray | None = None)
     return counts
 
 
-def group_stats(rewards: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """rewards [n, G] -> (mean [n], variance [n] (ddof 0), zero_variance [n] bool)."""
-    rewards = np.asarray(rewards, np.float64)
-    var = rewards.var(axis=1)
-    return rewards.mean(axis=1), var, np.sqrt(var) <= eps
-
-
 def _check_rewards(indices: np.ndarray, rewards: Any, pool_size: int) -> np.ndarray:
     rewards = np.asarray(rewards, np.float64)
     if rewards.ndim != 2 or rewards.shape[0] != len(indices):
@@ -180,11 +175,11 @@ def _check_rewards(indices: np.ndarray, rewards: Any, pool_size: int) -> np.ndar
     return rewards
 
 
-def iteration_metrics(pool: PromptPool, indices: np.ndarray, rewards: np.ndarray, kept: np.ndarray,
-                      tiers: np.ndarray, num_tiers: int, eps: float) -> dict[str, float]:
+def iteration_metrics(pool: PromptPool, indices: np.ndarray, stats: GroupStats, kept: np.ndarray,
+                      tiers: np.ndarray, num_tiers: int) -> dict[str, float]:
     """Per tier and per domain: count sampled, mean reward, zero-variance share (per domain also its
-    1 / (1 - share)); totals over the rollout and the kept groups."""
-    mean, _, zero = group_stats(rewards, eps)
+    1 / (1 - share)); totals over the rollout and the kept groups. stats: of the rollout's rewards."""
+    mean, zero = stats.mean, stats.zero_variance
     out = {"rollout_prompts": float(len(indices)), "kept_groups": float(len(kept)),
            "zero_var_share": float(zero.mean()) if len(zero) else 0.0,
            "kept_informative_share": float((~zero[kept]).mean()) if len(kept) else 0.0,
@@ -241,6 +236,10 @@ class _Sampler:
         self.domain_sizes = np.bincount(pool.domain_index, minlength=len(pool.domains))
         self.num_tiers, self.eps, self.iteration = num_tiers, eps, 0
 
+    def group_stats(self, rewards: np.ndarray) -> GroupStats:
+        """grpo.group_stats with this sampler's zero_var_eps (std: the population std)."""
+        return group_stats(rewards, std_ddof=0, zero_var_eps=self.eps)
+
     def rng(self, *salt: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.iteration, *salt])
 
@@ -292,7 +291,7 @@ class UniformSampler(_Sampler):
         indices = np.asarray(indices, int)
         rewards = _check_rewards(indices, rewards, len(self.pool))
         kept = np.arange(len(indices))
-        metrics = iteration_metrics(self.pool, indices, rewards, kept, self.tiers(), self.num_tiers, self.eps)
+        metrics = iteration_metrics(self.pool, indices, self.group_stats(rewards), kept, self.tiers(), self.num_tiers)
         self.iteration += 1
         return kept, metrics
 
@@ -317,14 +316,14 @@ class DAPOSampler(UniformSampler):
             batch = self._draw_uniform(min(self.gen_batch_size, len(self.pool) - len(indices)), self.rng(rounds),
                                        exclude=indices)
             r = _check_rewards(batch, rollout_fn(batch), len(self.pool))
-            _, _, zero = group_stats(r, self.eps)
+            zero = self.group_stats(r).zero_variance
             informative.extend(len(indices) + np.flatnonzero(~zero))
             indices = np.concatenate([indices, batch])
             rewards.append(r)
             rounds += 1
         rewards = np.concatenate(rewards)
         kept = np.asarray(informative[:self.batch_size], int)
-        metrics = iteration_metrics(self.pool, indices, rewards, kept, self.tiers(), self.num_tiers, self.eps)
+        metrics = iteration_metrics(self.pool, indices, self.group_stats(rewards), kept, self.tiers(), self.num_tiers)
         metrics["generation_rounds"] = float(rounds)
         self.iteration += 1
         return Iteration(indices, rewards, kept, metrics)
@@ -387,8 +386,11 @@ class RLCSCurriculum(_Sampler):
     def select(self, indices: np.ndarray, rewards: np.ndarray) -> np.ndarray:
         """Positions (sorted) of the B groups to train on: per domain its ratio's share, most balanced first;
         with fill_quota the zero-variance ones among them give way to other domains' informative groups."""
-        mean, var, zero = group_stats(rewards, self.eps)
-        score = var if self.cfg.select_by == "variance" else -np.abs(mean - 0.5)
+        return self._select(np.asarray(indices, int), self.group_stats(rewards))
+
+    def _select(self, indices: np.ndarray, stats: GroupStats) -> np.ndarray:
+        mean, zero = stats.mean, stats.zero_variance
+        score = stats.std if self.cfg.select_by == "variance" else -np.abs(mean - 0.5)
         tie_break = self.rng(1).permutation(len(indices))
         dom = self.pool.domain_index[indices]
         quota = allocate(self.batch_size, self.ratios, np.bincount(dom, minlength=len(self.pool.domains)))
@@ -419,11 +421,12 @@ class RLCSCurriculum(_Sampler):
         indices = np.asarray(indices, int)
         rewards = _check_rewards(indices, rewards, len(self.pool))
         cfg = self.cfg
-        kept = self.select(indices, rewards)
-        metrics = iteration_metrics(self.pool, indices, rewards, kept, self.tiers(), self.num_tiers, self.eps)
+        stats = self.group_stats(rewards)
+        kept = self._select(indices, stats)
+        metrics = iteration_metrics(self.pool, indices, stats, kept, self.tiers(), self.num_tiers)
         kept_per_domain = np.bincount(self.pool.domain_index[indices[kept]], minlength=len(self.pool.domains))
         metrics.update({f"domain/{name}/kept": float(n) for name, n in zip(self.pool.domains, kept_per_domain)})
-        mean, _, zero = group_stats(rewards, self.eps)
+        mean, zero = stats.mean, stats.zero_variance
         samples = rewards.shape[1]
         for i, m in zip(indices, mean):                       # sequential: a prompt may appear twice
             self.pass_rate[i] = (self.weight[i] * self.pass_rate[i] + samples * m) / (self.weight[i] + samples)

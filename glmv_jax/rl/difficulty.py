@@ -9,7 +9,7 @@ human labels, written as JSONL (one record per prompt) that `curriculum.PromptPo
 
 A sample passes when its reward > threshold (0.75 as glmv_reward's pass@k log; any value in (0, 1) is the
 same for binary rewards). The CLI builds its generate_fn with `--generator module:factory`, by default
-`glmv_jax.generate.sampler:make_generate_fn(checkpoint, max_new_tokens=, temperature=, top_p=, seed=, style=)`.
+`glmv_jax.generate.loading:make_generate_fn(checkpoint, max_new_tokens=, temperature=, top_p=, seed=, style=)`.
 """
 
 from __future__ import annotations
@@ -23,9 +23,12 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from glmv_jax.evaluation.evaluate import read_manifest
+from glmv_jax.rewards import compute_rewards
 from glmv_jax.rl.curriculum import tier_of
 
 TIER_NAMES = ("very easy", "easy", "medium", "hard", "very hard")
+DEFAULT_GENERATOR = "glmv_jax.generate.loading:make_generate_fn"
 GenerateFn = Callable[[Sequence[dict], int], Sequence[Sequence[str]]]
 RewardFn = Callable[[dict, Sequence[str]], Sequence[float]]   # (prompt record, its responses) -> rewards
 
@@ -156,23 +159,6 @@ def difficulty_map(records: Sequence[DifficultyRecord]) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------------------------- CLI
 
-def _read_prompts(path: str) -> list[dict]:
-    base_dir = os.path.dirname(os.path.abspath(path))
-    prompts = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_no}: invalid JSON ({e})") from None
-                for key in ("id", "domain", "answer"):
-                    if key not in rec:
-                        raise ValueError(f"{path}:{line_no}: prompt record has no {key!r}")
-                prompts.append({**rec, "base_dir": base_dir})
-    return prompts
-
-
 def _read_human(path: str) -> dict[str, Any]:
     labels = {}
     with open(path, encoding="utf-8") as f:
@@ -198,8 +184,6 @@ def _load_factory(spec: str) -> Callable[..., GenerateFn]:
 
 def reward_fn_for(style: str) -> RewardFn:
     """The project's reward system as a RewardFn (a group of responses to one prompt)."""
-    from glmv_jax.rewards import compute_rewards
-
     def reward_fn(prompt: dict, responses: Sequence[str]) -> list[float]:
         return [r.reward for r in compute_rewards(prompt["domain"], list(responses), prompt["answer"], style=style)]
     return reward_fn
@@ -222,11 +206,11 @@ def main(argv: Sequence[str] | None = None) -> list[DifficultyRecord]:
     ap.add_argument("--merge", nargs="*", default=[], help="earlier difficulty JSONLs (other models) to merge")
     ap.add_argument("--human", default=None, help="JSONL of {id, difficulty | label} human labels")
     ap.add_argument("--human-weight", type=float, default=0.5)
-    ap.add_argument("--generator", default="glmv_jax.generate.sampler:make_generate_fn",
+    ap.add_argument("--generator", default=DEFAULT_GENERATOR,
                     help="module:factory; factory(checkpoint, max_new_tokens=, temperature=, top_p=, seed=, style=)")
     args = ap.parse_args(argv)
 
-    prompts = _read_prompts(args.prompts)
+    prompts = read_manifest(args.prompts, required=("id", "domain", "answer"))
     generate_fn = _load_factory(args.generator)(args.checkpoint, max_new_tokens=args.max_new_tokens,
                                                 temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                                                 style=args.style)

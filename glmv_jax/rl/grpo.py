@@ -1,9 +1,10 @@
 """GRPO: group-normalized advantages, the clipped policy loss (clip-higher), and the jitted update.
 
-    adv = group_advantages(rewards)                               # rewards [num_groups, G] -> [num_groups, G]
+    stats = group_stats(rewards, **cfg.advantage_settings)        # rewards [n, G] -> mean, std, zero_variance,
+                                                                  # advantages [n, G]
     loss, metrics = grpo_loss(new_logp, old_logp, adv_rows, response_mask, cfg)
     update = make_grpo_update(logp_fn, optimizer, cfg)           # logp_fn(params, batch) -> logp [B, T]
-    state, metrics = update(state, rollout_batch)                 # num_minibatches x ppo_epochs optimizer steps
+    state, metrics = update(state, batch)                         # num_minibatches x ppo_epochs optimizer steps
 
 Position convention (BATCH.md `targets`): every [B, T] array is about the token targets[b, t], the one that
 follows position t. logp[b, t] = log pi(targets[b, t] | tokens <= t); response_mask[b, t] = 1 where
@@ -28,8 +29,10 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from glmv_jax.batch import ROW_AXIS
+from glmv_jax.models import glmv
 from glmv_jax.train import step as step_lib
 from glmv_jax.train.optimizer import Optimizer
 from glmv_jax.train.state import TrainState
@@ -51,7 +54,7 @@ class GRPOConfig:
     normalize_std: bool = True        # divide advantages by the group std (False = Dr.GRPO)
     std_ddof: int = 1                 # 1: unbiased std as verl / TRL
     std_eps: float = 1e-6
-    zero_var_eps: float = 1e-6        # a group whose reward std is <= this gets advantage 0
+    zero_var_eps: float = 1e-6        # a group whose reward std (ddof 0) is <= this gets advantage 0
     num_minibatches: int = 1
     ppo_epochs: int = 1
     shuffle: bool = True              # new row (or minibatch) order every epoch
@@ -73,37 +76,53 @@ class GRPOConfig:
         for name in ("num_minibatches", "ppo_epochs", "grad_accum_steps"):
             need(int(getattr(self, name)) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
 
+    @property
+    def advantage_settings(self) -> dict:
+        """group_stats' keyword arguments."""
+        return dict(normalize_std=self.normalize_std, std_ddof=self.std_ddof, std_eps=self.std_eps,
+                    zero_var_eps=self.zero_var_eps)
+
 
 # ----------------------------------------------------------------------------------------------- advantages
 
-def group_advantages(rewards: Any, group_size: int | None = None, *, normalize_std: bool = True, std_ddof: int = 1,
-                     std_eps: float = 1e-6, zero_var_eps: float = 1e-6) -> jax.Array:
-    """Group-normalized advantages, fp32.
+@dataclasses.dataclass(frozen=True)
+class GroupStats:
+    """Per-group reward statistics of rewards [n, G] (fp64, advantages fp32)."""
+    mean: np.ndarray              # [n]
+    std: np.ndarray               # [n], with ddof std_ddof
+    zero_variance: np.ndarray     # [n] bool: the population std (ddof 0) is <= zero_var_eps (all right, all wrong, ...)
+    advantages: np.ndarray        # [n, G]
 
-    rewards [num_groups, G] (or flat [num_groups * G] with `group_size`, groups contiguous) -> same shape:
-    (r - group mean) / (group std + std_eps) with normalize_std, else r - group mean; groups whose std is
-    <= zero_var_eps (all right, all wrong, all equal) get exactly 0.
-    """
-    rewards = jnp.asarray(rewards, jnp.float32)
-    flat = rewards.ndim == 1
-    if flat:
-        if not group_size or rewards.shape[0] % group_size:
-            raise ValueError(f"flat rewards of shape {rewards.shape} need a group_size dividing it, got {group_size}")
-        rewards = rewards.reshape(-1, group_size)
+
+def group_stats(rewards: Any, *, normalize_std: bool = True, std_ddof: int = 1, std_eps: float = 1e-6,
+                zero_var_eps: float = 1e-6) -> GroupStats:
+    """The one place of GRPO's group statistics: rewards [n, G] -> GroupStats. advantages = (r - group mean) /
+    (group std + std_eps) with normalize_std, else r - group mean; exactly 0 in zero-variance groups."""
+    rewards = np.asarray(rewards, np.float64)
     if rewards.ndim != 2:
         raise ValueError(f"rewards must be [num_groups, G] or flat with group_size, got shape {rewards.shape}")
     if rewards.shape[1] < 2:
         raise ValueError(f"GRPO needs at least 2 samples per group, got G={rewards.shape[1]}")
-    centred = rewards - rewards.mean(axis=1, keepdims=True)
-    std = rewards.std(axis=1, ddof=std_ddof, keepdims=True)
-    adv = centred / (std + std_eps) if normalize_std else centred
-    adv = jnp.where(std <= zero_var_eps, 0.0, adv)
-    return adv.reshape(-1) if flat else adv
+    if std_ddof not in (0, 1):
+        raise ValueError(f"std_ddof must be 0 or 1, got {std_ddof}")
+    mean = rewards.mean(axis=1)
+    std = rewards.std(axis=1, ddof=std_ddof)
+    zero = rewards.std(axis=1) <= zero_var_eps
+    centred = np.where(zero[:, None], 0.0, rewards - mean[:, None])
+    scale = np.where(zero, 1.0, std + std_eps) if normalize_std else np.ones_like(std)   # no 0 / 0 in constant groups
+    adv = (centred / scale[:, None]).astype(np.float32)
+    return GroupStats(mean, std, zero, adv)
 
 
-def zero_variance(rewards: Any, eps: float = 1e-6) -> Any:
-    """[num_groups, G] rewards -> [num_groups] bool: the group's reward std (ddof 0) is <= eps."""
-    return jnp.asarray(rewards, jnp.float32).std(axis=-1) <= eps
+def group_advantages(rewards: Any, group_size: int | None = None, **settings) -> np.ndarray:
+    """group_stats(...).advantages of rewards [num_groups, G], or of flat rewards [num_groups * G] with
+    `group_size` (groups contiguous; the result is flat too). settings: group_stats' keywords."""
+    rewards = np.asarray(rewards, np.float64)
+    if rewards.ndim != 1:
+        return group_stats(rewards, **settings).advantages
+    if not group_size or rewards.shape[0] % group_size:
+        raise ValueError(f"flat rewards of shape {rewards.shape} need a group_size dividing it, got {group_size}")
+    return group_stats(rewards.reshape(-1, group_size), **settings).advantages.reshape(-1)
 
 
 # ----------------------------------------------------------------------------------------------- log-probs
@@ -132,8 +151,6 @@ def token_logprobs(logits: jax.Array, targets: jax.Array, *, temperature: float 
 
 def make_model_logp_fn(config: Any, *, temperature: float = 1.0, with_entropy: bool = False) -> LogpFn:
     """logp_fn for the GLM-V model: a BATCH.md batch (with `targets`) -> token_logprobs of its logits."""
-    from glmv_jax.models import glmv
-
     def logp_fn(params, batch):
         return token_logprobs(glmv.apply(config, params, batch), batch["targets"], temperature=temperature,
                               with_entropy=with_entropy)
@@ -248,12 +265,12 @@ def _take_rows(batch: dict, rows: jax.Array) -> dict:
     return {k: jnp.take(v, rows, axis=ROW_AXIS.get(k, 0)) for k, v in batch.items()}
 
 
-def _check_batch(batch: dict, cfg: GRPOConfig, presplit: bool) -> None:
+def _check_batch(batch: dict, cfg: GRPOConfig, presplit: bool, has_ref: bool) -> None:
     missing = [k for k in ROLLOUT_KEYS if k not in batch]
     if missing:
         raise ValueError(f"rollout batch lacks {missing}; it needs {list(ROLLOUT_KEYS)} besides the model inputs")
-    if cfg.kl_coef > 0 and "ref_logp" not in batch:
-        raise ValueError("kl_coef > 0 needs batch['ref_logp'] (reference token log-probs)")
+    if cfg.kl_coef > 0 and "ref_logp" not in batch and not has_ref:
+        raise ValueError("kl_coef > 0 needs batch['ref_logp'] (reference token log-probs) or update(..., ref_params)")
     if presplit:
         for k, v in batch.items():
             if v.shape[:1] != (cfg.num_minibatches,):
@@ -272,10 +289,12 @@ def _check_batch(batch: dict, cfg: GRPOConfig, presplit: bool) -> None:
 
 def make_grpo_update(logp_fn: LogpFn, optimizer: Optimizer, cfg: GRPOConfig, *, presplit: bool = False,
                      nonfinite: str = "skip", jit: bool = True) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """`update(state, batch) -> (state, metrics)`: cfg.ppo_epochs x cfg.num_minibatches optimizer steps.
+    """`update(state, batch, ref_params=None) -> (state, metrics)`: cfg.ppo_epochs x cfg.num_minibatches
+    optimizer steps.
 
     batch: the model inputs logp_fn needs (BATCH.md keys incl. vision) + response_mask [B, T], old_logp [B, T],
-    advantages [B] or [B, T] (+ ref_logp [B, T] when kl_coef > 0). Rows are reshuffled into minibatches every
+    advantages [B] or [B, T] (+ ref_logp [B, T] when kl_coef > 0, unless ref_params, the reference policy's
+    params, are passed: then ref_logp = logp_fn(ref_params, batch)). Rows are reshuffled into minibatches every
     epoch. With presplit=True every entry has a leading [num_minibatches] axis (for packed vision rows, which
     only the rollout assembler can split): the minibatch order is reshuffled instead, and with grad_accum_steps
     k > 1 entries are [num_minibatches, k, ...].
@@ -298,20 +317,23 @@ def make_grpo_update(logp_fn: LogpFn, optimizer: Optimizer, cfg: GRPOConfig, *, 
     train_step = step_lib.make_train_step(loss_fn, optimizer, grad_accum_steps=cfg.grad_accum_steps,
                                           nonfinite=nonfinite, split_fn=split_fn, jit=False)
 
-    def old_logp_now(params, batch):
-        """logp_fn at the current params, one minibatch at a time (rows in their original order)."""
+    def logp_at(params, batch):
+        """logp_fn at `params`, one (micro-)batch at a time (rows in their original order)."""
         logp_of = lambda mb: jax.lax.stop_gradient(_as_logp(logp_fn(params, mb)))
         if presplit:
-            return jax.lax.map(logp_of, batch)
+            per_minibatch = logp_of if cfg.grad_accum_steps == 1 else (lambda mb: jax.lax.map(logp_of, mb))
+            return jax.lax.map(per_minibatch, batch)
         rows = _rows(batch)
         chunks = jnp.arange(rows).reshape(M, rows // M)
         return jax.lax.map(lambda idx: logp_of(_take_rows(batch, idx)), chunks).reshape(rows, -1)
 
-    def update(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        _check_batch(batch, cfg, presplit)
+    def update(state: TrainState, batch: dict, ref_params: Any = None) -> tuple[TrainState, dict]:
+        _check_batch(batch, cfg, presplit, ref_params is not None)
         batch = dict(batch)
+        if ref_params is not None and cfg.kl_coef > 0:
+            batch["ref_logp"] = logp_at(ref_params, batch)
         if cfg.recompute_old_logp:
-            batch["old_logp"] = old_logp_now(state.params, batch)
+            batch["old_logp"] = logp_at(state.params, batch)
         rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0x67727030)
         n = M if presplit else _rows(batch)
         orders = jnp.stack([jax.random.permutation(k, n) if cfg.shuffle else jnp.arange(n)

@@ -1,12 +1,18 @@
-"""From generation to GRPO batches.
+"""From generation to GRPO batches: rollouts are Trajectories; the update's batch is built once, for the
+groups trained on.
 
-    out = rollout_batch(config, params, prompts, num_samples=8, max_new_tokens=512, stop_ids=tok.stop_ids, rng=key)
-    out["batch"]: BATCH.md keys over prompt + response rows (input_ids, targets, loss_mask, segment_ids,
-                  position_ids, token_type, vision keys) + response_mask and old_logp aligned with targets
+    traj = rollout(config, params, prompts, num_samples=8, max_new_tokens=512, stop_ids=tok.stop_ids, rng=key,
+                   tokenizer=tok)                       # rows grouped by prompt, texts decoded
+    traj = traj.scored(rewards)                         # rewards [n, G] from the verifiers
+    kept = traj.groups(positions)                       # the groups to train on, in that order
+    batch = grpo_batch(prompts, kept, advantages, num_minibatches=M)
+    batch: BATCH.md keys over prompt + response rows (input_ids, targets, loss_mask, segment_ids, position_ids,
+           token_type, vision keys) + response_mask, old_logp (aligned with targets) and advantages
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import numpy as np
@@ -17,6 +23,89 @@ from glmv_jax.generate.sampler import generate, response_text
 from glmv_jax.models.glmv import bucket
 
 VISION_KEYS = ("pixel_values", "patch_pos", "patch_grid", "patch_segment")
+
+
+# ----------------------------------------------------------------------------------------------
+# Trajectories
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Trajectories:
+    """Sampled responses, group_size rows per prompt (groups contiguous). R rows, N = max_new_tokens."""
+    group_size: int
+    prompt_index: np.ndarray          # [R] int: the prompt row r answers
+    tokens: np.ndarray                # [R, N] int32 (pad after the end)
+    lengths: np.ndarray               # [R] tokens emitted (stop token included)
+    logprobs: np.ndarray              # [R, N] fp32 old log-probs at the sampling temperature (0 after the end)
+    response_mask: np.ndarray         # [R, N] bool: emitted and not forced
+    truncated: np.ndarray             # [R] bool: hit max_new_tokens
+    forced: np.ndarray                # [R] bool: the answer was forced at the thinking budget
+    texts: tuple[str, ...] | None     # [R] decoded responses (special tokens kept, turn end dropped)
+    rewards: np.ndarray | None = None  # [R] fp32, once scored
+
+    ROWS = ("prompt_index", "tokens", "lengths", "logprobs", "response_mask", "truncated", "forced")
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.prompt_index) // self.group_size
+
+    def rows(self, rows: np.ndarray) -> "Trajectories":
+        """The trajectories of `rows` (whole groups, in order)."""
+        rows = np.asarray(rows, int)
+        pick = lambda x: None if x is None else (tuple(x[r] for r in rows) if isinstance(x, tuple) else x[rows])
+        return dataclasses.replace(self, **{k: pick(getattr(self, k)) for k in self.ROWS + ("texts", "rewards")})
+
+    def groups(self, positions: Sequence[int]) -> "Trajectories":
+        """The groups at `positions` (0 .. num_groups - 1), in that order."""
+        g = self.group_size
+        return self.rows(np.concatenate([np.arange(p * g, (p + 1) * g) for p in positions] or [np.zeros(0, int)]))
+
+    def scored(self, rewards: Any) -> "Trajectories":
+        """With rewards [num_groups, G] (or [R])."""
+        rewards = np.asarray(rewards, np.float32).reshape(-1)
+        if rewards.shape != self.prompt_index.shape:
+            raise ValueError(f"{rewards.size} rewards for {len(self.prompt_index)} trajectories")
+        return dataclasses.replace(self, rewards=rewards)
+
+    def group_rewards(self) -> np.ndarray:
+        """[num_groups, G]."""
+        if self.rewards is None:
+            raise ValueError("the trajectories are not scored yet")
+        return self.rewards.reshape(-1, self.group_size)
+
+    def generation(self) -> dict[str, np.ndarray]:
+        """assemble_batch's generation arrays."""
+        return dict(tokens=self.tokens, logprobs=self.logprobs, response_mask=self.response_mask, lengths=self.lengths)
+
+    @classmethod
+    def concatenate(cls, parts: Sequence["Trajectories"]) -> "Trajectories":
+        """Rows of `parts` one after the other (one group size; texts and rewards in all parts or in none)."""
+        if len({p.group_size for p in parts}) != 1:
+            raise ValueError(f"trajectories of group sizes {sorted({p.group_size for p in parts})} do not concatenate")
+
+        def join(key):
+            xs = [getattr(p, key) for p in parts]
+            if all(x is None for x in xs):
+                return None
+            if any(x is None for x in xs):
+                raise ValueError(f"trajectories to concatenate need {key} in all parts or in none")
+            return sum(xs, ()) if isinstance(xs[0], tuple) else np.concatenate(xs)
+        return cls(parts[0].group_size, **{k: join(k) for k in cls.ROWS + ("texts", "rewards")})
+
+
+def rollout(config: ModelConfig, params: Any, prompts: Sequence[dict], *, num_samples: int, max_new_tokens: int,
+            stop_ids: Sequence[int], rng: Any, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+            thinking_budget: int | None = None, force_answer_ids: Sequence[int] | None = None,
+            tokenizer: Any = None) -> Trajectories:
+    """`num_samples` responses per prompt (generate's rows: prompt i at rows [i * n, (i + 1) * n)) ->
+    Trajectories with prompt_index into `prompts`; texts decoded with a tokenizer (else None)."""
+    gen = generate(config, params, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                   top_k=top_k, stop_ids=stop_ids, rng=rng, thinking_budget=thinking_budget,
+                   force_answer_ids=force_answer_ids, num_samples=num_samples)
+    texts = None
+    if tokenizer is not None:
+        texts = tuple(response_text(tokenizer, gen["tokens"][r], gen["lengths"][r]) for r in range(len(gen["lengths"])))
+    return Trajectories(num_samples, np.repeat(np.arange(len(prompts)), num_samples), gen["tokens"], gen["lengths"],
+                        gen["logprobs"], gen["response_mask"], gen["truncated"], gen["forced"], texts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,23 +199,14 @@ def assemble_batch(prompts: Sequence[dict], num_samples: int, generation: dict, 
     return {k: np.stack([mb[k] for mb in minibatches]) for k in minibatches[0]}
 
 
-def rollout_batch(config: ModelConfig, params: Any, prompts: Sequence[dict], *, num_samples: int,
-                  max_new_tokens: int, stop_ids: Sequence[int], rng: Any, temperature: float = 1.0,
-                  top_p: float = 1.0, top_k: int = 0, thinking_budget: int | None = None,
-                  force_answer_ids: Sequence[int] | None = None, seq_len: int | None = None,
-                  num_minibatches: int | None = None, tokenizer: Any = None) -> dict[str, Any]:
-    """Samples `num_samples` responses per prompt and builds the GRPO update's batch.
-
-    -> {"batch": assemble_batch(...) (old_logp at the sampling temperature, response_mask without forced
-    tokens), "generation": generate's output, "prompt_index": [B], "responses": texts (with a tokenizer:
-    special tokens kept, the turn-ending stop token dropped) or None}."""
-    gen = generate(config, params, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                   top_k=top_k, stop_ids=stop_ids, rng=rng, thinking_budget=thinking_budget,
-                   force_answer_ids=force_answer_ids, num_samples=num_samples)
-    batch = assemble_batch(prompts, num_samples, gen, seq_len=seq_len, num_minibatches=num_minibatches,
-                           merge_area=config.vision.spatial_merge_size ** 2)
-    texts = None
-    if tokenizer is not None:
-        texts = [response_text(tokenizer, gen["tokens"][r], gen["lengths"][r]) for r in range(len(gen["lengths"]))]
-    return {"batch": batch, "generation": gen, "responses": texts,
-            "prompt_index": np.repeat(np.arange(len(prompts)), num_samples)}
+def grpo_batch(prompts: Sequence[dict], traj: Trajectories, advantages: Any, *, num_minibatches: int = 1,
+               grad_accum_steps: int = 1, seq_len: int | None = None, merge_area: int = 4) -> dict[str, np.ndarray]:
+    """The presplit GRPO update batch (grpo.make_grpo_update(..., presplit=True)) of trajectories whose row r
+    answers prompts[traj.prompt_index[r]]: every key [M, ...] (grad_accum_steps k > 1: [M, k, ...]), each of
+    the M * k (micro-)batches of consecutive rows with its own patches; advantages [R] -> [M, (k,) R / (M k)]."""
+    m, k = int(num_minibatches), int(grad_accum_steps)
+    group_prompts = [prompts[int(i)] for i in traj.prompt_index[::traj.group_size]]
+    batch = assemble_batch(group_prompts, traj.group_size, traj.generation(), seq_len=seq_len,
+                           num_minibatches=m * k, merge_area=merge_area)
+    batch["advantages"] = np.asarray(advantages, np.float32).reshape(m * k, -1)
+    return {key: v.reshape((m, k) + v.shape[1:]) for key, v in batch.items()} if k > 1 else batch

@@ -1,10 +1,15 @@
-"""The RL stage: RLCS (or uniform / DAPO) prompt selection -> rollouts with the KV-cache sampler -> verifier
-rewards -> group advantages -> the jitted GRPO update; checkpoints hold the train state and the sampler's
-state, so a rerun resumes at the same iteration with the same draws.
+"""The RL stage. One iteration: the sampler (RLCS, uniform or DAPO) proposes prompts -> `Rollouts` samples
+them with the KV-cache sampler at the current params and scores them with the verifiers (rewards [n, G] back
+to the sampler, Trajectories kept) -> the sampler keeps groups -> grpo.group_stats over the rollout (shares
+of informative groups, advantages) -> the GRPO batch, built once for the kept groups -> the jitted update.
+Checkpoints hold the train state and the sampler's state, so a rerun resumes at the same iteration with the
+same draws.
 
 Config block `rl` (experiments/configs/rl.py): sampler, batch_size (groups trained per iteration),
 group_size, iterations, max_new_tokens, temperature, top_p, thinking_budget, style, prompts_per_domain,
-prompt_tiers, curriculum (CurriculumConfig fields), grpo (GRPOConfig fields), save_every.
+prompt_tiers, curriculum (CurriculumConfig fields), grpo (GRPOConfig fields, all honoured: kl_coef > 0 takes
+the starting policy (train.init_from, the HF checkpoint or the seeded init) as the reference, entropy_coef > 0
+has the model's logp_fn return entropy, grad_accum_steps splits every minibatch into micro-batches), save_every.
 
 Compiles: the jitted GRPO update is cached per (model config, sampling temperature, optimizer config, GRPO
 config, nonfinite policy) for the process (`grpo_update_for`), and its batches have one sequence length per
@@ -16,13 +21,17 @@ expansion compiles generation a bounded number of times; padded rows count nowhe
 
 Per-iteration history rows (also logs/metrics.jsonl) carry what a sampler comparison needs
 (benchmarks/rlcs.py): `rollouts` (responses generated, DAPO's extra rounds and RLCS's expansion included),
-`informative_share` (nonzero reward variance among the groups rolled out), `kept_informative_share` (among
-the groups trained on), `trained_groups`, `updated` (0 when no group could be trained on: the update is
-skipped) and `reward` (mean over the trained groups; `sampler/mean_reward` is over all rolled out).
+`informative_share` (groups with nonzero reward variance, grpo.group_stats with the stage's GRPOConfig, among
+the groups rolled out), `kept_informative_share` (among the groups trained on), `trained_groups`, `updated`
+(0 when no group could be trained on: the update is skipped), `reward` (mean over the trained groups;
+`sampler/mean_reward` is over all rolled out) and `verifier_errors` (responses of the iteration, DAPO's extra
+rounds included, whose RewardResult.info reason is "verifier_error": the verifier failed, the response
+scored 0).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -33,11 +42,22 @@ from typing import Any
 import jax
 import numpy as np
 
-from glmv_jax.rewards import compute_reward
+from glmv_jax.evaluation.evaluate import prompt_records
+from glmv_jax.generate.loading import prompt_dicts
+from glmv_jax.generate.sampler import answer_ids
+from glmv_jax.models.glmv import bucket, init_params
+from glmv_jax.rewards import compute_rewards
+from glmv_jax.rl.curriculum import CurriculumConfig, DAPOSampler, Iteration, PromptPool, RLCSCurriculum, UniformSampler
+from glmv_jax.rl.grpo import GRPOConfig, group_stats, make_grpo_update, make_model_logp_fn
+from glmv_jax.rl.rollout import Trajectories, grpo_batch, rollout
+from glmv_jax.train.checkpoint import Checkpointer
+from glmv_jax.train.experiment import initial_params, param_shardings
+from glmv_jax.train.metrics import MetricsWriter
+from glmv_jax.train.optimizer import build_optimizer
+from glmv_jax.train.state import abstract_train_state, init_train_state, train_state_from_params
 
 
 def make_sampler(cfg, pool):
-    from glmv_jax.rl.curriculum import CurriculumConfig, DAPOSampler, RLCSCurriculum, UniformSampler
     r = cfg.rl
     if r.sampler == "rlcs":
         return RLCSCurriculum(pool, CurriculumConfig(batch_size=r.batch_size, group_size=r.group_size, seed=cfg.seed,
@@ -47,6 +67,11 @@ def make_sampler(cfg, pool):
     if r.sampler == "dapo":
         return DAPOSampler(pool, r.batch_size, seed=cfg.seed, max_rounds=r.get("dapo_max_rounds", 4))
     raise ValueError(f"unknown rl.sampler {r.sampler!r}; expected rlcs, uniform or dapo")
+
+
+def grpo_config(rl) -> GRPOConfig:
+    """The stage's GRPOConfig from its `rl.grpo` block (built once per run)."""
+    return GRPOConfig(**dict(rl.get("grpo", {}) or {}))
 
 
 def padded_rollout_size(n: int, batch_size: int, steps: int) -> int:
@@ -63,125 +88,135 @@ def padded_rollout_size(n: int, batch_size: int, steps: int) -> int:
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_update(model_config, temperature: float, optimizer_json: str, grpo_cfg, nonfinite: str, mesh,
+def _cached_update(model_config, temperature: float, optimizer_json: str, grpo_cfg: GRPOConfig, nonfinite: str, mesh,
                    rules_repr: str):
     del mesh, rules_repr                  # keys only: a new mesh or rules table traces afresh
-    from glmv_jax.rl.grpo import make_grpo_update, make_model_logp_fn
-    from glmv_jax.train.optimizer import build_optimizer
     optimizer = build_optimizer(json.loads(optimizer_json))
-    update = make_grpo_update(make_model_logp_fn(model_config, temperature=temperature), optimizer, grpo_cfg,
-                              presplit=True, nonfinite=nonfinite)
+    logp_fn = make_model_logp_fn(model_config, temperature=temperature, with_entropy=grpo_cfg.entropy_coef > 0)
+    update = make_grpo_update(logp_fn, optimizer, grpo_cfg, presplit=True, nonfinite=nonfinite)
     return optimizer, update
 
 
-def grpo_update_for(exp):
+def grpo_update_for(exp, grpo_cfg: GRPOConfig):
     """(optimizer, jitted presplit GRPO update) of an experiment, shared by every run_rl in the process with
     the same model, temperature, optimizer, GRPO and nonfinite settings, mesh and rules (jax.jit then reuses
     its compiles for the shapes it has seen)."""
-    from glmv_jax.rl.grpo import GRPOConfig
-    cfg, r = exp.cfg, exp.cfg.rl
+    cfg = exp.cfg
     optimizer_cfg = cfg.optimizer.to_dict() if hasattr(cfg.optimizer, "to_dict") else dict(cfg.optimizer)
-    return _cached_update(exp.model_config, float(r.temperature), json.dumps(optimizer_cfg, sort_keys=True),
-                          GRPOConfig(**dict(r.get("grpo", {}) or {})), str(cfg.train.nonfinite), exp.mesh,
-                          repr(exp.rules))
+    return _cached_update(exp.model_config, float(cfg.rl.temperature), json.dumps(optimizer_cfg, sort_keys=True),
+                          grpo_cfg, str(cfg.train.nonfinite), exp.mesh, repr(exp.rules))
 
 
-def _subset_generation(gen: dict, rows: np.ndarray) -> dict:
-    return {k: (v[rows] if isinstance(v, np.ndarray) and v.ndim >= 1 and k != "batch" else v)
-            for k, v in gen.items() if k != "batch"}
+def score_groups(records: list[dict], traj: Trajectories, style: str) -> tuple[np.ndarray, int]:
+    """Verifier rewards [num_groups, G] of trajectories with texts (group j answers records[prompt_index]) and
+    how many of them are verifier errors (RewardResult.info["reason"] == "verifier_error", reward 0)."""
+    g = traj.group_size
+    rewards, errors = np.zeros((traj.num_groups, g), np.float32), 0
+    for j in range(traj.num_groups):
+        rec = records[int(traj.prompt_index[j * g])]
+        results = compute_rewards(rec["domain"], list(traj.texts[j * g:(j + 1) * g]), rec["answer"], style=style)
+        rewards[j] = [x.reward for x in results]
+        errors += sum(x.info.get("reason") == "verifier_error" for x in results)
+    return rewards, errors
 
 
 class Rollouts:
-    """rollout_fn(indices) -> rewards [n, G], remembering every rollout of the iteration for the update."""
+    """One iteration's rollout_fn at fixed params: rollouts(indices) -> rewards [n, G] for the sampler; every
+    call's scored Trajectories (prompt_index: pool indices) are kept in call order for the update, and
+    `verifier_errors` counts the responses whose verifier failed.
 
-    def __init__(self, exp, prompts, records, params_ref, rng):
-        from glmv_jax.generate.sampler import answer_ids
-        self.exp, self.prompts, self.records, self.params_ref, self.rng = exp, prompts, records, params_ref, rng
-        r = exp.cfg.rl
-        self.force, extra = answer_ids(exp.tokenizer, r.style)
+    The sampling key of call c (1, 2, ...) is rng folded with c. The prompt list is padded to
+    padded_rollout_size(n, B, pad_steps) with copies of the pool's longest prompt, whose rows are dropped
+    before scoring; `padded` counts them."""
+
+    def __init__(self, exp, prompts: list[dict], records: list[dict], params, rng, *, pad_steps: int = 0):
+        self.exp, self.prompts, self.records, self.params, self.rng = exp, prompts, records, params, rng
+        self.pad_steps, self.padded, self.verifier_errors = int(pad_steps), 0, 0
+        self.force, extra = answer_ids(exp.tokenizer, exp.cfg.rl.style)
         self.stops = tuple(exp.tokenizer.stop_ids) + tuple(extra)
-        self.done: dict[int, tuple[dict, np.ndarray, list[str]]] = {}   # prompt index -> (gen rows, rewards, texts)
-        self.iteration, self.calls = 0, 0     # the sampling key of a call: rng folded with both
-        self.pad_steps = int(r.get("rollout_pad_steps", 0) or 0)
-        self.padded = 0                       # padding prompts generated this iteration (outputs dropped)
         self.longest = int(np.argmax([len(p["input_ids"]) for p in prompts]))   # the padding prompt
+        self.parts: list[Trajectories] = []
+
+    @property
+    def calls(self) -> int:
+        return len(self.parts)
 
     def __call__(self, indices) -> np.ndarray:
-        from glmv_jax.rl.rollout import rollout_batch
-        r, tok = self.exp.cfg.rl, self.exp.tokenizer
-        self.calls += 1
-        size = padded_rollout_size(len(indices), r.batch_size, self.pad_steps)
-        self.padded += size - len(indices)
-        rows = [int(i) for i in indices] + [self.longest] * (size - len(indices))
-        out = rollout_batch(self.exp.model_config, self.params_ref(), [self.prompts[i] for i in rows],
-                            num_samples=r.group_size, max_new_tokens=r.max_new_tokens, stop_ids=self.stops,
-                            rng=jax.random.fold_in(jax.random.fold_in(self.rng, self.iteration), self.calls), temperature=r.temperature, top_p=r.top_p,
-                            thinking_budget=r.get("thinking_budget"), force_answer_ids=self.force, tokenizer=tok)
-        g = r.group_size
-        rewards = np.zeros((len(indices), g), np.float32)
-        for j, i in enumerate(indices):
-            rec = self.records[i]
-            rows = np.arange(j * g, (j + 1) * g)
-            texts = [out["responses"][k] for k in rows]
-            rewards[j] = [compute_reward(rec["domain"], t, rec["answer"], style=r.style).reward for t in texts]
-            self.done[int(i)] = (_subset_generation(out["generation"], rows), rewards[j], texts)
+        r = self.exp.cfg.rl
+        n = len(indices)
+        size = padded_rollout_size(n, r.batch_size, self.pad_steps)
+        rows = np.asarray([int(i) for i in indices] + [self.longest] * (size - n), int)
+        traj = rollout(self.exp.model_config, self.params, [self.prompts[i] for i in rows], num_samples=r.group_size,
+                       max_new_tokens=r.max_new_tokens, stop_ids=self.stops,
+                       rng=jax.random.fold_in(self.rng, self.calls + 1), temperature=r.temperature, top_p=r.top_p,
+                       thinking_budget=r.get("thinking_budget"), force_answer_ids=self.force,
+                       tokenizer=self.exp.tokenizer).groups(range(n))
+        traj = dataclasses.replace(traj, prompt_index=rows[traj.prompt_index])
+        rewards, errors = score_groups(self.records, traj, r.style)
+        self.parts.append(traj.scored(rewards))
+        self.padded += size - n
+        self.verifier_errors += errors
         return rewards
 
+    def trajectories(self) -> Trajectories:
+        """Every call's trajectories, in call order (group p answers the p-th prompt rolled out)."""
+        return Trajectories.concatenate(self.parts)
 
-def trainable_groups(kept_indices: np.ndarray, group_size: int, num_minibatches: int) -> np.ndarray:
-    """The kept groups the update can take: the first n with n * group_size divisible by num_minibatches
-    (a DAPO iteration that ran out of rounds may keep any number of groups; B * G itself must divide)."""
-    n = len(kept_indices)
-    while n and (n * group_size) % num_minibatches:
+
+def trainable_groups(kept: np.ndarray, group_size: int, parts: int) -> np.ndarray:
+    """The kept groups the update can take: the first n with n * group_size divisible by parts (num_minibatches
+    x grad_accum_steps; a DAPO iteration that ran out of rounds may keep any number of groups; B * G itself
+    must divide)."""
+    n = len(kept)
+    while n and (n * group_size) % parts:
         n -= 1
-    return kept_indices[:n]
+    return kept[:n]
 
 
 def update_seq_len(prompts: list[dict], max_new_tokens: int) -> int:
     """The GRPO batches' one sequence length for a prompt pool: its longest prompt + max_new_tokens, bucketed."""
-    from glmv_jax.models.glmv import bucket
     return bucket(max(len(p["input_ids"]) for p in prompts) + int(max_new_tokens), 16)
 
 
-def update_batch(exp, rollouts: Rollouts, kept_indices: np.ndarray, seq_len: int | None = None) -> tuple[dict, dict]:
-    """The GRPO batch over the kept groups (presplit into minibatches, rows padded to seq_len) and rollout
-    statistics."""
-    from glmv_jax.rl.grpo import group_advantages
-    from glmv_jax.rl.rollout import assemble_batch
-    r = exp.cfg.rl
-    gens = [rollouts.done[int(i)] for i in kept_indices]
-    gen = {k: np.concatenate([g[0][k] for g in gens]) for k in gens[0][0]}
-    rewards = np.stack([g[1] for g in gens])
-    adv = np.asarray(group_advantages(rewards, normalize_std=r.get("grpo", {}).get("normalize_std", True)))
-    prompts = [rollouts.prompts[int(i)] for i in kept_indices]
-    m = int((r.get("grpo", {}) or {}).get("num_minibatches", 1))
-    batch = assemble_batch(prompts, r.group_size, gen, num_minibatches=m, seq_len=seq_len,
-                           merge_area=exp.model_config.vision.spatial_merge_size ** 2)
-    batch["advantages"] = adv.reshape(m, -1).astype(np.float32)
-    lengths = gen["lengths"].astype(np.float32)
-    stats = {"reward": float(rewards.mean()), "response_length": float(lengths.mean()),
-             "truncated_rate": float(gen["truncated"].mean()), "forced_rate": float(gen["forced"].mean())}
-    return batch, stats
+def train_iteration(exp, grpo_cfg: GRPOConfig, update, state, iteration: Iteration, traj: Trajectories,
+                    prompts: list[dict], seq_len: int, reference=None):
+    """Group statistics of the rollout, the GRPO batch of the kept groups the update can take, the update
+    (skipped when there is none; `reference`: the KL reference params, needed when kl_coef > 0)
+    -> (state, history row entries, the update's scalar metrics)."""
+    if not np.array_equal(traj.prompt_index[::traj.group_size], iteration.indices):
+        raise ValueError("the sampler's rolled-out prompts do not match the rollouts' trajectories")
+    stats = group_stats(iteration.rewards, **grpo_cfg.advantage_settings)
+    kept = trainable_groups(iteration.kept, traj.group_size, grpo_cfg.num_minibatches * grpo_cfg.grad_accum_steps)
+    row, metrics = {"reward": float("nan")}, {}
+    if len(kept):            # no trainable group (DAPO out of rounds): no update this iteration
+        chosen = traj.groups(kept)
+        batch = grpo_batch(prompts, chosen, stats.advantages[kept].reshape(-1),
+                           num_minibatches=grpo_cfg.num_minibatches, grad_accum_steps=grpo_cfg.grad_accum_steps,
+                           seq_len=seq_len, merge_area=exp.model_config.vision.spatial_merge_size ** 2)
+        state, metrics = update(state, batch) if reference is None else update(state, batch, reference)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
+        row = {"reward": float(chosen.rewards.mean()),
+               "response_length": float(chosen.lengths.astype(np.float32).mean()),
+               "truncated_rate": float(chosen.truncated.mean()), "forced_rate": float(chosen.forced.mean())}
+    row.update({"informative_share": 1.0 - float(np.mean(stats.zero_variance)),
+                "kept_informative_share": float(np.mean(~stats.zero_variance[kept])) if len(kept) else 0.0,
+                "trained_groups": int(len(kept)), "updated": int(len(kept) > 0),
+                "prompts_rolled_out": int(len(iteration.indices)), "rollouts": int(len(traj.prompt_index))})
+    return state, row, metrics
 
 
 def run_rl(exp) -> dict[str, Any]:
-    from glmv_jax.rl.curriculum import PromptPool
-    from glmv_jax.evaluation.evaluate import prompt_records
-    from glmv_jax.generate.loading import prompt_dicts
-    from glmv_jax.train.checkpoint import Checkpointer
-    from glmv_jax.train.experiment import initial_params, param_shardings
-    from glmv_jax.train.metrics import MetricsWriter
-    from glmv_jax.train.state import abstract_train_state, init_train_state, train_state_from_params
-    from glmv_jax.models.glmv import init_params
-
     cfg, r = exp.cfg, exp.cfg.rl
     records = prompt_records(cfg, "train", r.prompts_per_domain, seed=cfg.seed, tiers=r.get("prompt_tiers"))
     prompts = prompt_dicts(records, exp.tokenizer, exp.processor)
     sampler = make_sampler(cfg, PromptPool.from_records(records))
-    optimizer, update = grpo_update_for(exp)
+    grpo_cfg = grpo_config(r)
+    optimizer, update = grpo_update_for(exp, grpo_cfg)
     seq_len = update_seq_len(prompts, r.max_new_tokens)
+    pad_steps = int(r.get("rollout_pad_steps", 0) or 0)
     abstract_params, shardings = param_shardings(exp)
     rng = jax.random.key(cfg.seed)
+    rollout_rng = jax.random.fold_in(rng, 7)
 
     def fresh():
         params = initial_params(exp, abstract_params, shardings)
@@ -189,7 +224,7 @@ def run_rl(exp) -> dict[str, Any]:
             return init_train_state(lambda k: init_params(exp.model_config, k), optimizer, rng)
         return train_state_from_params(params, optimizer, rng)
 
-    history, state_box = [], {}
+    history = []
     with Checkpointer(os.path.join(exp.workdir, "checkpoints"), save_every=r.save_every, keep=cfg.train.keep) as ckpt:
         restored = ckpt.restore_latest(abstract_train_state(optimizer, abstract_params, None, rng))
         if restored is None:
@@ -198,36 +233,21 @@ def run_rl(exp) -> dict[str, Any]:
             state, sampler_state = restored
             sampler.set_state(sampler_state)
         start = sampler.iteration
-        state_box["params"] = state.params
-        rollouts = Rollouts(exp, prompts, records, lambda: state_box["params"], jax.random.fold_in(rng, 7))
+        reference = fresh().params if grpo_cfg.kl_coef > 0 else None    # the KL reference: the starting policy
         with MetricsWriter(os.path.join(exp.workdir, "logs"), r.iterations, initial_step=start,
                            description="rl") as writer:
-            minibatches = int((r.get("grpo", {}) or {}).get("num_minibatches", 1))
             for it in range(start, r.iterations):
                 t0 = time.perf_counter()
-                rollouts.done.clear()
-                rollouts.iteration, rollouts.padded = it, 0
+                rollouts = Rollouts(exp, prompts, records, state.params, jax.random.fold_in(rollout_rng, it),
+                                    pad_steps=pad_steps)
                 iteration = sampler.run_iteration(rollouts)
-                kept = trainable_groups(iteration.indices[iteration.kept], r.group_size, minibatches)
-                metrics, stats = {}, {"reward": float("nan")}
-                if len(kept):            # no trainable group (DAPO out of rounds): no update this iteration
-                    batch, stats = update_batch(exp, rollouts, kept, seq_len)
-                    state, metrics = update(state, batch)
-                    state_box["params"] = state.params
-                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
-                zero_var = float(np.mean(np.std(iteration.rewards, axis=1) <= 1e-6))
-                kept_rewards = iteration.rewards[iteration.kept[:len(kept)]]
-                row = {"iteration": it + 1, **stats, "informative_share": 1.0 - zero_var,
-                       "kept_informative_share": float(np.mean(np.std(kept_rewards, axis=1) > 1e-6))
-                       if len(kept) else 0.0,
-                       "trained_groups": int(len(kept)), "updated": int(len(kept) > 0),
-                       "prompts_rolled_out": int(len(iteration.indices)),
-                       "rollouts": int(len(iteration.indices) * r.group_size), "rollout_rounds": rollouts.calls,
-                       "padded_prompts": rollouts.padded,
+                state, entries, metrics = train_iteration(exp, grpo_cfg, update, state, iteration,
+                                                          rollouts.trajectories(), prompts, seq_len, reference)
+                row = {"iteration": it + 1, **entries, "rollout_rounds": rollouts.calls,
+                       "padded_prompts": rollouts.padded, "verifier_errors": rollouts.verifier_errors,
                        "seconds": time.perf_counter() - t0,
                        **{f"grpo/{k}": v for k, v in metrics.items()},
                        **{f"sampler/{k}": float(v) for k, v in iteration.metrics.items() if np.ndim(v) == 0}}
-                rollouts.calls = 0
                 history.append(row)
                 writer.write(it + 1, row)
                 if (it + 1) % r.save_every == 0 or it + 1 == r.iterations:

@@ -164,15 +164,16 @@ def test_rollout_logprobs_equal_full_forward(config, params, prompts):
     """old_logp of the rollout batch == token_logprobs(apply(batch), targets, T) wherever response_mask."""
     temp = 0.7
     kw = dict(num_samples=1, max_new_tokens=N, stop_ids=(), rng=jax.random.key(1), temperature=temp)
-    out = rollout.rollout_batch(config, params, prompts, **kw)
-    batch = out["batch"]
+    traj = rollout.rollout(config, params, prompts, **kw)
+    merge_area = config.vision.spatial_merge_size ** 2
+    batch = rollout.assemble_batch(prompts, 1, traj.generation(), merge_area=merge_area)
     mask = batch["response_mask"] > 0
     assert mask.sum(1).tolist() == [N] * 3
-    assert (batch["targets"][mask].reshape(3, N) == out["generation"]["tokens"]).all()
+    assert (batch["targets"][mask].reshape(3, N) == traj.tokens).all()
     logits = jax.jit(lambda p, b: glmv.apply(config, p, b))(params, batch)
     ref = np.asarray(token_logprobs(logits, batch["targets"], temperature=temp))
     np.testing.assert_allclose(batch["old_logp"][mask], ref[mask], rtol=0, atol=2e-5)
-    presplit = rollout.rollout_batch(config, params, prompts, num_minibatches=3, **kw)["batch"]
+    presplit = rollout.grpo_batch(prompts, traj, np.zeros(3), num_minibatches=3, merge_area=merge_area)
     assert presplit["input_ids"].shape == (3, 1) + batch["input_ids"].shape[1:]
     assert presplit["position_ids"].shape[:3] == (3, 3, 1)
     np.testing.assert_array_equal(presplit["old_logp"].reshape(batch["old_logp"].shape), batch["old_logp"])
@@ -218,8 +219,9 @@ def test_forced_answering(config, params, inputs, prompts, greedy):
         so_far = out["tokens"][r, :budget + 2]
         ref = full_logits(config, params, inputs[r], so_far)[-1]
         assert out["tokens"][r, budget + 2] == int(np.argmax(ref))
-    batch = rollout.rollout_batch(config, params, prompts, num_samples=1, max_new_tokens=n, stop_ids=(),
-                                  rng=None, temperature=0.0, thinking_budget=budget, force_answer_ids=force)["batch"]
+    traj = rollout.rollout(config, params, prompts, num_samples=1, max_new_tokens=n, stop_ids=(),
+                           rng=None, temperature=0.0, thinking_budget=budget, force_answer_ids=force)
+    batch = rollout.assemble_batch(prompts, 1, traj.generation())
     plen = len(prompts[1]["input_ids"])
     assert batch["response_mask"][1, plen - 1:plen - 1 + n].tolist() == out["response_mask"][1].tolist()
 

@@ -9,6 +9,7 @@ import grain
 import numpy as np
 import pytest
 
+from glmv_jax.generate.loading import make_generate_fn
 from glmv_jax.rl import difficulty as diff_lib
 from glmv_jax.rl.curriculum import (CurriculumConfig, CurriculumPrompts, DAPOSampler, PromptPool, RLCSCurriculum,
                                     UniformSampler, allocate, tier_of, weighting_fn)
@@ -292,3 +293,8 @@ def test_difficulty_measure_merge_and_cli(tmp_path):
     with pytest.raises(SystemExit, match="cannot import"):
         diff_lib.main(["--checkpoint", "x", "--prompts", str(prompts_path), "--out", str(out),
                        "--generator", "no_such_module_xyz:f"])
+    assert diff_lib._load_factory(diff_lib.DEFAULT_GENERATOR) is make_generate_fn       # the CLI's default resolves
+    prompts_path.write_text(json.dumps({"id": "a", "domain": "counting"}) + "\n")
+    with pytest.raises(ValueError, match="prompts.jsonl:1: prompt record has no 'answer'"):
+        diff_lib.main(["--checkpoint", str(ckpt), "--prompts", str(prompts_path), "--out", str(out),
+                       "--generator", "tests.rl.test_curriculum:fake_generate_factory"])

@@ -33,7 +33,31 @@ def test_advantages_by_hand():
     np.testing.assert_allclose(grpo.group_advantages(rewards, std_ddof=0, std_eps=0.0)[0], [1, -1, -1, 1], rtol=1e-6)
     flat = grpo.group_advantages(rewards.reshape(-1), group_size=4, std_eps=0.0)
     np.testing.assert_allclose(flat, np.reshape(expected, -1), rtol=1e-6)
-    np.testing.assert_array_equal(grpo.zero_variance(rewards), [False, True, False, True])
+    stats = grpo.group_stats(rewards)
+    np.testing.assert_array_equal(stats.zero_variance, [False, True, False, True])
+    np.testing.assert_allclose(stats.mean, [0.5, 1.0, 0.5, 0.0])
+    np.testing.assert_allclose(stats.std, [np.sqrt(1 / 3), 0.0, np.sqrt(0.5 / 3), 0.0])
+    np.testing.assert_allclose(stats.advantages, grpo.group_advantages(rewards))
+
+
+def test_each_advantage_setting_changes_the_result():
+    """normalize_std, std_ddof, std_eps and zero_var_eps, each on rewards where its effect is known by hand;
+    GRPOConfig.advantage_settings carries them to group_stats."""
+    rewards = np.array([[1, 0, 0, 1], [0.3, 0.3, 0.3, 0.3 + 4e-4]], np.float64)
+    default = GRPOConfig()
+    base = grpo.group_stats(rewards, **default.advantage_settings).advantages
+    np.testing.assert_allclose(base[0], np.array([1, -1, -1, 1]) * 0.5 / (np.sqrt(1 / 3) + 1e-6), rtol=1e-6)
+    assert base[1, 3] > 0 and base[1, 0] < 0                      # std 1.7e-4 (ddof 0) > zero_var_eps 1e-6
+    settings = lambda **kw: dataclasses.replace(default, **kw).advantage_settings
+    ddof0 = grpo.group_stats(rewards, **settings(std_ddof=0)).advantages
+    np.testing.assert_allclose(ddof0[0], np.array([1, -1, -1, 1]) * 0.5 / (0.5 + 1e-6), rtol=1e-6)   # std 0.5
+    eps = grpo.group_stats(rewards, **settings(std_eps=0.5)).advantages
+    np.testing.assert_allclose(eps[0], np.array([1, -1, -1, 1]) * 0.5 / (np.sqrt(1 / 3) + 0.5), rtol=1e-6)
+    coarse = grpo.group_stats(rewards, **settings(zero_var_eps=1e-3))
+    np.testing.assert_array_equal(coarse.zero_variance, [False, True])
+    assert np.all(coarse.advantages[1] == 0.0) and np.array_equal(coarse.advantages[0], base[0])
+    centred = grpo.group_stats(rewards, **settings(normalize_std=False)).advantages
+    np.testing.assert_allclose(centred[0], [.5, -.5, -.5, .5], rtol=1e-6)
 
 
 def test_zero_variance_groups_get_exact_zero():
@@ -288,6 +312,29 @@ def test_presplit_update_with_grad_accumulation_matches_a_direct_step():
     for key in ("approx_kl", "clip_frac_low", "clip_frac_high", "ratio_mean"):
         assert float(metrics[key]) == pytest.approx(float(ref_policy[key]), rel=1e-5, abs=1e-7)
     assert float(metrics["grad_norm"]) == pytest.approx(float(ref_grad_norm), rel=1e-5)
+
+
+def test_presplit_micro_batches_recompute_old_logp_and_take_reference_params():
+    """[M, k, ...] batches (num_minibatches 2 x grad_accum_steps 2): recompute_old_logp and ref_params reach
+    every micro-batch, so the update equals one given those log-probs."""
+    rng = np.random.default_rng(7)
+    table = jnp.asarray(rng.normal(size=(PROMPTS, L + 1, V)), jnp.float32)
+    ref = {"table": table + 0.3 * jnp.asarray(rng.normal(size=table.shape), jnp.float32)}
+    batch, _ = rollout({"table": table}, 6)
+    split = lambda b: {k: np.stack([np.asarray(v)[i::4] for i in range(4)]).reshape((2, 2, -1) + v.shape[1:])
+                       for k, v in b.items()}
+    given = dict(batch, old_logp=table_logp_jit({"table": table}, batch), ref_logp=table_logp_jit(ref, batch))
+    cfg = GRPOConfig(num_minibatches=2, grad_accum_steps=2, kl_coef=0.1, shuffle=False)
+    opt, state = make_state(table, lr=0.01)
+    expected, expected_metrics = grpo.make_grpo_update(table_logp, opt, cfg, presplit=True)(state, split(given))
+    stale = dict(batch, old_logp=batch["old_logp"] - 0.5)
+    opt, state = make_state(table, lr=0.01)
+    update = grpo.make_grpo_update(table_logp, opt, dataclasses.replace(cfg, recompute_old_logp=True), presplit=True)
+    got, metrics = update(state, split(stale), ref)
+    np.testing.assert_allclose(got.params["table"], expected.params["table"], atol=1e-6)
+    for key in ("loss", "kl_ref", "approx_kl", "ratio_mean"):
+        assert float(metrics[key]) == pytest.approx(float(expected_metrics[key]), rel=1e-5, abs=1e-7), key
+    assert float(metrics["kl_ref"]) > 0.0
 
 
 def test_update_batch_errors():

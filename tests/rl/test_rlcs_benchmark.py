@@ -1,7 +1,8 @@
 """benchmarks/rlcs.py at the demo's smoke settings: 2 updates per sampler from one freshly initialized
 "SFT" checkpoint; the JSON's counts must agree with the settings and with each other. Also the RL stage's
 compile-once pieces (rl/stage.py): the rollout's padded prompt count and its dropped padding rows, and the
-GRPO update shared by run_rl calls with the same settings."""
+GRPO update shared by run_rl calls with the same settings; and a stage update with kl_coef, entropy_coef and
+grad_accum_steps on real rollouts."""
 import dataclasses
 import json
 
@@ -10,7 +11,18 @@ import numpy as np
 import pytest
 
 from benchmarks import rlcs
-from glmv_jax.rl.stage import padded_rollout_size
+from experiments.configs import demo
+from glmv_jax.evaluation.evaluate import prompt_records
+from glmv_jax.generate.loading import prompt_dicts
+from glmv_jax.models.glmv import init_params
+from glmv_jax.rl.curriculum import Iteration, PromptPool
+from glmv_jax.rl.grpo import GRPOConfig
+from glmv_jax.rl.stage import (Rollouts, grpo_config, grpo_update_for, make_sampler, padded_rollout_size,
+                               train_iteration, update_seq_len)
+from glmv_jax.train.checkpoint import Checkpointer
+from glmv_jax.train.experiment import initial_params, param_shardings, setup
+from glmv_jax.train.optimizer import build_optimizer
+from glmv_jax.train.state import init_train_state, train_state_from_params
 
 ITERATIONS = 2
 
@@ -18,12 +30,6 @@ ITERATIONS = 2
 @pytest.fixture(scope="module")
 def sft_dir(tmp_path_factory):
     """A stage directory as run_supervised leaves it (checkpoints/ + tokenizer.model), fresh params."""
-    from experiments.configs import demo
-    from glmv_jax.models.glmv import init_params
-    from glmv_jax.train.checkpoint import Checkpointer
-    from glmv_jax.train.experiment import setup
-    from glmv_jax.train.optimizer import build_optimizer
-    from glmv_jax.train.state import init_train_state
     path = tmp_path_factory.mktemp("sft")
     cfg = demo.get_config("smoke").stages[1]
     exp = setup(cfg, str(path))
@@ -100,42 +106,41 @@ def test_padded_rollout_sizes_follow_the_ladder():
 @pytest.fixture(scope="module")
 def rl_exp(sft_dir, tmp_path_factory):
     cfg = rlcs.rl_config(rlcs.parse_args(["--smoke"]), "rlcs", 0, sft_dir)
-    from glmv_jax.train.experiment import setup
     return setup(cfg, str(tmp_path_factory.mktemp("rl")))
 
 
-def test_padding_rows_are_dropped_and_leave_the_real_rows_unchanged(rl_exp):
-    from glmv_jax.evaluation.evaluate import prompt_records
-    from glmv_jax.generate.loading import prompt_dicts
-    from glmv_jax.rl.stage import Rollouts
-    from glmv_jax.train.experiment import initial_params, param_shardings
+@pytest.fixture(scope="module")
+def rl_pool(rl_exp):
+    """(records, prompt dicts, params) of the RL stage's prompt pool, params as the stage starts from them."""
     exp, r = rl_exp, rl_exp.cfg.rl
     records = prompt_records(exp.cfg, "train", r.prompts_per_domain, seed=0, tiers=r.get("prompt_tiers"))
-    prompts = prompt_dicts(records, exp.tokenizer, exp.processor)
-    params = initial_params(exp, *param_shardings(exp))
+    return records, prompt_dicts(records, exp.tokenizer, exp.processor), initial_params(exp, *param_shardings(exp))
+
+
+def test_padding_rows_are_dropped_and_leave_the_real_rows_unchanged(rl_exp, rl_pool):
+    exp, r = rl_exp, rl_exp.cfg.rl
+    records, prompts, params = rl_pool
     longest = int(np.argmax([len(p["input_ids"]) for p in prompts]))      # the padding prompt: same Tp
     indices = [longest] + [i for i in range(5) if i != longest][:4]
     outs = {}
     for steps, n in ((0, 4), (2, 5)):          # B=4: 4 prompts (8 rows), and 5 padded to 6 (12 rows)
-        rollouts = Rollouts(exp, prompts, records, lambda: params, jax.random.key(3))
-        rollouts.pad_steps = steps
-        outs[steps] = (rollouts(np.asarray(indices[:n])), rollouts)
-    (plain, plain_r), (padded, padded_r) = outs[0], outs[2]
+        rollouts = Rollouts(exp, prompts, records, params, jax.random.key(3), pad_steps=steps)
+        outs[steps] = (rollouts(np.asarray(indices[:n])), rollouts.trajectories(), rollouts)
+    (plain, plain_t, plain_r), (padded, padded_t, padded_r) = outs[0], outs[2]
+    g = r.group_size
     assert plain_r.padded == 0 and padded_r.padded == 1
-    assert plain.shape == (4, r.group_size) and padded.shape == (5, r.group_size)
-    assert sorted(plain_r.done) == sorted(indices[:4]) and sorted(padded_r.done) == sorted(indices)
+    assert plain.shape == (4, g) and padded.shape == (5, g)
+    assert plain_t.prompt_index[::g].tolist() == indices[:4] and padded_t.prompt_index[::g].tolist() == indices
     np.testing.assert_array_equal(padded[:4], plain)
-    for i in indices[:4]:                       # the shared prompts: same rows, same draws
-        gen_plain, gen_padded = plain_r.done[i][0], padded_r.done[i][0]
-        assert plain_r.done[i][2] == padded_r.done[i][2]                         # response texts
-        np.testing.assert_array_equal(gen_padded["tokens"], gen_plain["tokens"])
-        np.testing.assert_allclose(gen_padded["logprobs"], gen_plain["logprobs"], rtol=1e-5, atol=1e-5)
-    assert padded_r.done[indices[4]][0]["tokens"].shape[0] == r.group_size
+    np.testing.assert_array_equal(padded_t.group_rewards(), padded)
+    shared = padded_t.groups(range(4))          # the shared prompts: same rows, same draws
+    assert shared.texts == plain_t.texts                                          # response texts
+    np.testing.assert_array_equal(shared.tokens, plain_t.tokens)
+    np.testing.assert_allclose(shared.logprobs, plain_t.logprobs, rtol=1e-5, atol=1e-5)
+    assert padded_t.groups([4]).tokens.shape[0] == g
 
 
 def test_fill_quota_config_reaches_the_curriculum(sft_dir):
-    from glmv_jax.rl.curriculum import PromptPool
-    from glmv_jax.rl.stage import make_sampler
     cfg = rlcs.rl_config(rlcs.parse_args(["--smoke"]), "rlcs_fill", 0, sft_dir)
     pool = PromptPool.from_records([{"id": str(i), "domain": "m"} for i in range(8)])
     assert cfg.rl.sampler == "rlcs" and make_sampler(cfg, pool).cfg.fill_quota is True
@@ -144,9 +149,29 @@ def test_fill_quota_config_reaches_the_curriculum(sft_dir):
 
 
 def test_run_rl_calls_with_the_same_settings_share_one_grpo_update(rl_exp):
-    from glmv_jax.rl.stage import grpo_update_for
-    optimizer, update = grpo_update_for(rl_exp)
-    assert grpo_update_for(rl_exp)[1] is update and grpo_update_for(rl_exp)[0] is optimizer
+    optimizer, update = grpo_update_for(rl_exp, grpo_config(rl_exp.cfg.rl))
+    again = grpo_update_for(rl_exp, grpo_config(rl_exp.cfg.rl))
+    assert again[1] is update and again[0] is optimizer
     other = rl_exp.cfg.copy_and_resolve_references()
     other.optimizer.lr = float(other.optimizer.lr) * 2
-    assert grpo_update_for(dataclasses.replace(rl_exp, cfg=other))[1] is not update
+    assert grpo_update_for(dataclasses.replace(rl_exp, cfg=other), grpo_config(other.rl))[1] is not update
+
+
+def test_kl_entropy_and_grad_accumulation_reach_the_stage_update(rl_exp, rl_pool):
+    """train_iteration on real rollouts with kl_coef (reference: the starting params), entropy_coef,
+    grad_accum_steps 2 and recompute_old_logp: the update runs on the [M, k, ...] batch and reports the KL to
+    the reference (0 at the first step, where the params are the reference) and the entropy."""
+    exp, r = rl_exp, rl_exp.cfg.rl
+    records, prompts, params = rl_pool
+    rollouts = Rollouts(exp, prompts, records, params, jax.random.key(5))
+    indices = np.arange(4)
+    iteration = Iteration(indices, rollouts(indices), np.arange(4), {})
+    cfg = GRPOConfig(num_minibatches=2, grad_accum_steps=2, kl_coef=0.05, entropy_coef=0.01, recompute_old_logp=True)
+    optimizer, update = grpo_update_for(exp, cfg)
+    state = train_state_from_params(jax.tree.map(jax.numpy.copy, params), optimizer, jax.random.key(0))
+    state, row, metrics = train_iteration(exp, cfg, update, state, iteration, rollouts.trajectories(), prompts,
+                                          update_seq_len(prompts, r.max_new_tokens), reference=params)
+    assert row["updated"] == 1 and row["trained_groups"] == 4 and int(state.step) == 2
+    assert metrics["first/kl_ref"] == pytest.approx(0.0, abs=1e-5)
+    assert metrics["first/ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert np.isfinite(metrics["entropy"]) and metrics["entropy"] > 0.0 and np.isfinite(metrics["kl_ref"])
