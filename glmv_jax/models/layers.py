@@ -163,20 +163,28 @@ def causal_segment_mask(q_index: jax.Array, kv_index: jax.Array, q_segment: jax.
     return causal & (q_segment[:, :, None] == kv_segment[:, None, :]) & (kv_segment[:, None, :] > 0)
 
 
+def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+    """The softmax attention every einsum path runs (full sequence, query blocks, KV-cache decode), GQA-grouped
+    so kv is never repeated: q [..., G, T, H] (the G query heads of each kv head), k/v [..., S, H], mask bool
+    broadcastable to [..., G, T, S] -> [..., G, T, H]; the leading axes (e.g. B, K) pair q with its kv head.
+
+    Scores `(q k^T) * scale` and the softmax are fp32; probabilities are cast to the value dtype as HF's eager
+    attention does. Fully masked rows (padding queries) give uniform weights, as in HF."""
+    scores = jnp.einsum("...GTH,...SH->...GTS", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("...GTS,...SH->...GTH", probs, v)
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                           scale: float) -> jax.Array:
-    """Grouped-query attention without repeating kv. q [B,T,N,H], k/v [B,S,K,H], mask [B,T,S] bool.
-
-    Scores `(q k^T) * scale` and the softmax are fp32; probabilities are cast to the value dtype as
-    HF's eager attention does. Fully masked rows (padding queries) give uniform weights, as in HF."""
+    """grouped_attention on the decoder layout: q [B,T,N,H], k/v [B,S,K,H], mask [B,T,S] bool -> [B,T,N,H]."""
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
-    return out.reshape(b, t, n, h)
+    qg = q.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)      # [B, K, G, T, H]
+    kg, vg = (a.transpose(0, 2, 1, 3) for a in (k, v))                              # [B, K, S, H]
+    out = grouped_attention(qg, kg, vg, mask[:, None, None], scale)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment: jax.Array, kv_segment: jax.Array,
@@ -186,10 +194,10 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment: jax.A
     by sequence slot (self-attention: keys in query order, T == S). q [B,T,N,H], k/v [B,S,K,H] (GQA, N = K*G),
     q_segment [B,T], kv_segment [B,S] int -> [B,T,N,H].
 
-    The values of dot_product_attention with that mask (fp32 scores and softmax, probabilities in v's dtype;
-    a query that sees no key, i.e. padding, gets some finite average), computed in query blocks of `block`
-    rows (at most `max_blocks` blocks) whose keys stop at the block's last query when causal, so the masked
-    upper triangle is never computed. `per_pair` (default: on CPU) runs each (row, kv head) pair alone
+    The values of dot_product_attention with that mask (grouped_attention per block; a query that sees no
+    key, i.e. padding, gets some finite average), computed in query blocks of `block` rows (at most
+    `max_blocks` blocks) whose keys stop at the block's last query when causal, so the masked upper triangle
+    is never computed. `per_pair` (default: on CPU) runs each (row, kv head) pair alone
     (lax.map), which keeps a block's [G, block, S] scores in cache instead of streaming a [B, K, G, T, S]
     array through memory, and checkpoints each pair (the backward recomputes its scores instead of stacking
     them for every pair); otherwise (accelerators) rows and heads stay batched.
@@ -224,13 +232,10 @@ def _blocked_attention(q, k, v, q_segment, kv_segment, scale: float, causal: boo
             hi = min(t, lo + block)
             stop = hi if causal else s
             kb, vb, ksb = kx[:, :stop], vx[:, :stop], ks[:, :stop]
-            scores = jnp.einsum("XGTH,XSH->XGTS", qx[:, :, lo:hi], kb, preferred_element_type=jnp.float32) * scale
             mask = (qs[:, lo:hi, None] == ksb[:, None, :]) & (ksb[:, None, :] > 0)
             if causal:
                 mask &= jnp.arange(stop)[None, None, :] <= jnp.arange(lo, hi)[None, :, None]
-            scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-            outs.append(jnp.einsum("XGTS,XSH->XGTH", probs, vb))
+            outs.append(grouped_attention(qx[:, :, lo:hi], kb, vb, mask[:, None], scale))
         return jnp.concatenate(outs, axis=2)
 
     if per_pair:
