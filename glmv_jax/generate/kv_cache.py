@@ -32,7 +32,6 @@ from flax import nnx
 from glmv_jax.config import ModelConfig
 from glmv_jax.models.decoder import LayerCaches
 from glmv_jax.models.glmv import bucket, model_graph
-from glmv_jax.models.layers import matvec
 from glmv_jax.models.vision import frame_slots
 
 PROMPT_KEYS = ("input_ids", "token_type", "position_ids")
@@ -179,23 +178,6 @@ def _model(config: ModelConfig, params: Any):
     return nnx.merge(graphdef, params)
 
 
-def _logits(model, hidden: jax.Array) -> jax.Array:
-    """hidden [B, D] -> fp32 logits [B, V] (the lm_head of GlmV.__call__)."""
-    kernel = model.lm_head.kernel[...].astype(hidden.dtype)
-    return jnp.einsum("BD,DV->BV", hidden, kernel, preferred_element_type=jnp.float32)
-
-
-def embed_prompts(model, batch: dict) -> jax.Array:
-    """Token embeddings with vision features at the vision tokens (feature vision_index[b, t]); the ViT attends
-    per frame when the batch has patch_frames (else over all patch rows, segment-masked: same values)."""
-    x = model.text.embed(batch["input_ids"], model.dtype)
-    if batch.get("pixel_values") is None:
-        return x
-    features = model.vision(batch["pixel_values"], batch["patch_pos"], batch["patch_grid"], batch["patch_segment"],
-                            batch.get("patch_frames"))
-    return jnp.where((batch["token_type"] > 0)[..., None], features[batch["vision_index"]].astype(x.dtype), x)
-
-
 def prefill(config: ModelConfig, params: Any, batch: dict, cache_len: int) -> tuple[jax.Array, dict[str, KVCache]]:
     """Runs the left-padded prompts (batch_prompts) -> (logits [B, V] fp32 at the last prompt token,
     caches with the prompts in slots [0, Tp) and room up to `cache_len`)."""
@@ -204,12 +186,11 @@ def prefill(config: ModelConfig, params: Any, batch: dict, cache_len: int) -> tu
     tp = segment.shape[1]
     if cache_len < tp:
         raise ValueError(f"cache_len {cache_len} is shorter than the padded prompt length {tp}")
-    hidden, kvs = model.text.prefill(embed_prompts(model, batch),
-                                     model.text.context(batch["position_ids"], segment))
+    hidden, kvs = model.text.prefill(model.embed(batch), model.text.context(batch["position_ids"], segment))
     valid = jnp.pad(segment > 0, [(0, 0), (0, cache_len - tp)])
     grow = lambda a: jnp.pad(a, [(0, 0), (0, 0), (0, cache_len - tp), (0, 0), (0, 0)])
     caches = {name: KVCache(grow(k), grow(v), valid) for name, (k, v) in kvs.items()}
-    return _logits(model, hidden[:, -1]), caches
+    return model.logits(hidden[:, -1]), caches
 
 
 def decode_weights(config: ModelConfig, params: Any) -> DecodeWeights:
@@ -243,7 +224,7 @@ def decode_layers(config: ModelConfig, params: Any, weights: DecodeWeights, cach
     caches = {name: c._replace(valid=c.valid.at[:, slot].set(True)) for name, c in caches.items()}
     hidden, caches = model.text.decode_step(weights.layers, model.text.embed(tokens, model.dtype),
                                             model.text.step_context(positions, slot, active), caches, slot)
-    return matvec(hidden, weights.lm_head, jnp.float32), caches
+    return model.logits(hidden, weights.lm_head), caches
 
 
 def decode_step(config: ModelConfig, params: Any, caches: dict[str, KVCache], tokens: jax.Array, slot: jax.Array,
