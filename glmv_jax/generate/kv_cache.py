@@ -223,7 +223,7 @@ def decode_layers(config: ModelConfig, params: Any, weights: DecodeWeights, cach
     model = _model(config, params)
     caches = {name: c._replace(valid=c.valid.at[:, slot].set(True)) for name, c in caches.items()}
     hidden, caches = model.text.decode_step(weights.layers, model.text.embed(tokens, model.dtype),
-                                            model.text.step_context(positions, slot, active), caches, slot)
+                                            model.text.step_context(positions, active), caches, slot)
     return model.logits(hidden, weights.lm_head), caches
 
 

@@ -1,4 +1,4 @@
-"""The GLM text decoder (architecture.md sections 3 and 5.1): embeddings, stacked layers, final norm.
+"""The GLM text decoder (docs/models.md): embeddings, stacked layers, final norm.
 
 Dense GLM-4 layer (GLM-4.1V, 4.6V-Flash), "sandwich" norms:
     x = x + attn_out_norm(attn(attn_norm(x)));  x = x + mlp_out_norm(mlp(mlp_norm(x)))
@@ -36,12 +36,10 @@ ACT = ("act_batch", "act_length", "act_embed")
 
 
 class AttentionContext(NamedTuple):
-    """Per-call inputs shared by every layer: rope tables and the small vectors the mask is built from.
-    q_index/kv_index are sequence slots (a KV cache only changes the kv side); segments 0 = padding."""
+    """Per-call inputs shared by every layer: rope tables and the segment ids the mask is built from (causal by
+    sequence slot within a segment; 0 = padding). A decode step's keys are its cache's valid slots instead."""
     cos: jax.Array          # [B, T, rotary_dim]
     sin: jax.Array
-    q_index: jax.Array      # [B, T] int
-    kv_index: jax.Array     # [B, S] int
     q_segment: jax.Array    # [B, T] int
     kv_segment: jax.Array   # [B, S] int
 
@@ -208,8 +206,7 @@ class TextDecoder(nnx.Module):
     def context(self, position_ids: jax.Array, segment_ids: jax.Array) -> AttentionContext:
         """Rope tables and mask vectors for a full (uncached) sequence: position_ids [3, B, T]."""
         cos, sin = text_rope_tables(position_ids, self.t, self.dtype)
-        index = jnp.broadcast_to(jnp.arange(segment_ids.shape[1], dtype=jnp.int32), segment_ids.shape)
-        return AttentionContext(cos, sin, index, index, segment_ids, segment_ids)
+        return AttentionContext(cos, sin, segment_ids, segment_ids)
 
     def __call__(self, x: jax.Array, ctx: AttentionContext) -> tuple[jax.Array, dict]:
         """x [B, T, D] input embeddings -> (final-normed hidden states [B, T, D], aux). aux["moe"] holds
@@ -239,15 +236,13 @@ class TextDecoder(nnx.Module):
             x, kvs[name] = run_stack(getattr(self, name), x, call, scan=self.scan)
         return self.final_norm(x), kvs
 
-    def step_context(self, positions: jax.Array, slot, active: jax.Array) -> AttentionContext:
-        """Rope tables and mask vectors of one decode step: one token per row at M-RoPE position `positions`
-        [B] (all three streams), cache `slot` (scalar), active [B] bool (segment 1; 0 leaves a row out of
-        the MoE routing statistics)."""
+    def step_context(self, positions: jax.Array, active: jax.Array) -> AttentionContext:
+        """Rope tables and segments of one decode step: one token per row at M-RoPE position `positions` [B]
+        (all three streams); active [B] bool (segment 1; 0 leaves a row out of the MoE routing statistics)."""
         pos = jnp.broadcast_to(positions.astype(jnp.int32)[None, :, None], (3, positions.shape[0], 1))
         cos, sin = text_rope_tables(pos, self.t, self.dtype)
-        index = jnp.broadcast_to(jnp.asarray(slot, jnp.int32), positions.shape)[:, None]
         segment = active.astype(jnp.int32)[:, None]
-        return AttentionContext(cos, sin, index, index, segment, segment)
+        return AttentionContext(cos, sin, segment, segment)
 
     def decode_weights(self) -> dict[str, list[dict]]:
         """{stack: [DecoderLayer.decode_weights of each layer]}: every layer split out of its stack into

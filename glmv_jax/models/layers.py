@@ -185,7 +185,7 @@ def causal_segment_mask(q_index: jax.Array, kv_index: jax.Array, q_segment: jax.
     """Decoder mask [B, T, S]: key not after the query (by sequence index), same segment, key not padding.
 
     Segment 0 is padding; 1..k are the samples packed into a row (an attention_mask is a valid
-    segment_ids with one sample). Indices are cache slots, so a KV cache only changes kv_index."""
+    segment_ids with one sample). Indices are sequence slots."""
     causal = kv_index[:, None, :] <= q_index[:, :, None]
     return causal & (q_segment[:, :, None] == kv_segment[:, None, :]) & (kv_segment[:, None, :] > 0)
 
