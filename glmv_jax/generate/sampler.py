@@ -1,5 +1,6 @@
 """Generation: a jitted prefill + `lax.while_loop` decode over a preallocated KV cache (generate/kv_cache.py; the
-loop runs kv_cache.decode_layers over per-layer weight and cache buffers split once per call).
+loop runs kv_cache.decode_layers, i.e. TextDecoder.decode_step, over per-layer weight and cache buffers split once
+per call).
 
     out = generate(config, params, prompts, max_new_tokens=256, temperature=1.0, stop_ids=tok.stop_ids,
                    rng=jax.random.key(0), thinking_budget=200, force_answer_ids=[id("</think>"), id("<answer>")])

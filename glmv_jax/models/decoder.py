@@ -1,4 +1,4 @@
-"""The GLM text decoder (architecture.md sections 3 and 5.1): embeddings, stacked layers, final norm.
+"""The GLM text decoder (docs/models.md): embeddings, stacked layers, final norm.
 
 Dense GLM-4 layer (GLM-4.1V, 4.6V-Flash), "sandwich" norms:
     x = x + attn_out_norm(attn(attn_norm(x)));  x = x + mlp_out_norm(mlp(mlp_norm(x)))
@@ -7,6 +7,12 @@ MoE GLM-4.5-Air layer (GLM-4.5V, 4.6V), plain pre-norm with 2 norms:
 where ffn is a dense SwiGLU in the first `first_k_dense_replace` layers (params text/layers) and the
 routed MoE of glmv_jax.models.moe in the others (params text/moe_layers). Attention: GQA with q/k/v
 bias, partial-rotary M-RoPE (interleaved pairs for dense, half-split for MoE), causal + segment mask.
+
+Two ways through the same layers: the full sequence (`__call__`, `prefill`: training, prompts) and one token
+per row over a KV cache (`decode_step`: generation). decode_step reads weights in decode layout, prepared once
+before a decode loop (`decode_weights`: per-layer buffers, kernels [out, in] for layers.matvec, q/k/v and
+gate/up fused), and per-layer caches [B, K, S, H] that each layer writes in place before reading, so a loop
+over steps copies neither weights nor caches.
 """
 
 from __future__ import annotations
@@ -20,9 +26,9 @@ from jax.ad_checkpoint import checkpoint_name
 
 from glmv_jax.config import ModelConfig, TextConfig
 from glmv_jax.models import attention
-from glmv_jax.models.layers import (INIT_STD, Einsum, RMSNorm, SwiGLU, cached_attention, make_stack, normal_init,
-                                    param, run_stack)
-from glmv_jax.models.moe import MoE
+from glmv_jax.models.layers import (INIT_STD, Einsum, RMSNorm, SwiGLU, cached_attention, make_stack, matvec,
+                                    normal_init, param, run_stack)
+from glmv_jax.models.moe import MoE, moe_layer
 from glmv_jax.models.rope import apply_text_rope, text_rope_tables
 from glmv_jax.sharding.rules import constrain
 
@@ -30,21 +36,19 @@ ACT = ("act_batch", "act_length", "act_embed")
 
 
 class AttentionContext(NamedTuple):
-    """Per-call inputs shared by every layer: rope tables and the small vectors the mask is built from.
-    q_index/kv_index are sequence slots (a KV cache only changes the kv side); segments 0 = padding."""
+    """Per-call inputs shared by every layer: rope tables and the segment ids the mask is built from (causal by
+    sequence slot within a segment; 0 = padding). A decode step's keys are its cache's valid slots instead."""
     cos: jax.Array          # [B, T, rotary_dim]
     sin: jax.Array
-    q_index: jax.Array      # [B, T] int
-    kv_index: jax.Array     # [B, S] int
     q_segment: jax.Array    # [B, T] int
     kv_segment: jax.Array   # [B, S] int
 
 
-class KVCache(NamedTuple):
-    """Keys/values of earlier tokens for one layer stack: k, v [L, B, S, K, H] (after rope), and which
-    slots hold a token a new query may attend to: valid [B, S] bool (shared by all layers)."""
-    k: jax.Array
-    v: jax.Array
+class LayerCaches(NamedTuple):
+    """One stack's KV cache in decode layout: k, v tuples of L per-layer arrays [B, K, S, H] (after rope);
+    valid [B, S] bool, the slots a new query may attend to (shared by the layers)."""
+    k: tuple
+    v: tuple
     valid: jax.Array
 
 
@@ -54,7 +58,8 @@ class TextAttention(nnx.Module):
     def __init__(self, t: TextConfig, rngs: nnx.Rngs | None = None, impl: str = "auto"):
         d, n, k, h = t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.dim_per_head
         bias = True if not t.moe else t.attention_bias        # HF hard-codes the dense q/k/v bias
-        self.head_dim, self.layout, self.impl = h, t.rope_layout, attention.check_impl(impl)
+        self.heads, self.kv_heads, self.head_dim = n, k, h
+        self.layout, self.impl = t.rope_layout, attention.check_impl(impl)
         self.q = Einsum("BTD,DNH->BTNH", (d, n, h), ("embed", "heads", "head_dim"),
                         bias_shape=(n, h) if bias else None, bias_axes=("heads", "head_dim"), rngs=rngs)
         self.k = Einsum("BSD,DKH->BSKH", (d, k, h), ("embed", "kv_heads", "head_dim"),
@@ -73,18 +78,40 @@ class TextAttention(nnx.Module):
     def __call__(self, x: jax.Array, ctx: AttentionContext) -> jax.Array:
         return self.with_kv(x, ctx)[0]
 
-    def with_kv(self, x: jax.Array, ctx: AttentionContext, cache: tuple | None = None):
-        """-> (output [B,T,D], (k, v) of these tokens). cache None: causal attention among the T tokens by
-        sequence slot inside segments (training, prefill: ctx from `TextDecoder.context`); cache (k [B,S,K,H],
-        v, valid [B,S]): one decode step (T = 1) over the cache and itself."""
+    def with_kv(self, x: jax.Array, ctx: AttentionContext):
+        """-> (output [B,T,D], (k, v) of these tokens): causal attention among the T tokens by sequence slot
+        inside segments (training, prefill: ctx from `TextDecoder.context`)."""
         q, k, v = self.qkv(x, ctx)
-        scale = self.head_dim ** -0.5
-        if cache is None:
-            out = attention.attend(q, k, v, ctx.q_segment, ctx.kv_segment, scale, causal=True, impl=self.impl)
-        else:
-            out = cached_attention(q, k, v, *cache, scale)
+        out = attention.attend(q, k, v, ctx.q_segment, ctx.kv_segment, self.head_dim ** -0.5, causal=True,
+                               impl=self.impl)
         out = checkpoint_name(out, "attn_context")
         return checkpoint_name(self.o(out), "attn_out"), (k, v)
+
+    def decode_weights(self, dtype) -> dict:
+        """This layer's projections in decode layout (call on one layer, not a stack), in `dtype`: qkv
+        [(N + 2K) H, D] (q, k, v rows fused), qkv_bias [(N + 2K) H] when biased, o [D, N H]."""
+        w = {"qkv": jnp.concatenate([p.rows(dtype) for p in (self.q, self.k, self.v)]), "o": self.o.rows(dtype)}
+        if hasattr(self.q, "bias"):
+            w["qkv_bias"] = jnp.concatenate([p.bias[...].reshape(-1) for p in (self.q, self.k, self.v)]).astype(dtype)
+        return w
+
+    def decode_step(self, w: dict, x: jax.Array, ctx: AttentionContext, k_cache: jax.Array, v_cache: jax.Array,
+                    valid: jax.Array, slot) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """with_kv for one token per row, x [B, D], with decode_weights `w` (self supplies only the shapes):
+        the token's rotated key and value are written at `slot` of k/v_cache [B, K, S, H], then its query
+        attends to the cache's valid slots (valid [B, S], which must include `slot`).
+        -> (output [B, D], k_cache, v_cache)."""
+        b, n, kv, h = x.shape[0], self.heads, self.kv_heads, self.head_dim
+        qkv = matvec(x, w["qkv"])
+        if "qkv_bias" in w:
+            qkv = qkv + w["qkv_bias"]
+        q, k, v = jnp.split(qkv, [n * h, (n + kv) * h], axis=-1)
+        q = apply_text_rope(q.reshape(b, 1, n, h), ctx.cos, ctx.sin, self.layout)[:, 0]
+        k = apply_text_rope(k.reshape(b, 1, kv, h), ctx.cos, ctx.sin, self.layout).reshape(b, kv, 1, h)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, slot, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.reshape(b, kv, 1, h).astype(v_cache.dtype), (0, 0, slot, 0))
+        out = cached_attention(q, k_cache, v_cache, valid, h ** -0.5)
+        return matvec(out.reshape(b, n * h), w["o"]), k_cache, v_cache
 
 
 class DecoderLayer(nnx.Module):
@@ -108,17 +135,51 @@ class DecoderLayer(nnx.Module):
         """-> (x, aux): aux holds the MoE routing statistics of a routed layer, else nothing."""
         return self.with_kv(x, ctx)[:2]
 
-    def with_kv(self, x: jax.Array, ctx: AttentionContext, cache: tuple | None = None):
+    def with_kv(self, x: jax.Array, ctx: AttentionContext):
         """-> (x, aux, (k, v)): as __call__, also returning this layer's keys/values (TextAttention.with_kv)."""
-        h, kv = self.attn.with_kv(self.attn_norm(x), ctx, cache)
-        x = x + (self.attn_out_norm(h) if self.sandwich else h)
+        h, kv = self.attn.with_kv(self.attn_norm(x), ctx)
+        x = self._residual(x, h, "attn_out_norm")
         h, aux = self.mlp_norm(x), {}
         if hasattr(self, "moe"):
             h, aux = self.moe(h, mask=ctx.q_segment > 0)
         else:
             h = self.mlp(h)
-        x = x + (self.mlp_out_norm(h) if self.sandwich else h)
-        return constrain(x, ACT), aux, kv
+        return constrain(self._residual(x, h, "mlp_out_norm"), ACT), aux, kv
+
+    def _residual(self, x: jax.Array, h: jax.Array, norm: str, w: dict | None = None) -> jax.Array:
+        """x + h, h through the sandwich norm `norm` first in dense layers (its scale from decode weights w)."""
+        if not self.sandwich:
+            return x + h
+        return x + getattr(self, norm)(h, None if w is None else w[norm])
+
+    def _norms(self) -> list[str]:
+        return ["attn_norm", "mlp_norm"] + (["attn_out_norm", "mlp_out_norm"] if self.sandwich else [])
+
+    def decode_weights(self, dtype) -> dict:
+        """This layer's weights for decode_step (call on one layer, not a stack): attn and mlp in decode layout
+        (TextAttention / SwiGLU.decode_weights, in `dtype`); the norm scales and a routed layer's `moe`
+        subtree as in the params."""
+        w = {name: getattr(self, name).scale[...] for name in self._norms()}
+        w["attn"] = self.attn.decode_weights(dtype)
+        if hasattr(self, "moe"):
+            w["moe"] = nnx.to_pure_dict(nnx.state(self.moe))
+        else:
+            w["mlp"] = self.mlp.decode_weights(dtype)
+        return w
+
+    def decode_step(self, w: dict, x: jax.Array, ctx: AttentionContext, k_cache: jax.Array, v_cache: jax.Array,
+                    valid: jax.Array, slot) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """with_kv for one token per row, x [B, D], with decode_weights `w` (self, e.g. the stack, supplies
+        only the structure) over this layer's cache (TextAttention.decode_step) -> (x, k_cache, v_cache)."""
+        h, k_cache, v_cache = self.attn.decode_step(w["attn"], self.attn_norm(x, w["attn_norm"]), ctx, k_cache,
+                                                    v_cache, valid, slot)
+        x = self._residual(x, h, "attn_out_norm", w)
+        h = self.mlp_norm(x, w["mlp_norm"])
+        if hasattr(self, "moe"):
+            h = moe_layer(w["moe"], h[:, None], self.moe.cfg, mask=ctx.q_segment > 0, options=self.moe.options)[0][:, 0]
+        else:
+            h = self.mlp.decode(w["mlp"], h)
+        return constrain(self._residual(x, h, "mlp_out_norm", w)[:, None], ACT)[:, 0], k_cache, v_cache
 
 
 class Embed(nnx.Module):
@@ -145,8 +206,7 @@ class TextDecoder(nnx.Module):
     def context(self, position_ids: jax.Array, segment_ids: jax.Array) -> AttentionContext:
         """Rope tables and mask vectors for a full (uncached) sequence: position_ids [3, B, T]."""
         cos, sin = text_rope_tables(position_ids, self.t, self.dtype)
-        index = jnp.broadcast_to(jnp.arange(segment_ids.shape[1], dtype=jnp.int32), segment_ids.shape)
-        return AttentionContext(cos, sin, index, index, segment_ids, segment_ids)
+        return AttentionContext(cos, sin, segment_ids, segment_ids)
 
     def __call__(self, x: jax.Array, ctx: AttentionContext) -> tuple[jax.Array, dict]:
         """x [B, T, D] input embeddings -> (final-normed hidden states [B, T, D], aux). aux["moe"] holds
@@ -176,16 +236,38 @@ class TextDecoder(nnx.Module):
             x, kvs[name] = run_stack(getattr(self, name), x, call, scan=self.scan)
         return self.final_norm(x), kvs
 
-    def decode(self, x: jax.Array, ctx: AttentionContext, caches: dict[str, KVCache]) -> tuple[jax.Array, dict]:
-        """One new token per row, x [B, 1, D], over `caches` ({stack: KVCache}, read only) ->
-        (hidden [B, 1, D], {stack: (k, v) [L, B, 1, K, H]}) for the caller to write at the token's slot."""
-        x = constrain(x.astype(self.dtype), ACT)
-        kvs = {}
+    def step_context(self, positions: jax.Array, active: jax.Array) -> AttentionContext:
+        """Rope tables and segments of one decode step: one token per row at M-RoPE position `positions` [B]
+        (all three streams); active [B] bool (segment 1; 0 leaves a row out of the MoE routing statistics)."""
+        pos = jnp.broadcast_to(positions.astype(jnp.int32)[None, :, None], (3, positions.shape[0], 1))
+        cos, sin = text_rope_tables(pos, self.t, self.dtype)
+        segment = active.astype(jnp.int32)[:, None]
+        return AttentionContext(cos, sin, segment, segment)
+
+    def decode_weights(self) -> dict[str, list[dict]]:
+        """{stack: [DecoderLayer.decode_weights of each layer]}: every layer split out of its stack into
+        buffers of its own (in the compute dtype), for decode_step."""
+        out = {}
         for name in self.stacks():
-            valid = caches[name].valid
-            def call(layer, h, kv_l):
-                h, _, kv = layer.with_kv(h, ctx, (kv_l[0], kv_l[1], valid))
-                return h, kv
-            x, kvs[name] = run_stack(getattr(self, name), x, call, scan=self.scan,
-                                     xs=(caches[name].k, caches[name].v))
-        return self.final_norm(x), kvs
+            graphdef, state = nnx.split(getattr(self, name))
+            count = jax.tree.leaves(state)[0].shape[0]
+            layer = lambda i: nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+            out[name] = [layer(i).decode_weights(self.dtype) for i in range(count)]
+        return out
+
+    def decode_step(self, weights: dict[str, list[dict]], x: jax.Array, ctx: AttentionContext,
+                    caches: dict[str, LayerCaches], slot) -> tuple[jax.Array, dict[str, LayerCaches]]:
+        """One token per row, x [B, D] input embeddings, through every layer (unrolled: DecoderLayer.decode_step
+        with `weights` from decode_weights and ctx from step_context), each layer writing its key/value at
+        `slot` of its cache (the caches' valid must already include `slot`) -> (final-normed hidden [B, D],
+        caches)."""
+        x = constrain(x.astype(self.dtype)[:, None], ACT)[:, 0]
+        out = {}
+        for name in self.stacks():
+            stack, cache, ks, vs = getattr(self, name), caches[name], [], []
+            for w, k, v in zip(weights[name], cache.k, cache.v):
+                x, k, v = stack.decode_step(w, x, ctx, k, v, cache.valid, slot)
+                ks.append(k)
+                vs.append(v)
+            out[name] = LayerCaches(tuple(ks), tuple(vs), cache.valid)
+        return self.final_norm(x), out

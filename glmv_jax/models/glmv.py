@@ -23,7 +23,7 @@ from flax import nnx
 
 from glmv_jax.config import ModelConfig
 from glmv_jax.models.decoder import TextDecoder
-from glmv_jax.models.layers import linear
+from glmv_jax.models.layers import linear, matvec
 from glmv_jax.models.rope import frame_grids, get_rope_index
 from glmv_jax.models.vision import VisionTower, frame_slots, patch_layout
 
@@ -39,17 +39,30 @@ class GlmV(nnx.Module):
 
     def __call__(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
         hidden, aux = self.hidden(batch)
-        kernel = self.lm_head.kernel[...].astype(hidden.dtype)
-        return jnp.einsum("BTD,DV->BTV", hidden, kernel, preferred_element_type=jnp.float32), aux
+        return self.logits(hidden), aux
 
     def hidden(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
         """Final decoder hidden states [B, T, D] (after the last norm) and the aux dict, without the lm_head."""
+        return self.text(self.embed(batch), self.text.context(batch["position_ids"], batch["segment_ids"]))
+
+    def embed(self, batch: dict[str, jax.Array]) -> jax.Array:
+        """The decoder's input embeddings [B, T, D]: token embeddings, the ViT's merged features at the vision
+        tokens (merge_vision_tokens) when the batch has patch rows. The ViT attends per frame when the batch
+        has patch_frames (else over all patch rows, segment-masked: the same values)."""
         x = self.text.embed(batch["input_ids"], self.dtype)
-        if batch.get("pixel_values") is not None and batch["pixel_values"].shape[0]:
-            features = self.vision(batch["pixel_values"], batch["patch_pos"], batch["patch_grid"],
-                                   batch["patch_segment"], batch.get("patch_frames"))
-            x = merge_vision_tokens(x, features, batch["token_type"], batch.get("vision_index"))
-        return self.text(x, self.text.context(batch["position_ids"], batch["segment_ids"]))
+        if batch.get("pixel_values") is None or not batch["pixel_values"].shape[0]:
+            return x
+        features = self.vision(batch["pixel_values"], batch["patch_pos"], batch["patch_grid"], batch["patch_segment"],
+                               batch.get("patch_frames"))
+        return merge_vision_tokens(x, features, batch["token_type"], batch.get("vision_index"))
+
+    def logits(self, hidden: jax.Array, rows: jax.Array | None = None) -> jax.Array:
+        """hidden [..., D] -> fp32 logits [..., V] (the lm_head). rows: the lm_head kernel in decode layout [V, D]
+        (kv_cache.decode_weights; then hidden is [B, D]), used instead of the stored [D, V] one."""
+        if rows is not None:
+            return matvec(hidden, rows, jnp.float32)
+        kernel = self.lm_head.kernel[...].astype(hidden.dtype)
+        return jnp.einsum("...D,DV->...V", hidden, kernel, preferred_element_type=jnp.float32)
 
 
 def merge_vision_tokens(x: jax.Array, features: jax.Array, token_type: jax.Array,

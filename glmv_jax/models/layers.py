@@ -47,10 +47,12 @@ class RMSNorm(nnx.Module):
         self.eps = eps
         self.scale = param(rngs, nnx.initializers.ones, (dim,), (axis_name,))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, scale: jax.Array | None = None) -> jax.Array:
+        """x [..., D] -> [..., D]; `scale` [D] replaces this norm's own (a decode layout's per-layer copy)."""
+        scale = self.scale[...] if scale is None else scale
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
+        return scale.astype(x.dtype) * normed.astype(x.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -82,6 +84,12 @@ def contract(x: jax.Array, kernel: jax.Array, n: int, preferred_element_type=Non
     y = jax.lax.dot_general(x.reshape(-1, k), kernel.reshape(k, -1), (((1,), (0,)), ((), ())),
                             preferred_element_type=preferred_element_type)
     return y.reshape(*lead, *r_shape)
+
+
+def matvec(x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
+    """x [B, D] times a kernel in decode layout w [F, D] (the contracted axis minor) -> [B, F]. A one-token
+    step streams every weight once, and XLA:CPU streams an [out, in] kernel ~1.5x faster than [in, out]."""
+    return jnp.einsum("BD,FD->BF", x, w, preferred_element_type=preferred_element_type)
 
 
 def _as_contraction(spec: str) -> int | None:
@@ -116,6 +124,14 @@ class Einsum(nnx.Module):
             y = y + self.bias[...].astype(x.dtype)
         return y
 
+    def rows(self, dtype) -> jax.Array:
+        """The kernel in decode layout for `matvec`: [outputs, inputs] (each side's axes flattened) in `dtype`.
+        Only for plain-matmul specs."""
+        if self.contracted is None:
+            raise ValueError(f"Einsum {self.spec!r} is not a plain matmul; it has no matvec layout")
+        kernel = self.kernel[...]
+        return kernel.reshape(math.prod(kernel.shape[:self.contracted]), -1).T.astype(dtype)
+
 
 class Kernel(nnx.Module):
     """A bare kernel for projections whose einsum is written at the call site (e.g. the fused ViT qkv)."""
@@ -143,6 +159,17 @@ class SwiGLU(nnx.Module):
         up = checkpoint_name(self.up(x), "mlp_up")
         return checkpoint_name(self.down(jax.nn.silu(gate) * up), "mlp_out")
 
+    def decode_weights(self, dtype) -> dict:
+        """The kernels in decode layout (`matvec`), in `dtype`: gate_up [2F, D] (gate rows, then up), down [D, F]."""
+        return {"gate_up": jnp.concatenate([self.gate.rows(dtype), self.up.rows(dtype)]),
+                "down": self.down.rows(dtype)}
+
+    @staticmethod
+    def decode(w: dict, x: jax.Array) -> jax.Array:
+        """__call__ on x [B, D] with decode_weights `w` (gate and up in one matvec) -> [B, D]."""
+        gate, up = jnp.split(matvec(x, w["gate_up"]), 2, axis=-1)
+        return matvec(jax.nn.silu(gate) * up, w["down"])
+
 
 # ----------------------------------------------------------------------------------------------
 # Attention core. Masks are built from small per-token vectors ([B, T] / [B, S]) right where they are
@@ -158,25 +185,33 @@ def causal_segment_mask(q_index: jax.Array, kv_index: jax.Array, q_segment: jax.
     """Decoder mask [B, T, S]: key not after the query (by sequence index), same segment, key not padding.
 
     Segment 0 is padding; 1..k are the samples packed into a row (an attention_mask is a valid
-    segment_ids with one sample). Indices are cache slots, so a KV cache only changes kv_index."""
+    segment_ids with one sample). Indices are sequence slots."""
     causal = kv_index[:, None, :] <= q_index[:, :, None]
     return causal & (q_segment[:, :, None] == kv_segment[:, None, :]) & (kv_segment[:, None, :] > 0)
 
 
+def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+    """The softmax attention every einsum path runs (full sequence, query blocks, KV-cache decode), GQA-grouped
+    so kv is never repeated: q [..., G, T, H] (the G query heads of each kv head), k/v [..., S, H], mask bool
+    broadcastable to [..., G, T, S] -> [..., G, T, H]; the leading axes (e.g. B, K) pair q with its kv head.
+
+    Scores `(q k^T) * scale` and the softmax are fp32; probabilities are cast to the value dtype as HF's eager
+    attention does. Fully masked rows (padding queries) give uniform weights, as in HF."""
+    scores = jnp.einsum("...GTH,...SH->...GTS", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("...GTS,...SH->...GTH", probs, v)
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                           scale: float) -> jax.Array:
-    """Grouped-query attention without repeating kv. q [B,T,N,H], k/v [B,S,K,H], mask [B,T,S] bool.
-
-    Scores `(q k^T) * scale` and the softmax are fp32; probabilities are cast to the value dtype as
-    HF's eager attention does. Fully masked rows (padding queries) give uniform weights, as in HF."""
+    """grouped_attention on the decoder layout: q [B,T,N,H], k/v [B,S,K,H], mask [B,T,S] bool -> [B,T,N,H]."""
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
-    return out.reshape(b, t, n, h)
+    qg = q.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)      # [B, K, G, T, H]
+    kg, vg = (a.transpose(0, 2, 1, 3) for a in (k, v))                              # [B, K, S, H]
+    out = grouped_attention(qg, kg, vg, mask[:, None, None], scale)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment: jax.Array, kv_segment: jax.Array,
@@ -186,10 +221,10 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment: jax.A
     by sequence slot (self-attention: keys in query order, T == S). q [B,T,N,H], k/v [B,S,K,H] (GQA, N = K*G),
     q_segment [B,T], kv_segment [B,S] int -> [B,T,N,H].
 
-    The values of dot_product_attention with that mask (fp32 scores and softmax, probabilities in v's dtype;
-    a query that sees no key, i.e. padding, gets some finite average), computed in query blocks of `block`
-    rows (at most `max_blocks` blocks) whose keys stop at the block's last query when causal, so the masked
-    upper triangle is never computed. `per_pair` (default: on CPU) runs each (row, kv head) pair alone
+    The values of dot_product_attention with that mask (grouped_attention per block; a query that sees no
+    key, i.e. padding, gets some finite average), computed in query blocks of `block` rows (at most
+    `max_blocks` blocks) whose keys stop at the block's last query when causal, so the masked upper triangle
+    is never computed. `per_pair` (default: on CPU) runs each (row, kv head) pair alone
     (lax.map), which keeps a block's [G, block, S] scores in cache instead of streaming a [B, K, G, T, S]
     array through memory, and checkpoints each pair (the backward recomputes its scores instead of stacking
     them for every pair); otherwise (accelerators) rows and heads stay batched.
@@ -224,13 +259,10 @@ def _blocked_attention(q, k, v, q_segment, kv_segment, scale: float, causal: boo
             hi = min(t, lo + block)
             stop = hi if causal else s
             kb, vb, ksb = kx[:, :stop], vx[:, :stop], ks[:, :stop]
-            scores = jnp.einsum("XGTH,XSH->XGTS", qx[:, :, lo:hi], kb, preferred_element_type=jnp.float32) * scale
             mask = (qs[:, lo:hi, None] == ksb[:, None, :]) & (ksb[:, None, :] > 0)
             if causal:
                 mask &= jnp.arange(stop)[None, None, :] <= jnp.arange(lo, hi)[None, :, None]
-            scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-            outs.append(jnp.einsum("XGTS,XSH->XGTH", probs, vb))
+            outs.append(grouped_attention(qx[:, :, lo:hi], kb, vb, mask[:, None], scale))
         return jnp.concatenate(outs, axis=2)
 
     if per_pair:
@@ -273,25 +305,14 @@ def _per_device(fn: Callable, q, k, v, q_segment, kv_segment, mesh, rules) -> ja
                          out_specs=qkv_spec)(q, k, v, q_segment, kv_segment)
 
 
-def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
-                     cache_mask: jax.Array, scale: float) -> jax.Array:
-    """One decode step over a KV cache plus the step's own key. q [B,1,N,H], k/v [B,1,K,H] (the new
-    token), cache_k/v [B,S,K,H] (earlier tokens), cache_mask [B,S] bool (valid earlier slots).
-
-    The new key is scored beside the cache instead of being written into it first, so the layer only
-    reads the cache (the caller writes all layers' new k/v in one update). Same math as
-    dot_product_attention over [cache; new]: fp32 scores and softmax, probabilities in v's dtype."""
-    b, t, n, h = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    old = jnp.einsum("BTKGH,BSKH->BKGTS", q, cache_k, preferred_element_type=jnp.float32) * scale
-    old = jnp.where(cache_mask[:, None, None, None, :], old, jnp.finfo(jnp.float32).min)
-    new = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
-    probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1).astype(v.dtype)
-    s = cache_k.shape[1]
-    out = (jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., :s], cache_v)
-           + jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., s:], v))
-    return out.reshape(b, t, n, h)
+def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, valid: jax.Array,
+                     scale: float) -> jax.Array:
+    """One decode step: grouped_attention of q [B, N, H] (one token per row) over a per-layer cache k/v
+    [B, K, S, H] (the token's own key already written), valid [B, S] bool (the slots it may see) -> [B, N, H]."""
+    b, n, h = q.shape
+    kv_heads = k_cache.shape[1]
+    q = q.reshape(b, kv_heads, n // kv_heads, 1, h)
+    return grouped_attention(q, k_cache, v_cache, valid[:, None, None, None, :], scale).reshape(b, n, h)
 
 
 # ----------------------------------------------------------------------------------------------

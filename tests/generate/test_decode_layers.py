@@ -1,6 +1,7 @@
-"""The sampler's decode loop over per-layer weights (kv_cache.decode_layers) against the scanned decode_step
-and the full forward, the loop's compiled HLO (no per-step weight or cache copies), and the ViT's per-frame
-layout (patch_frames) in prefill and GRPO batches against the all-patches path."""
+"""The one decode path (TextDecoder.decode_step), as the sampler's loop runs it (kv_cache.decode_layers over
+per-layer weights and caches) and stepped from stacked caches (kv_cache.decode_step), against the full forward;
+the loop's compiled HLO (no per-step weight or cache copies); and the ViT's per-frame layout (patch_frames) in
+prefill and GRPO batches against the all-patches path."""
 
 import re
 from collections import Counter
@@ -43,7 +44,9 @@ def moe():
 # ----------------------------------------------------------------------------------------------- same math
 
 @pytest.mark.parametrize("which", ["dense", "moe"])
-def test_decode_layers_equals_scanned_decode_and_full_forward(which, request):
+def test_decode_equals_full_forward(which, request):
+    """Logits at every decoded position (the prompt's last token, then each fed token) equal the uncached
+    forward's, for decode_layers (weights prepared once) and decode_step (stacked caches) alike."""
     config, params, inputs, prompts = request.getfixturevalue(which)
     batch = kv_cache.batch_prompts(prompts)
     tp = batch["input_ids"].shape[1]
@@ -54,21 +57,21 @@ def test_decode_layers_equals_scanned_decode_and_full_forward(which, request):
     def both(params, batch):
         logits, stacked = kv_cache.prefill(config, params, batch, tp + N)
         weights, layered = kv_cache.decode_weights(config, params), kv_cache.unstack_caches(stacked)
-        scanned_logits, layered_logits = [logits], [logits]
+        stepped_logits, layered_logits = [logits], [logits]
         for j in range(N - 1):
             pos = batch["prompt_len"] + j + batch["rope_delta"]
             a, stacked = kv_cache.decode_step(config, params, stacked, feed[:, j], tp + j, pos, active)
             b, layered = kv_cache.decode_layers(config, params, weights, layered, feed[:, j], tp + j, pos, active)
-            scanned_logits.append(a)
+            stepped_logits.append(a)
             layered_logits.append(b)
-        return jnp.stack(scanned_logits, 1), jnp.stack(layered_logits, 1), stacked, kv_cache.stack_caches(layered)
+        return jnp.stack(stepped_logits, 1), jnp.stack(layered_logits, 1), stacked, kv_cache.stack_caches(layered)
 
-    scanned, layered, scanned_cache, layered_cache = jax.device_get(both(params, batch))
-    np.testing.assert_allclose(layered, scanned, rtol=0, atol=1e-5 * np.abs(scanned).max())
-    for name in scanned_cache:
-        np.testing.assert_array_equal(layered_cache[name].valid, scanned_cache[name].valid)
-        np.testing.assert_allclose(layered_cache[name].k, scanned_cache[name].k, rtol=0, atol=1e-5)
-        np.testing.assert_allclose(layered_cache[name].v, scanned_cache[name].v, rtol=0, atol=1e-5)
+    stepped, layered, stepped_cache, layered_cache = jax.device_get(both(params, batch))
+    np.testing.assert_allclose(layered, stepped, rtol=0, atol=1e-5 * np.abs(stepped).max())
+    for name in stepped_cache:
+        np.testing.assert_array_equal(layered_cache[name].valid, stepped_cache[name].valid)
+        np.testing.assert_allclose(layered_cache[name].k, stepped_cache[name].k, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(layered_cache[name].v, stepped_cache[name].v, rtol=0, atol=1e-5)
     for r, (x, p) in enumerate(zip(inputs, prompts)):
         ref = full_logits(config, params, x, feed[r, :N - 1])[len(p["input_ids"]) - 1:]
         assert rel_err(layered[r], ref) <= 1e-5, r
@@ -126,8 +129,8 @@ def loop_copies(hlo: str, carried: str, min_elements: int = 1024) -> Counter:
 
 def test_decode_loop_copies_no_weights_or_caches(dense):
     """Inside the sampler's compiled decode loop no op copies, slices or transposes anything as large as a
-    weight (the smallest, o, has 64 x 64 elements) or a layer's cache (3 x 2 x 34 x 16); the scanned
-    decode_step in the same kind of loop does (the check can fail)."""
+    weight (the smallest, o, has 64 x 64 elements) or a layer's cache (3 x 2 x 34 x 16); decode_step in the
+    same kind of loop (weights prepared and stacked caches split every step) does (the check can fail)."""
     config, params, _, prompts = dense
     batch = kv_cache.batch_prompts(prompts)
     settings = dict(temperature=np.float32(0), top_k=np.int32(0), top_p=np.float32(1.0),
@@ -138,7 +141,7 @@ def test_decode_loop_copies_no_weights_or_caches(dense):
     tp = batch["input_ids"].shape[1]
     assert loop_copies(hlo, f"f32[3,2,{tp + N},16]") == Counter()
 
-    def scanned(params, caches, tokens):
+    def stepped(params, caches, tokens):
         def body(s):
             j, tok, c = s
             logits, c = kv_cache.decode_step(config, params, c, tok, tp + j, jnp.full(3, tp) + j, jnp.ones(3, bool))
@@ -147,8 +150,8 @@ def test_decode_loop_copies_no_weights_or_caches(dense):
 
     zeros = jnp.zeros((2, 3, tp + N, 2, 16), jnp.float32)
     caches = {"layers": kv_cache.KVCache(zeros, zeros, jnp.ones((3, tp + N), bool))}
-    hlo = jax.jit(scanned).lower(params, caches, jnp.zeros(3, jnp.int32)).compile().as_text()
-    assert loop_copies(hlo, f"f32[2,3,{tp + N},2,16]")          # per-step slices of the stacked weights
+    hlo = jax.jit(stepped).lower(params, caches, jnp.zeros(3, jnp.int32)).compile().as_text()
+    assert loop_copies(hlo, f"f32[2,3,{tp + N},2,16]")          # per-step weight slices and cache transposes
 
 
 # ----------------------------------------------------------------------------------------------- patch_frames
