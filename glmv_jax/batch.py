@@ -1,9 +1,187 @@
-"""The batch contract of glmv_jax/data/BATCH.md: which keys a batch holds and how each is laid out.
+"""The batch contract of glmv_jax/data/BATCH.md, host side (numpy): which keys a batch holds, the sizes it is
+padded to, how the patch rows of images / video frames are packed and laid out for the ViT, and the M-RoPE
+positions of the tokens.
 
-Every producer (data pipelines, rollouts, evaluation) and consumer (train step, global batches, the
-model's forward) reads the layout from here.
+Every producer (data pipelines, generation prompts, rollouts, evaluation) and consumer (train step, global
+batches, the model's forward) reads the layout from here. Shapes: N / Np patch rows, F frame rows of L slots.
 """
 from __future__ import annotations
 
+import itertools
+from typing import Sequence
+
+import numpy as np
+
+from glmv_jax.config import ModelConfig
+
 PATCH_KEYS = ("pixel_values", "patch_pos", "patch_grid", "patch_segment")   # [Np, ...] packed patch rows
 ROW_AXIS = {"position_ids": 1}   # batch entries whose row axis B is not axis 0 (position_ids is [3, B, T])
+
+
+# ----------------------------------------------------------------------------------------------
+# Sizes and padding
+
+def bucket(n: int, minimum: int, steps: int = 4) -> int:
+    """Padded size for n: at least `minimum`, then `steps` steps per octave (at most 1/steps padding), so
+    batches of similar size share one compiled function."""
+    n = max(n, minimum)
+    step = max(1, 2 ** (n.bit_length() - 1) // steps)
+    return -(-n // step) * step
+
+
+def pad_batch(batch: dict[str, np.ndarray], length: int, patches: int) -> dict[str, np.ndarray]:
+    """Right-pads tokens to `length` (segment 0: never attended), patch rows to `patches` (segment 0, in
+    no ViT frame: features never used) and patch_frames rows to a bucket (empty rows). Valid positions
+    compute the same values."""
+    out = dict(batch)
+    extra = length - batch["input_ids"].shape[1]
+    for key in ("input_ids", "segment_ids", "token_type", "position_ids"):
+        widths = [(0, 0)] * (batch[key].ndim - 1) + [(0, extra)]
+        out[key] = np.pad(batch[key], widths)
+    if "pixel_values" in batch:
+        rows = patches - batch["pixel_values"].shape[0]
+        out["pixel_values"] = np.pad(batch["pixel_values"], [(0, rows), (0, 0)])
+        out["patch_pos"] = np.pad(batch["patch_pos"], [(0, rows), (0, 0)])
+        out["patch_grid"] = np.pad(batch["patch_grid"], [(0, rows), (0, 0)], constant_values=1)
+        out["patch_segment"] = np.pad(batch["patch_segment"], [(0, rows)])
+    if "patch_frames" in batch:
+        frames = batch["patch_frames"].shape[0]
+        out["patch_frames"] = np.pad(batch["patch_frames"], [(0, bucket(frames, 1) - frames), (0, 0)],
+                                     constant_values=-1)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Patch rows
+
+def patch_layout(frames: Sequence[Sequence[int]], merge: int = 2) -> dict[str, np.ndarray]:
+    """For items with patch grids (t, h, w), in the order their pixel rows come: per patch row
+    `patch_pos` [N, 2] (h_idx, w_idx in merge-block order), `patch_grid` [N, 2] (h, w) of its item and
+    `patch_segment` [N] (1.. one per temporal slice: the ViT attention blocks)."""
+    pos, grid, segment = [], [], []
+    seg = 0
+    for t, h, w in (tuple(int(g) for g in f) for f in frames):
+        hh, ww = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        block = lambda a: a.reshape(h // merge, merge, w // merge, merge).transpose(0, 2, 1, 3).reshape(-1)
+        one = np.stack([block(hh), block(ww)], axis=-1)
+        for _ in range(t):
+            seg += 1
+            pos.append(one)
+            grid.append(np.broadcast_to([h, w], one.shape))
+            segment.append(np.full(h * w, seg))
+    if not pos:
+        return dict(patch_pos=np.zeros((0, 2), np.int32), patch_grid=np.zeros((0, 2), np.int32),
+                    patch_segment=np.zeros((0,), np.int32))
+    return dict(patch_pos=np.concatenate(pos).astype(np.int32), patch_grid=np.concatenate(grid).astype(np.int32),
+                patch_segment=np.concatenate(segment).astype(np.int32))
+
+
+# ----------------------------------------------------------------------------------------------
+# ViT frame slots: patch_frames [F, L]
+
+def frame_slots(patch_segment, frames: int | None = None, frame_len: int | None = None) -> np.ndarray:
+    """patch_segment [N] (frames 1..n, each a contiguous run of rows; 0 on padding rows) -> patch_frames
+    [F, L] int32: the ViT attention rows. Frames are packed first-fit (longest first) into rows of L slots
+    holding patch row indices, -1 in empty slots; attention stays inside each frame (the segment mask), so
+    small frames share a row instead of each padding one to L. L defaults to the longest frame and F to the
+    rows used; pass them for a fixed shape (at least those sizes)."""
+    seg = np.asarray(patch_segment).reshape(-1).astype(np.int64)
+    rows = np.flatnonzero(seg > 0)
+    real = seg[rows]
+    n = int(real.max()) if rows.size else 0
+    first, last = np.full(n + 1, seg.size), np.full(n + 1, -1)
+    np.minimum.at(first, real, rows)
+    np.maximum.at(last, real, rows)
+    lengths = np.bincount(real, minlength=n + 1)[1:]
+    if (lengths == 0).any() or (last[1:] - first[1:] + 1 != lengths).any():
+        raise ValueError("patch_segment must number the frames 1..n, each a contiguous run of patch rows")
+    longest = int(lengths.max()) if n else 1
+    frame_len = longest if frame_len is None else frame_len
+    if frame_len < longest:
+        raise ValueError(f"a frame of {longest} patches does not fit patch_frames rows of {frame_len} slots")
+    fill, row_of, offset_of = [], np.zeros(n + 1, np.int64), np.zeros(n + 1, np.int64)
+    for f in np.argsort(-lengths, kind="stable") + 1:
+        r = next((i for i, used in enumerate(fill) if used + lengths[f - 1] <= frame_len), len(fill))
+        if r == len(fill):
+            fill.append(0)
+        row_of[f], offset_of[f] = r, fill[r]
+        fill[r] += lengths[f - 1]
+    frames = max(len(fill), 1) if frames is None else frames
+    if frames < len(fill):
+        raise ValueError(f"{n} frames need {len(fill)} rows of {frame_len} slots; patch_frames has {frames}")
+    out = np.full((frames, frame_len), -1, np.int32)
+    out[row_of[real], offset_of[real] + rows - first[real]] = rows
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# M-RoPE positions: get_rope_index
+
+def frame_grids(grid_thw) -> np.ndarray:
+    """Each video (t, h, w) row becomes t rows of (1, h, w): one per temporal patch."""
+    grid = np.asarray(grid_thw, np.int64).reshape(-1, 3)
+    hw = np.repeat(grid[:, 1:], grid[:, 0], axis=0)
+    return np.concatenate([np.ones((len(hw), 1), np.int64), hw], axis=1)
+
+
+def _vision_run_positions(start: int, grid, merge: int) -> tuple[np.ndarray, int]:
+    """3D positions [3, t*gh*gw] of one image/frame starting at `start`, and the next text position."""
+    t, h, w = (int(g) for g in grid)
+    gh, gw = h // merge, w // merge
+    tt, hh, ww = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
+    pos = np.stack([tt, hh, ww]).reshape(3, -1) + start
+    return pos, start + max(h, w) // merge
+
+
+def get_rope_index(config: ModelConfig, input_ids, mm_token_type_ids, image_grid_thw=None,
+                   video_grid_thw=None, attention_mask=None) -> tuple[np.ndarray, np.ndarray]:
+    """HF Glm4vModel.get_rope_index: (position_ids [3, B, T] int64, rope_deltas [B] int64).
+
+    Per row (padding dropped), runs of equal token type: text runs count up on all 3 streams; an image
+    run (type 1) takes the next image grid, a video run (type 2) the next frame of the videos; vision
+    tokens get (cur, cur + row, cur + col) and cur advances by max(h, w) / merge. Grids are consumed
+    in order across the batch. Padded positions are 0; rope_delta = max(pos) + 1 - unpadded length.
+    A run covering several back-to-back items consumes grids until their token counts add up.
+    Only config.vision.spatial_merge_size is read."""
+    ids = np.asarray(input_ids)
+    types = np.asarray(mm_token_type_ids)
+    if ids.ndim != 2 or types.shape != ids.shape:
+        raise ValueError(f"input_ids {ids.shape} and mm_token_type_ids {types.shape} must both be [B, T]")
+    mask = np.ones_like(ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    merge = config.vision.spatial_merge_size
+    grids = {1: list(np.asarray(image_grid_thw).reshape(-1, 3)) if image_grid_thw is not None else [],
+             2: list(frame_grids(video_grid_thw)) if video_grid_thw is not None else []}
+    used = {1: 0, 2: 0}
+    names = {1: "image", 2: "video frame"}
+    position_ids = np.zeros((3,) + ids.shape, np.int64)
+    deltas = np.zeros(ids.shape[0], np.int64)
+    for b in range(ids.shape[0]):
+        row_types = types[b][mask[b]]
+        cur, chunks = 0, []
+        for kind, run in itertools.groupby(row_types.tolist()):
+            length = len(list(run))
+            if kind == 0:
+                chunks.append(np.broadcast_to(np.arange(length) + cur, (3, length)))
+                cur += length
+                continue
+            if kind not in grids:
+                raise ValueError(f"mm_token_type_ids holds {kind}; expected 0 (text), 1 (image), 2 (video)")
+            while length > 0:
+                if used[kind] >= len(grids[kind]):
+                    raise ValueError(f"more {names[kind]} tokens in the prompt than {names[kind]} grids given")
+                grid = grids[kind][used[kind]]
+                used[kind] += 1
+                pos, cur = _vision_run_positions(cur, grid, merge)
+                if pos.shape[1] > length:
+                    raise ValueError(f"a run of {names[kind]} tokens is shorter than its grid "
+                                     f"{tuple(int(g) for g in grid)} needs ({pos.shape[1]} tokens)")
+                chunks.append(pos)
+                length -= pos.shape[1]
+        row_pos = np.concatenate(chunks, axis=1) if chunks else np.zeros((3, 0), np.int64)
+        position_ids[:, b, mask[b]] = row_pos
+        deltas[b] = (row_pos.max() + 1 if row_pos.size else 0) - row_pos.shape[1]
+    for kind in (1, 2):
+        if used[kind] != len(grids[kind]):
+            raise ValueError(f"{len(grids[kind])} {names[kind]} grids given but the prompt has tokens for "
+                             f"{used[kind]}")
+    return position_ids, deltas

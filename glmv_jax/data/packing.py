@@ -12,7 +12,7 @@ for its tokens, provided the batch's patch rows stay within Np. When it fits now
 and the sample opens the next one. Only that one sample is ever carried over, so the iterator state is just
 the parent state from before that sample was read (plus counters): JSON-able and exact on restore.
 
-With `frame_len` L (and `frames` F) the batch also carries `patch_frames` [F, L] (models.vision.frame_slots):
+With `frame_len` L (and `frames` F) the batch also carries `patch_frames` [F, L] (glmv_jax.batch.frame_slots):
 the ViT's per-frame attention layout, fixed in shape. A sample is also refused when its frames would not fit
 the F rows of L slots; a sample with a frame longer than L (or needing more than F rows alone) is a bad
 record ("frame_too_long" / "too_many_frames").
@@ -26,8 +26,8 @@ from typing import Any
 import grain
 import numpy as np
 
+from glmv_jax.batch import frame_slots
 from glmv_jax.data.records import BadRecord, BadRecordError
-from glmv_jax.models.vision import frame_slots
 
 TOKEN_KEYS = ("input_ids", "targets", "loss_mask", "token_type")
 

@@ -21,12 +21,11 @@ import grain
 import numpy as np
 import PIL.Image
 
+from glmv_jax.batch import get_rope_index, patch_layout
 from glmv_jax.data import chat_template, placeholders
 from glmv_jax.data.image_processing import ImageProcessorConfig, process_images
 from glmv_jax.data.records import BadRecord, BadRecordError, IMAGE_MARK, VIDEO_MARK, parse_record
 from glmv_jax.data.video_processing import VideoProcessorConfig, process_videos
-from glmv_jax.models.rope import get_rope_index
-from glmv_jax.models.vision import patch_layout
 
 PRETRAIN_PREFIX = "[gMASK]<sop>"
 

@@ -63,7 +63,7 @@ def batch_shape(prompts: Sequence[dict], batch_size: int, per_call: int, merge_a
     shapes: prompt length of the longest prompt, patch rows of batch_size of the largest images, ViT frame
     rows of the fullest chunk at per_call and at batch_size prompts per call (so greedy, n=1, and sampled,
     n | batch_size, passes over the same records share one compiled loop)."""
-    from glmv_jax.models.glmv import bucket
+    from glmv_jax.batch import bucket
     from glmv_jax.generate import kv_cache
     most_patches = max(0 if p.get("pixel_values") is None else len(p["pixel_values"]) for p in prompts)
     frame_len = bucket(max(kv_cache.longest_frame(prompts), 1), 256)

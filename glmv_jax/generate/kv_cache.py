@@ -31,12 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from glmv_jax.batch import bucket, frame_slots
 from glmv_jax.config import ModelConfig
 from glmv_jax.models.decoder import ACT, AttentionContext, KVCache
-from glmv_jax.models.glmv import bucket, model_graph
+from glmv_jax.models.glmv import model_graph
 from glmv_jax.models.moe import moe_layer
 from glmv_jax.models.rope import apply_text_rope, text_rope_tables
-from glmv_jax.models.vision import frame_slots
 from glmv_jax.sharding.rules import constrain
 
 PROMPT_KEYS = ("input_ids", "token_type", "position_ids")

@@ -11,10 +11,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from glmv_jax.batch import bucket
 from glmv_jax.config import ModelConfig
 from glmv_jax.generate.kv_cache import frame_rows, longest_frame, patch_frames
 from glmv_jax.generate.sampler import generate, response_text
-from glmv_jax.models.glmv import bucket
 
 VISION_KEYS = ("pixel_values", "patch_pos", "patch_grid", "patch_segment")
 

@@ -139,7 +139,7 @@ def trainable_groups(kept_indices: np.ndarray, group_size: int, num_minibatches:
 
 def update_seq_len(prompts: list[dict], max_new_tokens: int) -> int:
     """The GRPO batches' one sequence length for a prompt pool: its longest prompt + max_new_tokens, bucketed."""
-    from glmv_jax.models.glmv import bucket
+    from glmv_jax.batch import bucket
     return bucket(max(len(p["input_ids"]) for p in prompts) + int(max_new_tokens), 16)
 
 
