@@ -16,6 +16,7 @@ from glmv_jax.config import ModelConfig
 
 PATCH_KEYS = ("pixel_values", "patch_pos", "patch_grid", "patch_segment")   # [Np, ...] packed patch rows
 ROW_AXIS = {"position_ids": 1}   # batch entries whose row axis B is not axis 0 (position_ids is [3, B, T])
+PROMPT_KEYS = ("input_ids", "token_type", "position_ids")   # what every prompt dict (PromptTransform) holds
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,8 +77,60 @@ def patch_layout(frames: Sequence[Sequence[int]], merge: int = 2) -> dict[str, n
                 patch_segment=np.concatenate(segment).astype(np.int32))
 
 
+def _has_patches(item: dict) -> bool:
+    return item.get("pixel_values") is not None and len(item["pixel_values"]) > 0
+
+
+def patch_segments(items: Sequence[dict]) -> np.ndarray:
+    """patch_segment [N] (unpadded) of the patch rows of `items` (samples or prompt dicts, each with
+    patch_frame [n_i]: 0-based image / frame index inside the item) packed in order: frames numbered 1..
+    across the items; items without patch rows skipped."""
+    segments, frames = [np.zeros(0, np.int64)], 0
+    for item in filter(_has_patches, items):
+        frame = np.asarray(item["patch_frame"]).reshape(-1)
+        segments.append(frame + frames + 1)
+        frames += int(frame.max()) + 1
+    return np.concatenate(segments)
+
+
 # ----------------------------------------------------------------------------------------------
 # ViT frame slots: patch_frames [F, L]
+
+def frame_lengths(patch_segment) -> np.ndarray:
+    """patch_segment [N] (frames 1..n, 0 on padding) -> [n] int64: the patch rows of each frame."""
+    seg = np.asarray(patch_segment).reshape(-1).astype(np.int64)
+    return np.bincount(seg[seg > 0])[1:]
+
+
+def longest_frame(items: Sequence[dict]) -> int:
+    """Patch rows of the largest image / video frame among the items (patch_segments; 0 without vision)."""
+    return int(frame_lengths(patch_segments(items)).max(initial=0))
+
+
+def _check_frame_len(longest: int, frame_len: int) -> None:
+    if frame_len < longest:
+        raise ValueError(f"a frame of {longest} patches does not fit patch_frames rows of {frame_len} slots")
+
+
+def _first_fit(lengths: np.ndarray, frame_len: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Frames of `lengths` [n], longest first, each into the first row of frame_len slots with room ->
+    (row [n], offset [n] of each frame's first slot, rows used)."""
+    fill, row, offset = [], np.zeros(len(lengths), np.int64), np.zeros(len(lengths), np.int64)
+    for f in np.argsort(-lengths, kind="stable"):
+        r = next((i for i, used in enumerate(fill) if used + lengths[f] <= frame_len), len(fill))
+        if r == len(fill):
+            fill.append(0)
+        row[f], offset[f] = r, fill[r]
+        fill[r] += lengths[f]
+    return row, offset, len(fill)
+
+
+def frame_rows(lengths, frame_len: int) -> int:
+    """Rows of `frame_len` slots that frame_slots packs frames of these lengths [n] into (0 for none)."""
+    lengths = np.asarray(lengths, np.int64).reshape(-1)
+    _check_frame_len(int(lengths.max(initial=0)), frame_len)
+    return _first_fit(lengths, frame_len)[2]
+
 
 def frame_slots(patch_segment, frames: int | None = None, frame_len: int | None = None) -> np.ndarray:
     """patch_segment [N] (frames 1..n, each a contiguous run of rows; 0 on padding rows) -> patch_frames
@@ -97,21 +150,56 @@ def frame_slots(patch_segment, frames: int | None = None, frame_len: int | None 
         raise ValueError("patch_segment must number the frames 1..n, each a contiguous run of patch rows")
     longest = int(lengths.max()) if n else 1
     frame_len = longest if frame_len is None else frame_len
-    if frame_len < longest:
-        raise ValueError(f"a frame of {longest} patches does not fit patch_frames rows of {frame_len} slots")
-    fill, row_of, offset_of = [], np.zeros(n + 1, np.int64), np.zeros(n + 1, np.int64)
-    for f in np.argsort(-lengths, kind="stable") + 1:
-        r = next((i for i, used in enumerate(fill) if used + lengths[f - 1] <= frame_len), len(fill))
-        if r == len(fill):
-            fill.append(0)
-        row_of[f], offset_of[f] = r, fill[r]
-        fill[r] += lengths[f - 1]
-    frames = max(len(fill), 1) if frames is None else frames
-    if frames < len(fill):
-        raise ValueError(f"{n} frames need {len(fill)} rows of {frame_len} slots; patch_frames has {frames}")
+    _check_frame_len(longest, frame_len)
+    row_of, offset_of, used = _first_fit(lengths, frame_len)
+    frames = max(used, 1) if frames is None else frames
+    if frames < used:
+        raise ValueError(f"{n} frames need {used} rows of {frame_len} slots; patch_frames has {frames}")
     out = np.full((frames, frame_len), -1, np.int32)
-    out[row_of[real], offset_of[real] + rows - first[real]] = rows
+    out[row_of[real - 1], offset_of[real - 1] + rows - first[real]] = rows
     return out
+
+
+def patch_frames(patch_segment: np.ndarray, frame_len: int | None = None, frames: int | None = None) -> np.ndarray:
+    """frame_slots [F, L] of a batch's patch rows with bucketed sizes, so similar batches share a compiled
+    ViT: L = frame_len (default bucket(longest frame, 256), as models.glmv.prepare_inputs), F = frames
+    (default the rows needed, bucketed)."""
+    seg = np.asarray(patch_segment)
+    lengths = frame_lengths(seg)
+    if frame_len is None:
+        frame_len = bucket(int(lengths.max()), 256) if lengths.size else 1
+    if frames is None:
+        frames = bucket(frame_rows(lengths, frame_len), 1)
+    return frame_slots(seg, frames, frame_len)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompt dicts
+
+def check_prompt(i: int, p: dict, merge_area: int) -> int:
+    """Validates prompt dict `p` (number i, for messages); returns its number of vision tokens."""
+    missing = [k for k in PROMPT_KEYS if k not in p]
+    if missing:
+        raise ValueError(f"prompt {i} lacks {missing}; prompts are transforms.PromptTransform dicts")
+    ids = np.asarray(p["input_ids"])
+    if ids.ndim != 1 or ids.size == 0:
+        raise ValueError(f"prompt {i}: input_ids must be a non-empty [L] array, got shape {ids.shape}")
+    if np.asarray(p["token_type"]).shape != ids.shape or np.asarray(p["position_ids"]).shape != (3, ids.size):
+        raise ValueError(f"prompt {i}: token_type must be [L] and position_ids [3, L] for L={ids.size}")
+    vision_tokens = int((np.asarray(p["token_type"]) > 0).sum())
+    rows = 0 if p.get("pixel_values") is None else int(np.asarray(p["pixel_values"]).shape[0])
+    if vision_tokens * merge_area != rows:
+        raise ValueError(f"prompt {i}: {vision_tokens} vision tokens need {vision_tokens * merge_area} patch rows, "
+                         f"got {rows}")
+    return vision_tokens
+
+
+def rope_delta(p: dict) -> int:
+    """The prompt's rope delta: max position + 1 - length (recomputed when the dict lacks it). Token k >= L
+    after the prompt has position k + rope_delta on all three M-RoPE streams."""
+    if "rope_delta" in p:
+        return int(p["rope_delta"])
+    return int(np.asarray(p["position_ids"]).max()) + 1 - len(p["input_ids"])
 
 
 # ----------------------------------------------------------------------------------------------

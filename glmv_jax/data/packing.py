@@ -26,24 +26,10 @@ from typing import Any
 import grain
 import numpy as np
 
-from glmv_jax.batch import frame_slots
+from glmv_jax.batch import frame_lengths, frame_rows, frame_slots, patch_segments
 from glmv_jax.data.records import BadRecord, BadRecordError
 
 TOKEN_KEYS = ("input_ids", "targets", "loss_mask", "token_type")
-
-
-def frame_lengths(sample: dict) -> np.ndarray:
-    """Patch rows of each image / video frame of a sample, in order ([n_frames] int)."""
-    frame = np.asarray(sample.get("patch_frame", np.zeros(0, np.int32)))
-    return np.bincount(frame) if frame.size else np.zeros(0, np.int64)
-
-
-def frame_rows(lengths, frame_len: int) -> int:
-    """Rows of `frame_len` slots that frame_slots packs frames of these lengths into (0 for none)."""
-    lengths = np.asarray(lengths, np.int64)
-    if not lengths.size:
-        return 0
-    return frame_slots(np.repeat(np.arange(1, lengths.size + 1), lengths), frame_len=frame_len).shape[0]
 
 
 def default_frames(patch_budget: int, frame_len: int, min_frame: int = 4) -> int:
@@ -68,7 +54,7 @@ def sample_fits(sample: dict, seq_len: int, patch_budget: int, frame_len: int | 
     if n_patches > patch_budget:
         return BadRecord("too_many_patches", where, f"{n_patches} patch rows exceed the budget Np={patch_budget}")
     if frame_len is not None and n_patches:
-        lengths = frame_lengths(sample)
+        lengths = frame_lengths(patch_segments([sample]))
         if lengths.max() > frame_len:
             return BadRecord("frame_too_long", where, f"an image/frame of {int(lengths.max())} patches exceeds "
                              f"data.frame_len={frame_len}")
@@ -105,7 +91,7 @@ class BatchBuilder:
         n_tokens, n_patches = len(sample["input_ids"]), len(sample["pixel_values"])
         if self.n_patches + n_patches > self.patch_budget:
             return False
-        lengths = frame_lengths(sample).tolist() if n_patches else []
+        lengths = frame_lengths(patch_segments([sample])).tolist() if n_patches else []
         if self.frame_len is not None and lengths:
             if max(lengths) > self.frame_len:
                 raise ValueError(f"sample {sample.get('id', '?')!r} has an image/frame of {max(lengths)} patches, "

@@ -11,9 +11,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from glmv_jax.batch import bucket
+from glmv_jax.batch import bucket, frame_lengths, frame_rows, longest_frame, patch_frames
 from glmv_jax.config import ModelConfig
-from glmv_jax.generate.kv_cache import frame_rows, longest_frame, patch_frames
 from glmv_jax.generate.sampler import generate, response_text
 
 VISION_KEYS = ("pixel_values", "patch_pos", "patch_grid", "patch_segment")
@@ -75,7 +74,7 @@ def assemble_batch(prompts: Sequence[dict], num_samples: int, generation: dict, 
     """The GRPO batch for `generate`'s output over `prompts` (rows grouped per prompt). num_minibatches None:
     one batch (patch arrays over all rows); M: every key stacked on a leading [M] axis, each minibatch of
     B/M consecutive rows holding its own patches (grpo.make_grpo_update(..., presplit=True)). Vision batches
-    carry patch_frames [F, L] (kv_cache.patch_frames; the same F, L in every minibatch)."""
+    carry patch_frames [F, L] (batch.patch_frames; the same F, L in every minibatch)."""
     rows = len(prompts) * num_samples
     lengths = generation["lengths"]
     need = max(len(prompts[r // num_samples]["input_ids"]) + int(lengths[r]) for r in range(rows))
@@ -102,7 +101,7 @@ def assemble_batch(prompts: Sequence[dict], num_samples: int, generation: dict, 
         minibatches.append(mb)
     if has_vision:          # the ViT's per-frame layout, one [F, L] shape for all minibatches
         frame_len = bucket(longest_frame(prompts), 256)
-        frames = bucket(max(frame_rows(mb["patch_segment"], frame_len) for mb in minibatches), 1)
+        frames = bucket(max(frame_rows(frame_lengths(mb["patch_segment"]), frame_len) for mb in minibatches), 1)
         for mb in minibatches:
             mb["patch_frames"] = patch_frames(mb["patch_segment"], frame_len, frames)
     if num_minibatches is None:

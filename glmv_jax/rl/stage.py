@@ -167,7 +167,7 @@ def update_batch(exp, rollouts: Rollouts, kept_indices: np.ndarray, seq_len: int
 def run_rl(exp) -> dict[str, Any]:
     from glmv_jax.rl.curriculum import PromptPool
     from glmv_jax.evaluation.evaluate import prompt_records
-    from glmv_jax.generate.loading import prompt_dicts
+    from glmv_jax.generate.prompts import prompt_dicts
     from glmv_jax.train.checkpoint import Checkpointer
     from glmv_jax.train.experiment import initial_params, param_shardings
     from glmv_jax.train.metrics import MetricsWriter

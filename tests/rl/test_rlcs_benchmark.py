@@ -106,7 +106,7 @@ def rl_exp(sft_dir, tmp_path_factory):
 
 def test_padding_rows_are_dropped_and_leave_the_real_rows_unchanged(rl_exp):
     from glmv_jax.evaluation.evaluate import prompt_records
-    from glmv_jax.generate.loading import prompt_dicts
+    from glmv_jax.generate.prompts import prompt_dicts
     from glmv_jax.rl.stage import Rollouts
     from glmv_jax.train.experiment import initial_params, param_shardings
     exp, r = rl_exp, rl_exp.cfg.rl
