@@ -93,6 +93,28 @@ def patch_segments(items: Sequence[dict]) -> np.ndarray:
     return np.concatenate(segments)
 
 
+def pack_patches(items: Sequence[dict], rows: int, patch_dim: int | None = None) -> dict[str, np.ndarray]:
+    """The PATCH_KEYS arrays of the items' patch rows (pixel_values [n_i, Pd], patch_pos / patch_grid
+    [n_i, 2], patch_frame [n_i]) concatenated in item order and padded to `rows`: pixel_values [rows, Pd]
+    float32, patch_pos [rows, 2], patch_grid [rows, 2] ((1, 1) on padding), patch_segment [rows]
+    (patch_segments; 0 on padding) int32. patch_dim: Pd when no item has patch rows."""
+    vision = [item for item in items if _has_patches(item)]
+    if patch_dim is None:
+        if not vision:
+            raise ValueError("pack_patches needs patch_dim when no item has patch rows")
+        patch_dim = np.shape(vision[0]["pixel_values"])[1]
+    segment = patch_segments(vision)
+    n = len(segment)
+    if n > rows:
+        raise ValueError(f"{n} patch rows do not fit {rows}")
+    out = dict(pixel_values=np.zeros((rows, patch_dim), np.float32), patch_pos=np.zeros((rows, 2), np.int32),
+               patch_grid=np.ones((rows, 2), np.int32), patch_segment=np.zeros((rows,), np.int32))
+    for key in ("pixel_values", "patch_pos", "patch_grid") if vision else ():
+        out[key][:n] = np.concatenate([np.asarray(item[key]) for item in vision])
+    out["patch_segment"][:n] = segment
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # ViT frame slots: patch_frames [F, L]
 

@@ -26,7 +26,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from glmv_jax.batch import frame_lengths, frame_rows, frame_slots, patch_segments
+from glmv_jax.batch import frame_lengths, frame_rows, frame_slots, pack_patches, patch_segments
 from glmv_jax.data.records import BadRecord, BadRecordError
 
 TOKEN_KEYS = ("input_ids", "targets", "loss_mask", "token_type")
@@ -114,14 +114,8 @@ class BatchBuilder:
         B, T, Np = self.batch_size, self.seq_len, self.patch_budget
         batch = {"input_ids": np.zeros((B, T), np.int32), "targets": np.zeros((B, T), np.int32),
                  "loss_mask": np.zeros((B, T), np.float32), "segment_ids": np.zeros((B, T), np.int32),
-                 "position_ids": np.zeros((3, B, T), np.int32), "token_type": np.zeros((B, T), np.int32),
-                 "pixel_values": np.zeros((Np, self.patch_dim), np.float32),
-                 "patch_pos": np.zeros((Np, 2), np.int32), "patch_grid": np.ones((Np, 2), np.int32),
-                 "patch_segment": np.zeros((Np,), np.int32)}
-        p = 0            # next patch row
-        frames = 0       # images/frames placed so far (patch_segment is 1-based)
-        n_samples = 0
-        for r, row in enumerate(self.rows):     # row-major: rows, then positions = token-appearance order
+                 "position_ids": np.zeros((3, B, T), np.int32), "token_type": np.zeros((B, T), np.int32)}
+        for r, row in enumerate(self.rows):
             t = 0
             for seg, s in enumerate(row, start=1):
                 n = len(s["input_ids"])
@@ -129,19 +123,12 @@ class BatchBuilder:
                     batch[key][r, t:t + n] = s[key]
                 batch["segment_ids"][r, t:t + n] = seg
                 batch["position_ids"][:, r, t:t + n] = s["position_ids"]
-                m = len(s["pixel_values"])
-                if m:
-                    batch["pixel_values"][p:p + m] = s["pixel_values"]
-                    batch["patch_pos"][p:p + m] = s["patch_pos"]
-                    batch["patch_grid"][p:p + m] = s["patch_grid"]
-                    batch["patch_segment"][p:p + m] = s["patch_frame"] + frames + 1
-                    frames += int(s["patch_frame"].max()) + 1
-                p += m
                 t += n
-                n_samples += 1
+        samples = [s for row in self.rows for s in row]     # row-major: rows, then positions = token order
+        batch.update(pack_patches(samples, Np, self.patch_dim))
         if self.frame_len is not None:
             batch["patch_frames"] = frame_slots(batch["patch_segment"], frames=self.frames, frame_len=self.frame_len)
-        return batch, {"samples": n_samples, "tokens": sum(self.row_tokens), "patches": p}
+        return batch, {"samples": len(samples), "tokens": sum(self.row_tokens), "patches": self.n_patches}
 
 
 def check_batch(batch: dict[str, np.ndarray], merge_area: int = 4) -> None:

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from glmv_jax.batch import PATCH_KEYS, bucket, check_prompt, patch_frames, rope_delta
+from glmv_jax.batch import bucket, check_prompt, pack_patches, patch_frames, rope_delta
 from glmv_jax.data.transforms import PromptTransform
 
 
@@ -53,7 +53,7 @@ def batch_prompts(prompts: Sequence[dict], num_samples: int = 1, *, pad_id: int 
                position_ids=np.zeros((3, rows, tp), np.int32), token_type=np.zeros((rows, tp), np.int32),
                vision_index=np.zeros((rows, tp), np.int32), prompt_len=np.repeat(lengths, num_samples).astype(np.int32),
                rope_delta=np.repeat([rope_delta(p) for p in prompts], num_samples).astype(np.int32))
-    offset, patches, seen_frames = 0, [], 0
+    offset = 0
     for i, (p, n_vis) in enumerate(zip(prompts, counts)):
         length = lengths[i]
         types = np.asarray(p["token_type"], np.int32)
@@ -66,19 +66,8 @@ def batch_prompts(prompts: Sequence[dict], num_samples: int = 1, *, pad_id: int 
             out["position_ids"][:, r, sl] = p["position_ids"]
             out["token_type"][r, sl] = types
             out["vision_index"][r, sl] = index
-        if n_vis:
-            frame = np.asarray(p["patch_frame"], np.int32)
-            patches.append((p["pixel_values"], p["patch_pos"], p["patch_grid"], frame + seen_frames + 1))
-            seen_frames += int(frame.max()) + 1
-            offset += n_vis
-    if patches:
-        np_rows = bucket(offset * merge_area, min_patches)
-        for key, col in zip(PATCH_KEYS, zip(*patches)):
-            arr = np.concatenate([np.asarray(a) for a in col])
-            widths = [(0, np_rows - arr.shape[0])] + [(0, 0)] * (arr.ndim - 1)
-            out[key] = np.pad(arr, widths, constant_values=1 if key == "patch_grid" else 0)
-        out["pixel_values"] = out["pixel_values"].astype(np.float32)
-        for key in ("patch_pos", "patch_grid", "patch_segment"):
-            out[key] = out[key].astype(np.int32)
+        offset += n_vis
+    if offset:
+        out.update(pack_patches(prompts, bucket(offset * merge_area, min_patches)))
         out["patch_frames"] = patch_frames(out["patch_segment"], frame_len, frames)
     return out
