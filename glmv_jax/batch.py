@@ -15,12 +15,24 @@ import numpy as np
 from glmv_jax.config import ModelConfig
 
 PATCH_KEYS = ("pixel_values", "patch_pos", "patch_grid", "patch_segment")   # [Np, ...] packed patch rows
+BATCH_WIDE_KEYS = PATCH_KEYS + ("patch_frames",)   # belong to the whole batch, not to a row (axis 0: Np / F)
 ROW_AXIS = {"position_ids": 1}   # batch entries whose row axis B is not axis 0 (position_ids is [3, B, T])
 PROMPT_KEYS = ("input_ids", "token_type", "position_ids")   # what every prompt dict (PromptTransform) holds
 
 
 # ----------------------------------------------------------------------------------------------
-# Sizes and padding
+# Shapes, sizes and padding
+
+def batch_shapes(rows: int, length: int, patches: int, patch_dim: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of each key of the training batch (BATCH.md's table) for B = rows, T = length,
+    Np = patches, Pd = patch_dim; `patch_frames` [F, L] int32 comes on top where the config has it."""
+    b, t, n = rows, length, patches
+    i32, f32 = np.dtype(np.int32), np.dtype(np.float32)
+    return {"input_ids": ((b, t), i32), "targets": ((b, t), i32), "loss_mask": ((b, t), f32),
+            "segment_ids": ((b, t), i32), "position_ids": ((3, b, t), i32), "token_type": ((b, t), i32),
+            "pixel_values": ((n, patch_dim), f32), "patch_pos": ((n, 2), i32), "patch_grid": ((n, 2), i32),
+            "patch_segment": ((n,), i32)}
+
 
 def bucket(n: int, minimum: int, steps: int = 4) -> int:
     """Padded size for n: at least `minimum`, then `steps` steps per octave (at most 1/steps padding), so
@@ -107,8 +119,9 @@ def pack_patches(items: Sequence[dict], rows: int, patch_dim: int | None = None)
     n = len(segment)
     if n > rows:
         raise ValueError(f"{n} patch rows do not fit {rows}")
-    out = dict(pixel_values=np.zeros((rows, patch_dim), np.float32), patch_pos=np.zeros((rows, 2), np.int32),
-               patch_grid=np.ones((rows, 2), np.int32), patch_segment=np.zeros((rows,), np.int32))
+    shapes = batch_shapes(0, 0, rows, patch_dim)
+    out = {key: np.zeros(*shapes[key]) for key in PATCH_KEYS}
+    out["patch_grid"][:] = 1
     for key in ("pixel_values", "patch_pos", "patch_grid") if vision else ():
         out[key][:n] = np.concatenate([np.asarray(item[key]) for item in vision])
     out["patch_segment"][:n] = segment
@@ -221,7 +234,7 @@ def rope_delta(p: dict) -> int:
     after the prompt has position k + rope_delta on all three M-RoPE streams."""
     if "rope_delta" in p:
         return int(p["rope_delta"])
-    return int(np.asarray(p["position_ids"]).max()) + 1 - len(p["input_ids"])
+    return int(np.asarray(p["position_ids"]).max(initial=-1)) + 1 - len(p["input_ids"])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from glmv_jax.batch import frame_lengths, frame_rows, frame_slots, pack_patches, patch_segments
+from glmv_jax.batch import PATCH_KEYS, batch_shapes, frame_lengths, frame_rows, frame_slots, pack_patches, patch_segments
 from glmv_jax.data.records import BadRecord, BadRecordError
 
 TOKEN_KEYS = ("input_ids", "targets", "loss_mask", "token_type")
@@ -112,9 +112,8 @@ class BatchBuilder:
     def build(self) -> tuple[dict[str, np.ndarray], dict[str, int]]:
         """-> (batch per BATCH.md, {"samples", "tokens", "patches"} of this batch)."""
         B, T, Np = self.batch_size, self.seq_len, self.patch_budget
-        batch = {"input_ids": np.zeros((B, T), np.int32), "targets": np.zeros((B, T), np.int32),
-                 "loss_mask": np.zeros((B, T), np.float32), "segment_ids": np.zeros((B, T), np.int32),
-                 "position_ids": np.zeros((3, B, T), np.int32), "token_type": np.zeros((B, T), np.int32)}
+        batch = {key: np.zeros(shape, dtype) for key, (shape, dtype) in batch_shapes(B, T, Np, self.patch_dim).items()
+                 if key not in PATCH_KEYS}
         for r, row in enumerate(self.rows):
             t = 0
             for seg, s in enumerate(row, start=1):
