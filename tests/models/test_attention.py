@@ -1,4 +1,5 @@
-"""Blocked attention (decoder and ViT) against the plain masked reference, and the ViT frame layout."""
+"""Blocked attention (decoder and ViT) against the plain masked reference, and the ViT on frame slots (batch.frame_slots
+itself: tests/test_batch.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -46,27 +47,6 @@ def test_bidirectional_blocked_matches_segment_masked_reference(per_pair):
     out = blocked_attention(q, k, v, seg, seg, 0.3, causal=False, block=8, per_pair=per_pair)
     real = seg > 0
     np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], rtol=1e-5, atol=1e-6)
-
-
-def test_frame_slots_packs_frames_longest_first():
-    seg = np.array([1, 1, 1, 2, 2, 3, 3, 3, 3, 0, 0], np.int32)
-    np.testing.assert_array_equal(frame_slots(seg), [[5, 6, 7, 8], [0, 1, 2, -1], [3, 4, -1, -1]])
-    np.testing.assert_array_equal(frame_slots(seg, frame_len=6), [[5, 6, 7, 8, 3, 4], [0, 1, 2, -1, -1, -1]])
-    fixed = frame_slots(seg, frames=4, frame_len=9)
-    assert fixed.shape == (4, 9) and (fixed[1:] == -1).all()
-    assert sorted(fixed[fixed >= 0].tolist()) == list(range(9))
-    assert frame_slots(np.zeros(8, np.int32)).shape == (1, 1)
-
-
-def test_frame_slots_rejects_bad_segments():
-    with pytest.raises(ValueError, match="contiguous"):
-        frame_slots(np.array([1, 2, 1, 0]))
-    with pytest.raises(ValueError, match="contiguous"):
-        frame_slots(np.array([1, 1, 3, 3]))     # frame 2 missing
-    with pytest.raises(ValueError, match="does not fit"):
-        frame_slots(np.array([1, 1, 1, 2]), frame_len=2)
-    with pytest.raises(ValueError, match="need 2 rows"):
-        frame_slots(np.array([1, 1, 1, 2, 2]), frames=1, frame_len=4)
 
 
 def test_vit_with_frame_slots_equals_segment_masked_vit(config, params):
