@@ -160,6 +160,7 @@ def bench_config(name: str, config: ModelConfig, args) -> dict:
     from glmv_jax.convert.hf import hf_state_dict_to_params
     from glmv_jax.generate import kv_cache
     from glmv_jax.generate import sampler
+    from glmv_jax.generate.prompts import batch_prompts
     from tests.hf_oracle import build_hf_model
 
     clock = time.perf_counter()
@@ -175,7 +176,7 @@ def bench_config(name: str, config: ModelConfig, args) -> dict:
     def ours():
         return sampler.generate(config, params, prompts, max_new_tokens=n, temperature=0.0, stop_ids=())
 
-    batch = kv_cache.batch_prompts(prompts)
+    batch = batch_prompts(prompts)
     tp = batch["input_ids"].shape[1]
     prefill = jax.jit(lambda p, bt: kv_cache.prefill(config, p, bt, tp + n)[0])
     hf_in = {k: torch.from_numpy(np.concatenate([r[k] for r in rows])) for k in rows[0]}

@@ -38,7 +38,8 @@ def chat(args: argparse.Namespace) -> str:
     import jax
 
     from glmv_jax.data.transforms import Processor
-    from glmv_jax.generate.loading import load_model, prompt_dicts
+    from glmv_jax.generate.loading import load_model
+    from glmv_jax.generate.prompts import prompt_dicts
     from glmv_jax.generate.sampler import answer_ids, generate, response_text
 
     if not os.path.isfile(args.image):

@@ -12,7 +12,7 @@ for its tokens, provided the batch's patch rows stay within Np. When it fits now
 and the sample opens the next one. Only that one sample is ever carried over, so the iterator state is just
 the parent state from before that sample was read (plus counters): JSON-able and exact on restore.
 
-With `frame_len` L (and `frames` F) the batch also carries `patch_frames` [F, L] (models.vision.frame_slots):
+With `frame_len` L (and `frames` F) the batch also carries `patch_frames` [F, L] (glmv_jax.batch.frame_slots):
 the ViT's per-frame attention layout, fixed in shape. A sample is also refused when its frames would not fit
 the F rows of L slots; a sample with a frame longer than L (or needing more than F rows alone) is a bad
 record ("frame_too_long" / "too_many_frames").
@@ -26,24 +26,10 @@ from typing import Any
 import grain
 import numpy as np
 
+from glmv_jax.batch import PATCH_KEYS, batch_shapes, frame_lengths, frame_rows, frame_slots, pack_patches, patch_segments
 from glmv_jax.data.records import BadRecord, BadRecordError
-from glmv_jax.models.vision import frame_slots
 
 TOKEN_KEYS = ("input_ids", "targets", "loss_mask", "token_type")
-
-
-def frame_lengths(sample: dict) -> np.ndarray:
-    """Patch rows of each image / video frame of a sample, in order ([n_frames] int)."""
-    frame = np.asarray(sample.get("patch_frame", np.zeros(0, np.int32)))
-    return np.bincount(frame) if frame.size else np.zeros(0, np.int64)
-
-
-def frame_rows(lengths, frame_len: int) -> int:
-    """Rows of `frame_len` slots that frame_slots packs frames of these lengths into (0 for none)."""
-    lengths = np.asarray(lengths, np.int64)
-    if not lengths.size:
-        return 0
-    return frame_slots(np.repeat(np.arange(1, lengths.size + 1), lengths), frame_len=frame_len).shape[0]
 
 
 def default_frames(patch_budget: int, frame_len: int, min_frame: int = 4) -> int:
@@ -68,7 +54,7 @@ def sample_fits(sample: dict, seq_len: int, patch_budget: int, frame_len: int | 
     if n_patches > patch_budget:
         return BadRecord("too_many_patches", where, f"{n_patches} patch rows exceed the budget Np={patch_budget}")
     if frame_len is not None and n_patches:
-        lengths = frame_lengths(sample)
+        lengths = frame_lengths(patch_segments([sample]))
         if lengths.max() > frame_len:
             return BadRecord("frame_too_long", where, f"an image/frame of {int(lengths.max())} patches exceeds "
                              f"data.frame_len={frame_len}")
@@ -105,7 +91,7 @@ class BatchBuilder:
         n_tokens, n_patches = len(sample["input_ids"]), len(sample["pixel_values"])
         if self.n_patches + n_patches > self.patch_budget:
             return False
-        lengths = frame_lengths(sample).tolist() if n_patches else []
+        lengths = frame_lengths(patch_segments([sample])).tolist() if n_patches else []
         if self.frame_len is not None and lengths:
             if max(lengths) > self.frame_len:
                 raise ValueError(f"sample {sample.get('id', '?')!r} has an image/frame of {max(lengths)} patches, "
@@ -126,16 +112,9 @@ class BatchBuilder:
     def build(self) -> tuple[dict[str, np.ndarray], dict[str, int]]:
         """-> (batch per BATCH.md, {"samples", "tokens", "patches"} of this batch)."""
         B, T, Np = self.batch_size, self.seq_len, self.patch_budget
-        batch = {"input_ids": np.zeros((B, T), np.int32), "targets": np.zeros((B, T), np.int32),
-                 "loss_mask": np.zeros((B, T), np.float32), "segment_ids": np.zeros((B, T), np.int32),
-                 "position_ids": np.zeros((3, B, T), np.int32), "token_type": np.zeros((B, T), np.int32),
-                 "pixel_values": np.zeros((Np, self.patch_dim), np.float32),
-                 "patch_pos": np.zeros((Np, 2), np.int32), "patch_grid": np.ones((Np, 2), np.int32),
-                 "patch_segment": np.zeros((Np,), np.int32)}
-        p = 0            # next patch row
-        frames = 0       # images/frames placed so far (patch_segment is 1-based)
-        n_samples = 0
-        for r, row in enumerate(self.rows):     # row-major: rows, then positions = token-appearance order
+        batch = {key: np.zeros(shape, dtype) for key, (shape, dtype) in batch_shapes(B, T, Np, self.patch_dim).items()
+                 if key not in PATCH_KEYS}
+        for r, row in enumerate(self.rows):
             t = 0
             for seg, s in enumerate(row, start=1):
                 n = len(s["input_ids"])
@@ -143,19 +122,12 @@ class BatchBuilder:
                     batch[key][r, t:t + n] = s[key]
                 batch["segment_ids"][r, t:t + n] = seg
                 batch["position_ids"][:, r, t:t + n] = s["position_ids"]
-                m = len(s["pixel_values"])
-                if m:
-                    batch["pixel_values"][p:p + m] = s["pixel_values"]
-                    batch["patch_pos"][p:p + m] = s["patch_pos"]
-                    batch["patch_grid"][p:p + m] = s["patch_grid"]
-                    batch["patch_segment"][p:p + m] = s["patch_frame"] + frames + 1
-                    frames += int(s["patch_frame"].max()) + 1
-                p += m
                 t += n
-                n_samples += 1
+        samples = [s for row in self.rows for s in row]     # row-major: rows, then positions = token order
+        batch.update(pack_patches(samples, Np, self.patch_dim))
         if self.frame_len is not None:
             batch["patch_frames"] = frame_slots(batch["patch_segment"], frames=self.frames, frame_len=self.frame_len)
-        return batch, {"samples": n_samples, "tokens": sum(self.row_tokens), "patches": p}
+        return batch, {"samples": len(samples), "tokens": sum(self.row_tokens), "patches": self.n_patches}
 
 
 def check_batch(batch: dict[str, np.ndarray], merge_area: int = 4) -> None:

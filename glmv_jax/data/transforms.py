@@ -21,12 +21,11 @@ import grain
 import numpy as np
 import PIL.Image
 
+from glmv_jax.batch import get_rope_index, patch_layout, rope_delta
 from glmv_jax.data import chat_template, placeholders
 from glmv_jax.data.image_processing import ImageProcessorConfig, process_images
 from glmv_jax.data.records import BadRecord, BadRecordError, IMAGE_MARK, VIDEO_MARK, parse_record
 from glmv_jax.data.video_processing import VideoProcessorConfig, process_videos
-from glmv_jax.models.rope import get_rope_index
-from glmv_jax.models.vision import patch_layout
 
 PRETRAIN_PREFIX = "[gMASK]<sop>"
 
@@ -269,7 +268,7 @@ class PromptTransform(_RecordTransform):
         positions = _positions(ids, token_type, vision, proc.merge_size)
         out = {key: record[key] for key in ("id", "where", "kind", "domain", "answer", "difficulty", "messages", "meta")}
         out.update(input_ids=ids, token_type=token_type, position_ids=positions,
-                   rope_delta=int(positions.max(initial=-1)) + 1 - len(ids),
+                   rope_delta=rope_delta(dict(input_ids=ids, position_ids=positions)),
                    **{k: vision[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")})
         out.update(patches_in_token_order(token_type, vision, proc.merge_size, proc.patch_dim))
         return out

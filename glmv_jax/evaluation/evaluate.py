@@ -69,15 +69,14 @@ def _chunks(prompts: Sequence[dict], size: int) -> list[list[dict]]:
 
 
 def batch_shape(prompts: Sequence[dict], batch_size: int, per_call: int, merge_area: int, pad_id: int) -> dict:
-    """kv_cache.batch_prompts arguments that give every call of an evaluation (per_call prompts each) the same
+    """prompts.batch_prompts arguments that give every call of an evaluation (per_call prompts each) the same
     shapes: prompt length of the longest prompt, patch rows of batch_size of the largest images, ViT frame
     rows of the fullest chunk at per_call and at batch_size prompts per call (so greedy, n=1, and sampled,
     n | batch_size, passes over the same records share one compiled loop)."""
-    from glmv_jax.models.glmv import bucket
-    from glmv_jax.generate import kv_cache
+    from glmv_jax.batch import bucket, frame_lengths, frame_rows, longest_frame, patch_segments
     most_patches = max(0 if p.get("pixel_values") is None else len(p["pixel_values"]) for p in prompts)
-    frame_len = bucket(max(kv_cache.longest_frame(prompts), 1), 256)
-    rows = [kv_cache.frame_rows(kv_cache.prompt_segments(c), frame_len)
+    frame_len = bucket(max(longest_frame(prompts), 1), 256)
+    rows = [frame_rows(frame_lengths(patch_segments(c)), frame_len)
             for size in {per_call, batch_size} for c in _chunks(prompts, size)]
     return dict(min_length=max(len(p["input_ids"]) for p in prompts), min_patches=max(64, batch_size * most_patches),
                 frame_len=frame_len, frames=bucket(max(rows + [1]), 1), merge_area=merge_area, pad_id=pad_id)
@@ -90,8 +89,7 @@ def sample_answers(exp, params, records: Sequence[dict], n: int, *, max_new_toke
 
     Each generate call holds max(1, batch_size // n) prompts (each image encoded once for its n rows), and
     every call of an evaluation is padded to one shape (batch_shape), so the evaluation compiles once."""
-    from glmv_jax.generate import kv_cache
-    from glmv_jax.generate.loading import prompt_dicts
+    from glmv_jax.generate.prompts import batch_prompts, prompt_dicts
     from glmv_jax.generate.sampler import answer_ids, generate, response_text
     if n < 1 or batch_size < 1:
         raise ValueError(f"samples per prompt and batch_size must be >= 1, got {n}, {batch_size}")
@@ -105,7 +103,7 @@ def sample_answers(exp, params, records: Sequence[dict], n: int, *, max_new_toke
                         exp.tokenizer.pad_id)
     groups = []
     for c, chunk in enumerate(_chunks(prompts, per_call)):
-        batch = kv_cache.batch_prompts(chunk, n, **shape)
+        batch = batch_prompts(chunk, n, **shape)
         out = generate(exp.model_config, params, batch, max_new_tokens=max_new_tokens, temperature=temperature,
                        top_p=top_p, stop_ids=stops, rng=jax.random.key(seed + c * per_call), force_answer_ids=force,
                        pad_id=exp.tokenizer.pad_id)

@@ -1,4 +1,4 @@
-"""Loading a model for inference and text generation from records.
+"""Loading a model for inference and text generation from records (prompts: generate/prompts.py).
 
     bundle = load_model("dir")              # HF checkpoint dir, or a work directory of experiments.run
     generate_fn = make_generate_fn("ckpt_dir", max_new_tokens=256, temperature=1.0, top_p=1.0, seed=0, style="glm41v")
@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import jax
 
 from glmv_jax.config import ModelConfig
+from glmv_jax.generate.prompts import prompt_dicts
 
 
 @dataclass
@@ -107,21 +108,6 @@ def check_tokenizer_matches(config: ModelConfig, tokenizer) -> None:
         raise ValueError(f"tokenizer and model config disagree on special ids (tokenizer, model): {wrong}")
     if tokenizer.vocab_size > config.text.vocab_size:
         raise ValueError(f"tokenizer vocabulary {tokenizer.vocab_size} exceeds the model's {config.text.vocab_size}")
-
-
-def prompt_dicts(records: Sequence[dict], tokenizer, processor) -> list[dict]:
-    """Record dicts (design.md; an optional "base_dir" resolves relative image paths) -> prompt dicts."""
-    from glmv_jax.data.transforms import PromptTransform
-    transform = PromptTransform(tokenizer, processor)
-    out = []
-    for i, rec in enumerate(records):
-        element = {"raw": {k: v for k, v in rec.items() if k != "base_dir"}, "where": f"prompt[{i}]",
-                   "base_dir": rec.get("base_dir")}
-        prompt = transform.map(element)
-        if not isinstance(prompt, dict):
-            raise prompt.error()
-        out.append(prompt)
-    return out
 
 
 def make_generate_fn(checkpoint_or_params: Any, config: ModelConfig | None = None, tokenizer: Any = None,

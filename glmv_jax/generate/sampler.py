@@ -29,6 +29,7 @@ import numpy as np
 
 from glmv_jax.config import ModelConfig
 from glmv_jax.generate import kv_cache
+from glmv_jax.generate.prompts import batch_prompts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,7 +149,7 @@ def generate(config: ModelConfig, params: Any, prompts: Sequence[dict] | dict, *
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_ids: Sequence[int] = (),
              rng: Any = None, thinking_budget: int | None = None, force_answer_ids: Sequence[int] | None = None,
              num_samples: int = 1, pad_id: int = 0) -> dict[str, np.ndarray]:
-    """Samples continuations of `prompts` (PromptTransform dicts, or a kv_cache.batch_prompts batch).
+    """Samples continuations of `prompts` (PromptTransform dicts, or a prompts.batch_prompts batch).
 
     Rows: len(prompts) * num_samples, prompt i at rows [i * num_samples, (i + 1) * num_samples).
     Returns numpy arrays: tokens [B, N] int32 (pad_id after the end), logprobs [B, N] fp32 (0 after the
@@ -165,8 +166,7 @@ def generate(config: ModelConfig, params: Any, prompts: Sequence[dict] | dict, *
             raise ValueError("num_samples applies to a list of prompt dicts; a prebuilt batch has its rows")
         batch = prompts
     else:
-        batch = kv_cache.batch_prompts(prompts, num_samples, pad_id=pad_id,
-                                       merge_area=config.vision.spatial_merge_size ** 2)
+        batch = batch_prompts(prompts, num_samples, pad_id=pad_id, merge_area=config.vision.spatial_merge_size ** 2)
     rng = jax.random.key(0) if rng is None else (jax.random.key(rng) if isinstance(rng, int) else rng)
     force = [int(i) for i in force_answer_ids or ()]
     settings = dict(temperature=np.float32(temperature), top_k=np.int32(top_k), top_p=np.float32(top_p),

@@ -21,11 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from glmv_jax.batch import bucket, frame_grids, frame_slots, get_rope_index, pad_batch, patch_layout
 from glmv_jax.config import ModelConfig
 from glmv_jax.models.decoder import TextDecoder
 from glmv_jax.models.layers import linear, matvec
-from glmv_jax.models.rope import frame_grids, get_rope_index
-from glmv_jax.models.vision import VisionTower, frame_slots, patch_layout
+from glmv_jax.models.vision import VisionTower
 
 Params = dict[str, Any]
 
@@ -69,7 +69,7 @@ def merge_vision_tokens(x: jax.Array, features: jax.Array, token_type: jax.Array
                         vision_index: jax.Array | None = None) -> jax.Array:
     """x [B, T, D]; features [M, D]; token_type [B, T] -> x with vision tokens (token_type > 0) replaced.
 
-    vision_index [B, T] (BATCH.md, e.g. from multi-host `parallel.global_batch`): the feature row of each
+    vision_index [B, T] (BATCH.md, e.g. from multi-host `sharding.global_batch`): the feature row of each
     vision token (other positions ignored). Without it the k-th vision token (row-major) takes features[k],
     right only when the patch rows are packed without gaps."""
     b, t, d = x.shape
@@ -242,36 +242,6 @@ def prepare_inputs(config: ModelConfig, input_ids, attention_mask=None, pixel_va
     return batch, deltas
 
 
-def bucket(n: int, minimum: int, steps: int = 4) -> int:
-    """Padded size for n: at least `minimum`, then `steps` steps per octave (at most 1/steps padding), so
-    prompts of similar length share one compiled function."""
-    n = max(n, minimum)
-    step = max(1, 2 ** (n.bit_length() - 1) // steps)
-    return -(-n // step) * step
-
-
-def pad_batch(batch: dict[str, np.ndarray], length: int, patches: int) -> dict[str, np.ndarray]:
-    """Right-pads tokens to `length` (segment 0: never attended), patch rows to `patches` (segment 0, in
-    no ViT frame: features never used) and patch_frames rows to a bucket (empty rows). Valid positions
-    compute the same values."""
-    out = dict(batch)
-    extra = length - batch["input_ids"].shape[1]
-    for key in ("input_ids", "segment_ids", "token_type", "position_ids"):
-        widths = [(0, 0)] * (batch[key].ndim - 1) + [(0, extra)]
-        out[key] = np.pad(batch[key], widths)
-    if "pixel_values" in batch:
-        rows = patches - batch["pixel_values"].shape[0]
-        out["pixel_values"] = np.pad(batch["pixel_values"], [(0, rows), (0, 0)])
-        out["patch_pos"] = np.pad(batch["patch_pos"], [(0, rows), (0, 0)])
-        out["patch_grid"] = np.pad(batch["patch_grid"], [(0, rows), (0, 0)], constant_values=1)
-        out["patch_segment"] = np.pad(batch["patch_segment"], [(0, rows)])
-    if "patch_frames" in batch:
-        frames = batch["patch_frames"].shape[0]
-        out["patch_frames"] = np.pad(batch["patch_frames"], [(0, bucket(frames, 1) - frames), (0, 0)],
-                                     constant_values=-1)
-    return out
-
-
 def forward(config: ModelConfig, params: Params, input_ids, attention_mask=None, pixel_values=None,
             image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None, mm_token_type_ids=None) -> jax.Array:
     """Logits [B, T, V] float32 for inputs shaped as the HF processor makes them (numpy or jax).
@@ -279,7 +249,7 @@ def forward(config: ModelConfig, params: Params, input_ids, attention_mask=None,
     Vision features replace image-token embeddings in row-major order, images and videos placed by
     token type (so, unlike HF, one prompt may hold both). Positions follow get_rope_index with the
     attention mask also for text-only inputs (HF's plain forward uses arange there; generate does not).
-    Tokens (1/16-octave steps: <= 6% padding) and patch rows are padded to `bucket` sizes so similar
+    Tokens (1/16-octave steps: <= 6% padding) and patch rows are padded to `batch.bucket` sizes so similar
     prompts share a compiled function."""
     batch, _ = prepare_inputs(config, input_ids, attention_mask, pixel_values, image_grid_thw,
                               pixel_values_videos, video_grid_thw, mm_token_type_ids)

@@ -1,6 +1,7 @@
-"""Rotary position embeddings: the ViT's axial 2D rope, the decoder's 3D M-RoPE, and `get_rope_index`.
+"""Rotary position embeddings: the ViT's axial 2D rope and the decoder's 3D M-RoPE tables (the positions
+themselves, `get_rope_index`, are host-side batch contract: glmv_jax/batch.py).
 
-Conventions (architecture.md sections 2.4, 3.1, 4, 5.2, all load-bearing):
+Conventions (all load-bearing, as HF):
 * ViT: angles per token `[h*inv, w*inv, h*inv, w*inv]` over the whole head dim, rotate_half pairing
   (i, i + H/2); cos/sin fp32, q and k upcast to fp32, rotated, cast back.
 * Decoder: only the first `rotary_dim` dims rotate; the rotary_dim/2 frequencies are split by
@@ -11,13 +12,11 @@ Conventions (architecture.md sections 2.4, 3.1, 4, 5.2, all load-bearing):
 
 from __future__ import annotations
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glmv_jax.config import ModelConfig, TextConfig
+from glmv_jax.config import TextConfig
 
 
 def inverse_frequencies(dim: int, theta: float) -> np.ndarray:
@@ -86,74 +85,3 @@ def apply_text_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, layout: str) -
     turned = rotate_interleaved(rot) if layout == "interleaved" else rotate_half(rot)
     return jnp.concatenate([rot * cos + turned * sin, rest], axis=-1)
 
-
-# ----------------------------------------------------------------------------------------------
-# get_rope_index (numpy: it is data preprocessing)
-
-def frame_grids(grid_thw) -> np.ndarray:
-    """Each video (t, h, w) row becomes t rows of (1, h, w): one per temporal patch."""
-    grid = np.asarray(grid_thw, np.int64).reshape(-1, 3)
-    hw = np.repeat(grid[:, 1:], grid[:, 0], axis=0)
-    return np.concatenate([np.ones((len(hw), 1), np.int64), hw], axis=1)
-
-
-def _vision_run_positions(start: int, grid, merge: int) -> tuple[np.ndarray, int]:
-    """3D positions [3, t*gh*gw] of one image/frame starting at `start`, and the next text position."""
-    t, h, w = (int(g) for g in grid)
-    gh, gw = h // merge, w // merge
-    tt, hh, ww = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
-    pos = np.stack([tt, hh, ww]).reshape(3, -1) + start
-    return pos, start + max(h, w) // merge
-
-
-def get_rope_index(config: ModelConfig, input_ids, mm_token_type_ids, image_grid_thw=None,
-                   video_grid_thw=None, attention_mask=None) -> tuple[np.ndarray, np.ndarray]:
-    """HF Glm4vModel.get_rope_index: (position_ids [3, B, T] int64, rope_deltas [B] int64).
-
-    Per row (padding dropped), runs of equal token type: text runs count up on all 3 streams; an image
-    run (type 1) takes the next image grid, a video run (type 2) the next frame of the videos; vision
-    tokens get (cur, cur + row, cur + col) and cur advances by max(h, w) / merge. Grids are consumed
-    in order across the batch. Padded positions are 0; rope_delta = max(pos) + 1 - unpadded length.
-    A run covering several back-to-back items consumes grids until their token counts add up."""
-    ids = np.asarray(input_ids)
-    types = np.asarray(mm_token_type_ids)
-    if ids.ndim != 2 or types.shape != ids.shape:
-        raise ValueError(f"input_ids {ids.shape} and mm_token_type_ids {types.shape} must both be [B, T]")
-    mask = np.ones_like(ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-    merge = config.vision.spatial_merge_size
-    grids = {1: list(np.asarray(image_grid_thw).reshape(-1, 3)) if image_grid_thw is not None else [],
-             2: list(frame_grids(video_grid_thw)) if video_grid_thw is not None else []}
-    used = {1: 0, 2: 0}
-    names = {1: "image", 2: "video frame"}
-    position_ids = np.zeros((3,) + ids.shape, np.int64)
-    deltas = np.zeros(ids.shape[0], np.int64)
-    for b in range(ids.shape[0]):
-        row_types = types[b][mask[b]]
-        cur, chunks = 0, []
-        for kind, run in itertools.groupby(row_types.tolist()):
-            length = len(list(run))
-            if kind == 0:
-                chunks.append(np.broadcast_to(np.arange(length) + cur, (3, length)))
-                cur += length
-                continue
-            if kind not in grids:
-                raise ValueError(f"mm_token_type_ids holds {kind}; expected 0 (text), 1 (image), 2 (video)")
-            while length > 0:
-                if used[kind] >= len(grids[kind]):
-                    raise ValueError(f"more {names[kind]} tokens in the prompt than {names[kind]} grids given")
-                grid = grids[kind][used[kind]]
-                used[kind] += 1
-                pos, cur = _vision_run_positions(cur, grid, merge)
-                if pos.shape[1] > length:
-                    raise ValueError(f"a run of {names[kind]} tokens is shorter than its grid "
-                                     f"{tuple(int(g) for g in grid)} needs ({pos.shape[1]} tokens)")
-                chunks.append(pos)
-                length -= pos.shape[1]
-        row_pos = np.concatenate(chunks, axis=1) if chunks else np.zeros((3, 0), np.int64)
-        position_ids[:, b, mask[b]] = row_pos
-        deltas[b] = (row_pos.max() + 1 if row_pos.size else 0) - row_pos.shape[1]
-    for kind in (1, 2):
-        if used[kind] != len(grids[kind]):
-            raise ValueError(f"{len(grids[kind])} {names[kind]} grids given but the prompt has tokens for "
-                             f"{used[kind]}")
-    return position_ids, deltas

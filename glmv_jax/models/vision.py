@@ -1,26 +1,25 @@
-"""The ViT and the adapter (architecture.md section 2): patch rows in, merged visual tokens out.
+"""The ViT and the adapter: patch rows in, merged visual tokens out.
 
 pixel rows [N, Pd] -> patch_embed -> RMSNorm -> + bicubic-resampled position table -> depth x ViT
 block (attention per image / video frame, 2D rope) -> RMSNorm -> 2x2 downsample -> merger (proj,
 LayerNorm, GELU, SwiGLU) -> [N/4, O]. Every image and every temporal patch of a video is an independent
 "frame" with its own attention segment and its own position-table resampling.
 
-Attention runs frame by frame: `frame_slots` (numpy) lays the patch rows out as [F, L] slots (frames
-packed into rows of L, then empty slots). The tower gathers its inputs (pixel rows, positions) into that slot
-layout once, runs every block on the F * L slots (attention.attend over the F frame rows; on CPU one (frame,
-head) pair at a time, in query blocks whose scores stay in cache), and takes the patch rows back after the
-last norm: no gather per block (on a sharded batch each would all-gather the whole [N, Nv, Hv] q/k/v onto
-every device). Without that layout all patch rows form one frame with a same-segment mask: the same values
-at O(N^2) cost.
+Attention runs frame by frame: `patch_frames` [F, L] (glmv_jax.batch.frame_slots, host side) lays the patch
+rows out as slots (frames packed into rows of L, then empty slots). The tower gathers its inputs (pixel rows,
+positions) into that slot layout once, runs every block on the F * L slots (attention.attend over the F frame
+rows; on CPU one (frame, head) pair at a time, in query blocks whose scores stay in cache), and takes the patch
+rows back after the last norm: no gather per block (on a sharded batch each would all-gather the whole
+[N, Nv, Hv] q/k/v onto every device). Without that layout all patch rows form one frame with a same-segment
+mask: the same values at O(N^2) cost.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -33,66 +32,6 @@ from glmv_jax.sharding.rules import constrain
 
 CUBIC_A = -0.75   # PyTorch's bicubic kernel constant
 QUERY_BLOCK = 256  # ViT attention query rows per step: [256, L] fp32 scores stay in cache
-
-
-# ----------------------------------------------------------------------------------------------
-# Per-patch layout (numpy preprocessing)
-
-def patch_layout(frames: Sequence[Sequence[int]], merge: int = 2) -> dict[str, np.ndarray]:
-    """For items with patch grids (t, h, w), in the order their pixel rows come: per patch row
-    `patch_pos` [N, 2] (h_idx, w_idx in merge-block order), `patch_grid` [N, 2] (h, w) of its item and
-    `patch_segment` [N] (1.. one per temporal slice: the ViT attention blocks)."""
-    pos, grid, segment = [], [], []
-    seg = 0
-    for t, h, w in (tuple(int(g) for g in f) for f in frames):
-        hh, ww = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-        block = lambda a: a.reshape(h // merge, merge, w // merge, merge).transpose(0, 2, 1, 3).reshape(-1)
-        one = np.stack([block(hh), block(ww)], axis=-1)
-        for _ in range(t):
-            seg += 1
-            pos.append(one)
-            grid.append(np.broadcast_to([h, w], one.shape))
-            segment.append(np.full(h * w, seg))
-    if not pos:
-        return dict(patch_pos=np.zeros((0, 2), np.int32), patch_grid=np.zeros((0, 2), np.int32),
-                    patch_segment=np.zeros((0,), np.int32))
-    return dict(patch_pos=np.concatenate(pos).astype(np.int32), patch_grid=np.concatenate(grid).astype(np.int32),
-                patch_segment=np.concatenate(segment).astype(np.int32))
-
-
-def frame_slots(patch_segment, frames: int | None = None, frame_len: int | None = None) -> np.ndarray:
-    """patch_segment [N] (frames 1..n, each a contiguous run of rows; 0 on padding rows) -> patch_frames
-    [F, L] int32: the ViT attention rows. Frames are packed first-fit (longest first) into rows of L slots
-    holding patch row indices, -1 in empty slots; attention stays inside each frame (the segment mask), so
-    small frames share a row instead of each padding one to L. L defaults to the longest frame and F to the
-    rows used; pass them for a fixed shape (at least those sizes)."""
-    seg = np.asarray(patch_segment).reshape(-1).astype(np.int64)
-    rows = np.flatnonzero(seg > 0)
-    real = seg[rows]
-    n = int(real.max()) if rows.size else 0
-    first, last = np.full(n + 1, seg.size), np.full(n + 1, -1)
-    np.minimum.at(first, real, rows)
-    np.maximum.at(last, real, rows)
-    lengths = np.bincount(real, minlength=n + 1)[1:]
-    if (lengths == 0).any() or (last[1:] - first[1:] + 1 != lengths).any():
-        raise ValueError("patch_segment must number the frames 1..n, each a contiguous run of patch rows")
-    longest = int(lengths.max()) if n else 1
-    frame_len = longest if frame_len is None else frame_len
-    if frame_len < longest:
-        raise ValueError(f"a frame of {longest} patches does not fit patch_frames rows of {frame_len} slots")
-    fill, row_of, offset_of = [], np.zeros(n + 1, np.int64), np.zeros(n + 1, np.int64)
-    for f in np.argsort(-lengths, kind="stable") + 1:
-        r = next((i for i, used in enumerate(fill) if used + lengths[f - 1] <= frame_len), len(fill))
-        if r == len(fill):
-            fill.append(0)
-        row_of[f], offset_of[f] = r, fill[r]
-        fill[r] += lengths[f - 1]
-    frames = max(len(fill), 1) if frames is None else frames
-    if frames < len(fill):
-        raise ValueError(f"{n} frames need {len(fill)} rows of {frame_len} slots; patch_frames has {frames}")
-    out = np.full((frames, frame_len), -1, np.int32)
-    out[row_of[real], offset_of[real] + rows - first[real]] = rows
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,7 +87,7 @@ class FrameLayout(NamedTuple):
 
 
 def frame_layout(patch_segment: jax.Array, patch_frames: jax.Array | None) -> FrameLayout:
-    """patch_segment [N]; patch_frames [F, L] (frame_slots) or None: all rows one frame, masked by segment."""
+    """patch_segment [N]; patch_frames [F, L] (batch.frame_slots) or None: all rows one frame, masked by segment."""
     patch_segment = jnp.asarray(patch_segment)
     n = patch_segment.shape[0]
     patch_frames = jnp.arange(n, dtype=jnp.int32)[None] if patch_frames is None else jnp.asarray(patch_frames)
@@ -252,7 +191,7 @@ class VisionTower(nnx.Module):
 
     def __call__(self, pixel_values, patch_pos, patch_grid, patch_segment, patch_frames=None) -> jax.Array:
         """pixel_values [N, Pd]; patch_pos, patch_grid [N, 2]; patch_segment [N]; patch_frames [F, L] or None
-        (frame_slots) -> [N/4, O] merged tokens. The blocks run on the F * L frame slots (empty slots hold
+        (batch.frame_slots) -> [N/4, O] merged tokens. The blocks run on the F * L frame slots (empty slots hold
         patch row 0's input, masked out of attention); without patch_frames the slots are the patch rows."""
         v = self.v
         layout = frame_layout(patch_segment, patch_frames)

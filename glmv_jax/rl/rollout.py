@@ -17,13 +17,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from glmv_jax.batch import bucket, frame_lengths, frame_rows, longest_frame, pack_patches, patch_frames, rope_delta
 from glmv_jax.config import ModelConfig
-from glmv_jax.generate.kv_cache import frame_rows, longest_frame, patch_frames
 from glmv_jax.generate.sampler import generate, response_text
-from glmv_jax.models.glmv import bucket
-
-VISION_KEYS = ("pixel_values", "patch_pos", "patch_grid", "patch_segment")
-
 
 # ----------------------------------------------------------------------------------------------
 # Trajectories
@@ -126,8 +122,7 @@ def _row(prompt: dict, tokens: np.ndarray, logprobs: np.ndarray, response_mask: 
     row["segment_ids"][:total] = 1
     row["token_type"][:plen] = prompt["token_type"]
     row["position_ids"][:, :plen] = prompt["position_ids"]
-    delta = int(prompt.get("rope_delta", np.asarray(prompt["position_ids"]).max() + 1 - plen))
-    row["position_ids"][:, plen:total] = np.arange(plen, total) + delta
+    row["position_ids"][:, plen:total] = np.arange(plen, total) + rope_delta(prompt)
     at = slice(plen - 1, plen - 1 + length)            # position k predicts response token k - plen + 1
     row["response_mask"][at] = response_mask[:length]
     row["old_logp"][at] = logprobs[:length] * response_mask[:length]
@@ -135,36 +130,12 @@ def _row(prompt: dict, tokens: np.ndarray, logprobs: np.ndarray, response_mask: 
     return row
 
 
-def _vision(prompts: Sequence[dict], patches: int, patch_dim: int) -> dict[str, np.ndarray]:
-    """Patch arrays of rows whose prompts are `prompts` (in row order), patch_segment renumbered, padded to
-    `patches` rows (all padding for text-only rows)."""
-    parts = [(np.zeros((0, patch_dim), np.float32), np.zeros((0, 2), np.int32), np.zeros((0, 2), np.int32),
-              np.zeros((0,), np.int32))]
-    frames = 0
-    for p in prompts:
-        if p.get("pixel_values") is None or len(p["pixel_values"]) == 0:
-            continue
-        frame = np.asarray(p["patch_frame"], np.int32)
-        parts.append((p["pixel_values"], p["patch_pos"], p["patch_grid"], frame + frames + 1))
-        frames += int(frame.max()) + 1
-    rows = sum(len(part[0]) for part in parts)
-    out = {}
-    for key, col in zip(VISION_KEYS, zip(*parts)):
-        arr = np.concatenate([np.asarray(a) for a in col])
-        widths = [(0, patches - rows)] + [(0, 0)] * (arr.ndim - 1)
-        out[key] = np.pad(arr, widths, constant_values=1 if key == "patch_grid" else 0)
-    out["pixel_values"] = out["pixel_values"].astype(np.float32)
-    for key in ("patch_pos", "patch_grid", "patch_segment"):
-        out[key] = out[key].astype(np.int32)
-    return out
-
-
 def assemble_batch(prompts: Sequence[dict], num_samples: int, generation: dict, *, seq_len: int | None = None,
                    num_minibatches: int | None = None, merge_area: int = 4) -> dict[str, np.ndarray]:
     """The GRPO batch for `generate`'s output over `prompts` (rows grouped per prompt). num_minibatches None:
     one batch (patch arrays over all rows); M: every key stacked on a leading [M] axis, each minibatch of
     B/M consecutive rows holding its own patches (grpo.make_grpo_update(..., presplit=True)). Vision batches
-    carry patch_frames [F, L] (kv_cache.patch_frames; the same F, L in every minibatch)."""
+    carry patch_frames [F, L] (batch.patch_frames; the same F, L in every minibatch)."""
     rows = len(prompts) * num_samples
     lengths = generation["lengths"]
     need = max(len(prompts[r // num_samples]["input_ids"]) + int(lengths[r]) for r in range(rows))
@@ -187,11 +158,11 @@ def assemble_batch(prompts: Sequence[dict], num_samples: int, generation: dict, 
         chunk = per_row[g * size:(g + 1) * size]
         mb = {k: np.stack([r[k] for r in chunk], axis=1 if k == "position_ids" else 0) for k in chunk[0]}
         if has_vision:
-            mb.update(_vision(groups[g], patches, patch_dim))
+            mb.update(pack_patches(groups[g], patches, patch_dim))
         minibatches.append(mb)
     if has_vision:          # the ViT's per-frame layout, one [F, L] shape for all minibatches
         frame_len = bucket(longest_frame(prompts), 256)
-        frames = bucket(max(frame_rows(mb["patch_segment"], frame_len) for mb in minibatches), 1)
+        frames = bucket(max(frame_rows(frame_lengths(mb["patch_segment"]), frame_len) for mb in minibatches), 1)
         for mb in minibatches:
             mb["patch_frames"] = patch_frames(mb["patch_segment"], frame_len, frames)
     if num_minibatches is None:

@@ -42,10 +42,11 @@ from typing import Any
 import jax
 import numpy as np
 
+from glmv_jax.batch import bucket
 from glmv_jax.evaluation.evaluate import prompt_records
-from glmv_jax.generate.loading import prompt_dicts
+from glmv_jax.generate.prompts import prompt_dicts
 from glmv_jax.generate.sampler import answer_ids
-from glmv_jax.models.glmv import bucket, init_params
+from glmv_jax.models.glmv import init_params
 from glmv_jax.rewards import compute_rewards
 from glmv_jax.rl.curriculum import CurriculumConfig, DAPOSampler, Iteration, PromptPool, RLCSCurriculum, UniformSampler
 from glmv_jax.rl.grpo import GRPOConfig, group_stats, make_grpo_update, make_model_logp_fn

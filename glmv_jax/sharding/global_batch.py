@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from glmv_jax.batch import PATCH_KEYS, ROW_AXIS
+from glmv_jax.batch import BATCH_WIDE_KEYS, PATCH_KEYS, ROW_AXIS
 from glmv_jax.sharding import rules as rules_lib
 
 
@@ -66,10 +66,10 @@ def block_axes(batch: Mapping[str, np.ndarray]) -> dict[str, int]:
         if lead and shape[:1] != np.shape(batch["token_type"])[:1]:
             raise ValueError(f"presplit batch[{key!r}] has shape {shape}; expected a leading axis of "
                              f"{np.shape(batch['token_type'])[0]} micro-batches like token_type")
-        axis = lead + (0 if key in PATCH_KEYS or key == "patch_frames" else ROW_AXIS.get(key, 0))
+        axis = lead + (0 if key in BATCH_WIDE_KEYS else ROW_AXIS.get(key, 0))
         if len(shape) <= axis:
             raise ValueError(f"batch[{key!r}] with shape {shape} has no axis {axis} to join hosts' blocks along")
-        if key not in PATCH_KEYS and key != "patch_frames" and shape[axis] != rows:
+        if key not in BATCH_WIDE_KEYS and shape[axis] != rows:
             raise ValueError(f"batch[{key!r}] with shape {shape} is not per-row: axis {axis} should hold the "
                              f"{rows} rows of token_type")
         axes[key] = axis

@@ -35,6 +35,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from glmv_jax.batch import batch_shapes
 from glmv_jax.config import ModelConfig, get_preset
 from glmv_jax.sharding import rules as rules_lib
 from glmv_jax.sharding.mesh import AXES, MeshError, resolve_shape
@@ -149,14 +150,10 @@ def abstract_batch_shapes(data_cfg, model_config: ModelConfig, micro_batches: in
         raise ValueError(f"data.batch_size {rows} and patch_budget {patches} must be divisible by "
                          f"grad_accum_steps {k}")
     b, n = rows // k, patches // k
-    i32, f32 = np.dtype(np.int32), np.dtype(np.float32)
-    shapes = {"input_ids": ((b, length), i32), "targets": ((b, length), i32), "loss_mask": ((b, length), f32),
-              "segment_ids": ((b, length), i32), "position_ids": ((3, b, length), i32),
-              "token_type": ((b, length), i32), "pixel_values": ((n, model_config.vision.patch_dim), f32),
-              "patch_pos": ((n, 2), i32), "patch_grid": ((n, 2), i32), "patch_segment": ((n,), i32)}
+    shapes = batch_shapes(b, length, n, model_config.vision.patch_dim)
     frames, frame_len = frames_shape(data_cfg, model_config, k) if n else (None, None)
     if frames is not None:
-        shapes["patch_frames"] = ((frames, frame_len), i32)
+        shapes["patch_frames"] = ((frames, frame_len), np.dtype(np.int32))
     lead = (k,) if k > 1 else ()
     return {key: jax.ShapeDtypeStruct(lead + shape, dtype) for key, (shape, dtype) in shapes.items()}
 

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from glmv_jax.batch import PATCH_KEYS, ROW_AXIS
+from glmv_jax.batch import BATCH_WIDE_KEYS, ROW_AXIS
 from glmv_jax.sharding import rules as rules_lib
 from glmv_jax.train.optimizer import Optimizer
 from glmv_jax.train.state import TrainState
@@ -44,7 +44,7 @@ NONFINITE_MODES = ("skip", "raise")
 def split_microbatches(batch: dict, k: int) -> dict:
     """Every entry [.., B, ..] -> [k, .., B/k, ..] with micro-batch i = rows i, i+k, i+2k, ...
 
-    The packed patch rows (PATCH_KEYS) and `patch_frames` (indices into them) belong to the whole batch, not
+    The packed patch rows and `patch_frames` (indices into them; BATCH_WIDE_KEYS) belong to the whole batch, not
     to a row, and are refused by name even when Np or F happens to equal B: use presplit batches
     (data.micro_batches / the pipeline's StackIterDataset) whose micro-batches hold their own patches."""
     ref_key = "input_ids" if "input_ids" in batch else sorted(batch)[0]
@@ -54,7 +54,7 @@ def split_microbatches(batch: dict, k: int) -> dict:
 
     def split(key: str, x: jax.Array) -> jax.Array:
         axis = ROW_AXIS.get(key, 0)
-        if key in PATCH_KEYS + ("patch_frames",) or x.ndim <= axis or x.shape[axis] != rows:
+        if key in BATCH_WIDE_KEYS or x.ndim <= axis or x.shape[axis] != rows:
             raise ValueError(f"batch[{key!r}] with shape {x.shape} is not per-row ({rows} rows on axis {axis}); "
                              f"pass make_train_step(split_fn=...) that knows its layout, or presplit batches")
         x = x.reshape(x.shape[:axis] + (rows // k, k) + x.shape[axis + 1:])

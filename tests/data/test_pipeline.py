@@ -8,12 +8,12 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from glmv_jax.batch import get_rope_index
 from glmv_jax.config import tiny
 from glmv_jax.data.image_processing import process_images
 from glmv_jax.data.pipeline import data_config, make_pipeline, make_prompt_pipeline, prompt_dataset
 from glmv_jax.data.sources import write_array_record
 from glmv_jax.data.synthetic import generate
-from glmv_jax.models.rope import get_rope_index
 
 CFG = dict(seq_len=96, batch_size=2, patch_budget=256, shuffle=False, num_epochs=1, read_threads=1)
 

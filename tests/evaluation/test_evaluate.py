@@ -192,7 +192,8 @@ def test_generate_answers_compiles_once_and_matches_per_batch_generation(hf_dir)
     from glmv_jax.data.transforms import Processor
     from glmv_jax.generate import sampler
     from glmv_jax.evaluation.evaluate import generate_answers
-    from glmv_jax.generate.loading import load_model, prompt_dicts
+    from glmv_jax.generate.loading import load_model
+    from glmv_jax.generate.prompts import prompt_dicts
     bundle = load_model(hf_dir)
     tok, n = bundle.tokenizer, 5
     processor = Processor.for_model(bundle.config, min_pixels=256, max_pixels=2304)

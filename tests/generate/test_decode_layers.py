@@ -17,6 +17,7 @@ from glmv_jax.models import glmv
 from glmv_jax.rl import rollout
 from glmv_jax.generate import kv_cache
 from glmv_jax.generate import sampler
+from glmv_jax.generate.prompts import batch_prompts
 from tests.hf_oracle import build_hf_model, multimodal_inputs
 from tests.generate.test_sampler import SPANS, full_logits, prompt_of, rel_err
 
@@ -48,7 +49,7 @@ def test_decode_equals_full_forward(which, request):
     """Logits at every decoded position (the prompt's last token, then each fed token) equal the uncached
     forward's, for decode_layers (weights prepared once) and decode_step (stacked caches) alike."""
     config, params, inputs, prompts = request.getfixturevalue(which)
-    batch = kv_cache.batch_prompts(prompts)
+    batch = batch_prompts(prompts)
     tp = batch["input_ids"].shape[1]
     feed = np.random.default_rng(1).integers(2, 200, size=(3, N)).astype(np.int32)
     active = np.array([True, True, False])            # an ended row: masked out of MoE routing statistics
@@ -132,7 +133,7 @@ def test_decode_loop_copies_no_weights_or_caches(dense):
     weight (the smallest, o, has 64 x 64 elements) or a layer's cache (3 x 2 x 34 x 16); decode_step in the
     same kind of loop (weights prepared and stacked caches split every step) does (the check can fail)."""
     config, params, _, prompts = dense
-    batch = kv_cache.batch_prompts(prompts)
+    batch = batch_prompts(prompts)
     settings = dict(temperature=np.float32(0), top_k=np.int32(0), top_p=np.float32(1.0),
                     stop_ids=np.full(8, -1, np.int32), force_ids=np.zeros(4, np.int32), force_len=np.int32(0),
                     budget=np.int32(-1))
@@ -158,7 +159,7 @@ def test_decode_loop_copies_no_weights_or_caches(dense):
 
 def test_prefill_with_patch_frames_equals_all_patches(dense):
     config, params, _, prompts = dense
-    batch = kv_cache.batch_prompts(prompts, num_samples=2)
+    batch = batch_prompts(prompts, num_samples=2)
     frames = batch["patch_frames"]
     real = np.flatnonzero(batch["patch_segment"] > 0)
     assert frames.shape[1] == 256 and sorted(frames[frames >= 0].tolist()) == real.tolist()   # each row once
@@ -167,12 +168,12 @@ def test_prefill_with_patch_frames_equals_all_patches(dense):
     (with_frames, caches), (without, plain_caches) = run(params, batch), run(params, plain)
     assert rel_err(with_frames, np.asarray(without)) <= 1e-5
     np.testing.assert_allclose(caches["layers"].k, plain_caches["layers"].k, rtol=0, atol=1e-5)
-    fixed = kv_cache.batch_prompts(prompts, frame_len=384, frames=3)
+    fixed = batch_prompts(prompts, frame_len=384, frames=3)
     assert fixed["patch_frames"].shape == (3, 384)
     with pytest.raises(ValueError, match="does not fit"):
-        kv_cache.batch_prompts(prompts, frame_len=8)
+        batch_prompts(prompts, frame_len=8)
     with pytest.raises(ValueError, match="patch_frames has 1"):
-        kv_cache.batch_prompts(prompts, frame_len=32, frames=1)
+        batch_prompts(prompts, frame_len=32, frames=1)
 
 
 def test_grpo_batch_with_patch_frames_equals_all_patches(dense):

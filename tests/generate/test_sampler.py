@@ -14,6 +14,7 @@ from glmv_jax.convert.hf import hf_state_dict_to_params
 from glmv_jax.models import glmv
 
 from glmv_jax.generate import kv_cache, loading, sampler
+from glmv_jax.generate.prompts import batch_prompts
 from glmv_jax.rl import rollout
 from glmv_jax.rl.grpo import token_logprobs
 from tests.hf_oracle import build_hf_model, multimodal_inputs
@@ -78,7 +79,7 @@ def greedy(config, params, prompts):
 # ----------------------------------------------------------------------------------------------- KV cache
 
 def test_cached_decode_equals_full_forward(config, params, inputs, prompts):
-    batch = kv_cache.batch_prompts(prompts)
+    batch = batch_prompts(prompts)
     tp = batch["input_ids"].shape[1]
     assert tp == 28 and (batch["segment_ids"].sum(1) == [12, 26, 8]).all() and batch["segment_ids"][:, -1].all()
     feed = np.random.default_rng(0).integers(2, 200, size=(3, N)).astype(np.int32)
@@ -97,7 +98,7 @@ def test_cached_decode_equals_full_forward(config, params, inputs, prompts):
 
 
 def test_batch_prompts_shares_vision_between_samples(config, prompts):
-    batch = kv_cache.batch_prompts(prompts, num_samples=2)
+    batch = batch_prompts(prompts, num_samples=2)
     assert batch["input_ids"].shape[0] == 6 and (batch["prompt_len"] == [12, 12, 26, 26, 8, 8]).all()
     real = int((batch["patch_segment"] > 0).sum())
     assert real == len(prompts[0]["pixel_values"]) + len(prompts[1]["pixel_values"])   # patches once per prompt

@@ -1,11 +1,13 @@
-"""Blocked attention (decoder and ViT) against the plain masked reference, and the ViT frame layout."""
+"""Blocked attention (decoder and ViT) against the plain masked reference, and the ViT on frame slots (batch.frame_slots
+itself: tests/test_batch.py)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from glmv_jax.models import glmv, vision
+from glmv_jax.batch import frame_slots, patch_layout
+from glmv_jax.models import glmv
 from glmv_jax.models.layers import blocked_attention, causal_segment_mask, dot_product_attention
 
 RNG = np.random.default_rng(0)
@@ -47,32 +49,11 @@ def test_bidirectional_blocked_matches_segment_masked_reference(per_pair):
     np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], rtol=1e-5, atol=1e-6)
 
 
-def test_frame_slots_packs_frames_longest_first():
-    seg = np.array([1, 1, 1, 2, 2, 3, 3, 3, 3, 0, 0], np.int32)
-    np.testing.assert_array_equal(vision.frame_slots(seg), [[5, 6, 7, 8], [0, 1, 2, -1], [3, 4, -1, -1]])
-    np.testing.assert_array_equal(vision.frame_slots(seg, frame_len=6), [[5, 6, 7, 8, 3, 4], [0, 1, 2, -1, -1, -1]])
-    fixed = vision.frame_slots(seg, frames=4, frame_len=9)
-    assert fixed.shape == (4, 9) and (fixed[1:] == -1).all()
-    assert sorted(fixed[fixed >= 0].tolist()) == list(range(9))
-    assert vision.frame_slots(np.zeros(8, np.int32)).shape == (1, 1)
-
-
-def test_frame_slots_rejects_bad_segments():
-    with pytest.raises(ValueError, match="contiguous"):
-        vision.frame_slots(np.array([1, 2, 1, 0]))
-    with pytest.raises(ValueError, match="contiguous"):
-        vision.frame_slots(np.array([1, 1, 3, 3]))     # frame 2 missing
-    with pytest.raises(ValueError, match="does not fit"):
-        vision.frame_slots(np.array([1, 1, 1, 2]), frame_len=2)
-    with pytest.raises(ValueError, match="need 2 rows"):
-        vision.frame_slots(np.array([1, 1, 1, 2, 2]), frames=1, frame_len=4)
-
-
 def test_vit_with_frame_slots_equals_segment_masked_vit(config, params):
     """Frames of different sizes packed into shared rows, an empty row, padding rows: the values of the
     one-frame segment-masked ViT."""
     grids = [(1, 4, 6), (2, 4, 4), (1, 2, 2)]
-    layout = vision.patch_layout(grids)
+    layout = patch_layout(grids)
     n = len(layout["patch_segment"])
     pad = 12
     layout = {key: np.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1), constant_values=1 if key == "patch_grid" else 0)
@@ -80,5 +61,5 @@ def test_vit_with_frame_slots_equals_segment_masked_vit(config, params):
     pixels = RNG.standard_normal((n + pad, config.vision.patch_dim)).astype(np.float32)
     run = glmv._jitted_vision(config)
     plain = np.asarray(run(params, pixels, **layout))
-    framed = np.asarray(run(params, pixels, **layout, patch_frames=vision.frame_slots(layout["patch_segment"], 4, 28)))
+    framed = np.asarray(run(params, pixels, **layout, patch_frames=frame_slots(layout["patch_segment"], 4, 28)))
     np.testing.assert_allclose(framed[:n // 4], plain[:n // 4], rtol=1e-5, atol=1e-5 * np.abs(plain).max())

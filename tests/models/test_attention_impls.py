@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from glmv_jax.batch import frame_slots
 from glmv_jax.config import ATTENTION_IMPLS, ConfigError, tiny
 from glmv_jax.models import attention, glmv, vision
 from glmv_jax.models.layers import causal_segment_mask, dot_product_attention
@@ -71,7 +72,7 @@ def test_vit_frames_match_reference(impl):
     into shared rows (-1 in empty slots) and padding rows (segment 0) in no frame, which get zeros."""
     segment = np.repeat([1, 2, 3, 0], [12, 7, 5, 4]).astype(np.int32)
     n_rows, heads, hd = len(segment), 2, 8
-    layout = vision.frame_layout(segment, vision.frame_slots(segment, frames=3, frame_len=16))
+    layout = vision.frame_layout(segment, frame_slots(segment, frames=3, frame_len=16))
     q, k, v = (_normal(n_rows, heads, hd) for _ in range(3))
     out = jax.jit(lambda q, k, v: vision.frame_attention(q, k, v, layout, 0.3, block=8, impl=impl))(q, k, v)
     mask = (segment[:, None] == segment[None, :]) & (segment[None, :] > 0)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from glmv_jax.batch import pad_batch
 from glmv_jax.models import glmv
 from glmv_jax.models.layers import blocked_attention
 from glmv_jax.models import context_parallel as context
@@ -205,7 +206,7 @@ def _decoder_batch(config, length: int = 32) -> dict:
     ids = np.concatenate([rng.integers(2, 200, 5), image, rng.integers(2, 200, 6)])[None]
     pixels = rng.standard_normal((16, config.vision.patch_dim)).astype(np.float32)
     batch, _ = glmv.prepare_inputs(config, ids, pixel_values=pixels, image_grid_thw=np.array([[1, 4, 4]]))
-    batch = glmv.pad_batch(batch, length, 16)
+    batch = pad_batch(batch, length, 16)
     seg = np.zeros(length, np.int32)
     seg[:11], seg[11:27] = 1, 2
     pos = np.where(seg > 0, np.arange(length) - np.where(seg == 2, 11, 0), 0)

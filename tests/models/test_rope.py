@@ -6,6 +6,7 @@ import torch
 from transformers.models.glm4v import modeling_glm4v as hf_dense
 from transformers.models.glm4v_moe import modeling_glm4v_moe as hf_moe
 
+from glmv_jax.batch import get_rope_index
 from glmv_jax.config import tiny
 from glmv_jax.models import rope
 from glmv_jax.models.glmv import token_types
@@ -20,7 +21,7 @@ def test_rope_index_worked_example(config):
     ids = [a, a, a, boi] + [img] * 6 + [eoi, a, a, bov, boi] + [img] * 4 + [eoi, 7, boi] + [img] * 4 + \
           [eoi, 8, eov, a, a]
     ids = np.array([ids])
-    pos, delta = rope.get_rope_index(config, ids, token_types(config, ids), np.array([[1, 4, 6]]),
+    pos, delta = get_rope_index(config, ids, token_types(config, ids), np.array([[1, 4, 6]]),
                                      np.array([[2, 4, 4]]))
     expect_t = [0, 1, 2, 3, 4, 4, 4, 4, 4, 4, 7, 8, 9, 10, 11, 12, 12, 12, 12, 14, 15, 16, 17, 17, 17, 17, 19,
                 20, 21, 22, 23]
@@ -48,7 +49,7 @@ def test_rope_index_matches_hf(name, config, hf_model):
     prompts = [multimodal_inputs(config, spans, seed=i, text_len=2 + i) for i, spans in enumerate(LAYOUTS[name])]
     batch = pad_prompts(prompts, "right" if name == "right_padded" else "left")
     grids = {k: batch.get(k) for k in ("image_grid_thw", "video_grid_thw")}
-    pos, delta = rope.get_rope_index(config, batch["input_ids"], batch["mm_token_type_ids"],
+    pos, delta = get_rope_index(config, batch["input_ids"], batch["mm_token_type_ids"],
                                      attention_mask=batch["attention_mask"], **grids)
     torch_in = lambda x: None if x is None else torch.from_numpy(x)
     ref_pos, ref_delta = hf_model.model.get_rope_index(
@@ -63,19 +64,19 @@ def test_rope_index_errors(config):
     p = multimodal_inputs(config, [("image", (1, 4, 6))])
     ids, types = p["input_ids"], p["mm_token_type_ids"]
     with pytest.raises(ValueError, match="more image tokens"):
-        rope.get_rope_index(config, ids, types)
+        get_rope_index(config, ids, types)
     with pytest.raises(ValueError, match="2 image grids given"):
-        rope.get_rope_index(config, ids, types, np.array([[1, 4, 6], [1, 2, 2]]))
+        get_rope_index(config, ids, types, np.array([[1, 4, 6], [1, 2, 2]]))
     with pytest.raises(ValueError, match="shorter than its grid"):
-        rope.get_rope_index(config, ids, types, np.array([[1, 8, 6]]))
+        get_rope_index(config, ids, types, np.array([[1, 8, 6]]))
     with pytest.raises(ValueError, match="mm_token_type_ids holds 3"):
-        rope.get_rope_index(config, ids, np.where(types == 1, 3, types), np.array([[1, 4, 6]]))
+        get_rope_index(config, ids, np.where(types == 1, 3, types), np.array([[1, 4, 6]]))
 
 
 def test_back_to_back_images_consume_two_grids(config):
     """One run of image tokens covering two images (no separator): grids are consumed in turn."""
     ids = np.array([[5] + [config.image_token_id] * 10 + [5]])
-    pos, delta = rope.get_rope_index(config, ids, token_types(config, ids), np.array([[1, 4, 4], [1, 4, 6]]))
+    pos, delta = get_rope_index(config, ids, token_types(config, ids), np.array([[1, 4, 4], [1, 4, 6]]))
     np.testing.assert_array_equal(pos[:, 0, :5], [[0, 1, 1, 1, 1], [0, 1, 1, 2, 2], [0, 1, 2, 1, 2]])
     np.testing.assert_array_equal(pos[:, 0, 5:11], [[3] * 6, [3, 3, 3, 4, 4, 4], [3, 4, 5, 3, 4, 5]])
     np.testing.assert_array_equal(pos[:, 0, 11], [6, 6, 6])

@@ -7,13 +7,14 @@ import torch
 from transformers import vision_utils
 from transformers.models.glm4v import modeling_glm4v as hf_dense
 
+from glmv_jax.batch import patch_layout
 from glmv_jax.models import glmv, vision
 
 GRIDS = [(1, 4, 6), (1, 8, 4), (1, 10, 12), (2, 4, 4)]
 
 
 def test_patch_layout_matches_hf():
-    layout = vision.patch_layout(GRIDS)
+    layout = patch_layout(GRIDS)
     ref = vision_utils.get_vision_position_ids(torch.tensor(GRIDS), 2)
     np.testing.assert_array_equal(layout["patch_pos"], ref.numpy())
     sizes = [h * w for t, h, w in GRIDS for _ in range(t)]
@@ -33,7 +34,7 @@ def test_pos_embed_resampling_matches_grid_sample(side, grids):
     table = np.random.default_rng(side).standard_normal((side * side, 16)).astype(np.float32)
     with torch.no_grad():
         module.position_embedding.weight.copy_(torch.from_numpy(table))
-    layout = vision.patch_layout(grids)
+    layout = patch_layout(grids)
     n = len(layout["patch_pos"])
     pos = torch.from_numpy(layout["patch_pos"].astype(np.int64))
     with torch.no_grad():

@@ -13,7 +13,7 @@ import pytest
 from benchmarks import rlcs
 from experiments.configs import demo
 from glmv_jax.evaluation.evaluate import prompt_records
-from glmv_jax.generate.loading import prompt_dicts
+from glmv_jax.generate.prompts import prompt_dicts
 from glmv_jax.models.glmv import init_params
 from glmv_jax.rl.curriculum import Iteration, PromptPool
 from glmv_jax.rl.grpo import GRPOConfig

@@ -60,8 +60,8 @@ def host_rows(config, host: int) -> list[tuple[np.ndarray, np.ndarray, tuple | N
 def make_batch(config, rows, patches: int, frames: int) -> dict[str, np.ndarray]:
     """A BATCH.md batch of these rows with `patches` patch rows (real rows first, in token order) and
     patch_frames [frames, FRAME_LEN]; targets / loss_mask: next token inside the row, text to text."""
-    from glmv_jax.models.glmv import pad_batch, prepare_inputs
-    from glmv_jax.models.vision import frame_slots
+    from glmv_jax.batch import frame_slots, pad_batch
+    from glmv_jax.models.glmv import prepare_inputs
     ids = np.stack([r[0] for r in rows])
     mask = np.stack([r[1] for r in rows])
     images = [r for r in rows if r[2] is not None]
