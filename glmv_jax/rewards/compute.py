@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from glmv_jax.rewards import format as fmt
-from glmv_jax.rewards import judge, registry
+from glmv_jax.rewards import registry
 from glmv_jax.rewards.repetition import is_heavily_repetitive
 from glmv_jax.rewards.result import RewardConfig, RewardResult, fail
 
@@ -37,9 +37,9 @@ def compute_rewards(domain: str, responses: Sequence[str | None], answer: Any, s
         return [_score_one(response, style, config,
                            lambda text: verifier.score(text, reference, config), judged=False)
                 for response in responses]
-    judge_fn = judge.get_judge(domain)
+    judge_fn = registry.get_judge(domain)
     return [_score_one(response, style, config,
-                       lambda text: (judge.run_judge(domain, judge_fn, text, answer, context or {}), {"judge": True}),
+                       lambda text: (registry.run_judge(domain, judge_fn, text, answer, context or {}), {"judge": True}),
                        judged=True)
             for response in responses]
 
