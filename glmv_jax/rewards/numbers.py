@@ -58,8 +58,13 @@ def parse_number(text: str) -> Fraction | None:
 
 
 def parse_integer(text: str, words: bool = True) -> int | None:
-    """An integer written as digits (thousands commas allowed) or, if `words`, an English word zero..twenty."""
+    """An integer written as digits (thousands commas allowed) or, if `words`, an English word zero..twenty.
+
+    Past _MAX_NUMBER_CHARS it is None (int() of over 4300 digits raises, and no count is that long).
+    """
     text = clean(text)
+    if len(text) > _MAX_NUMBER_CHARS:
+        return None
     if _INTEGER.fullmatch(text):
         return int(text.replace(",", ""))
     if words:
