@@ -58,3 +58,16 @@ def test_a_malformed_reference_still_raises():
         compute_reward("counting", respond("3"), HUGE_INTEGER)
     with pytest.raises(ValueError, match="math answer is empty"):
         compute_reward("math", respond("3"), " ")
+
+
+# ---- LaTeX thousands separators
+@pytest.mark.parametrize("domain, box, answer, expected", [
+    ("math", "14{,}916", "14916", 1.0), ("math", "32,\\!349", "32349", 1.0), ("math", "$1{,}234{,}567$", "1234567", 1.0),
+    ("math", "14916", "14{,}916", 1.0), ("math", "14{,}917", "14916", 0.0), ("math", "12{,}5", "12.5", 0.0),
+    ("counting", "14{,}916", 14916, 1.0), ("counting", "32,\\!349", 32349, 1.0), ("counting", "1{,}2", 12, 0.0),
+    ("chart", "32,\\!349", "32349", 1.0), ("chart", "14{,}916", "14,916", 1.0), ("chart", "1{,}000\\%", "1000", 1.0),
+    ("chart", "2{,}019", "2019", 1.0),
+])
+def test_latex_thousands_separators(domain, box, answer, expected):
+    result = compute_reward(domain, respond(box), answer)
+    assert result.reward == expected, result
