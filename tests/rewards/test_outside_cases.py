@@ -4,12 +4,14 @@ import random
 
 import pytest
 
-from glmv_jax.rewards import compute_reward, compute_rewards
+from glmv_jax.rewards import RewardConfig, compute_reward, compute_rewards
 from glmv_jax.rewards import counting as counting_verifier
+from glmv_jax.rewards.math import normalize
 from tests.rewards.helpers import respond
 
 _rng = random.Random(0)
 HUGE_INTEGER = "1" + "".join(_rng.choice("0123456789") for _ in range(4999))  # no repeated 50-char span
+ROOMY = RewardConfig(math_time_limit_s=20.0)  # sympy cases on a shared 2-core test machine (as test_math.py)
 ANSWERS = {"math": "3", "choice": "B", "counting": 3, "chart": "3", "ocr": "3", "grounding": [[1, 1, 9, 9]],
            "gui": {"action": "click", "box": [1, 1, 9, 9]}}
 
@@ -71,3 +73,23 @@ def test_a_malformed_reference_still_raises():
 def test_latex_thousands_separators(domain, box, answer, expected):
     result = compute_reward(domain, respond(box), answer)
     assert result.reward == expected, result
+
+
+# ---- relations written the other way round
+@pytest.mark.parametrize("box, answer, expected", [
+    ("5 \\geq x", "x \\leq 5", 1.0), ("5 > x", "x < 5", 1.0), ("5 < x", "x > 5", 1.0), ("x \\le 5", "x \\leq 5", 1.0),
+    ("5 \\ge x", "x \\le 5", 1.0), ("x \\geqslant 1", "1 \\leq x", 1.0), ("5 \\gt x", "x \\lt 5", 1.0),
+    ("x <= 5", "x \\leq 5", 1.0), ("5 \\geq x \\geq 1", "1 \\leq x \\leq 5", 1.0), ("5 \\geq x > 1", "1 < x \\leq 5", 1.0),
+    ("5.0 \\geq x", "x \\leq 5", 1.0), ("x \\ne 3", "x \\neq 3", 1.0),
+    ("x \\geq 5", "x \\leq 5", 0.0), ("5 \\leq x", "x \\leq 5", 0.0), ("5 > x", "x \\leq 5", 0.0),
+    ("5 \\geq x", "x < 5", 0.0), ("x > 5", "x \\leq 5", 0.0),
+])
+def test_mirrored_relations(box, answer, expected):
+    result = compute_reward("math", respond(box), answer, config=ROOMY)
+    assert result.reward == expected, result
+
+
+def test_only_whole_top_level_greater_chains_are_mirrored():
+    assert normalize("a > b \\geq c") == "c \\leq b < a"
+    for text in ("2 < x < 4", "4 > x < 2", "\\{x | x > 3\\}", "f(x>3)", "\\geq 3"):
+        assert normalize(text) == text
