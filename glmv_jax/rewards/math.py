@@ -134,7 +134,18 @@ def _guard(pred: str, reference: str, config: RewardConfig) -> str | None:
         return "hedge"
     if _TOWER.search(pred) or _BIG_EXPONENT.search(pred) or _BIG_FACTORIAL.search(pred):
         return "huge_number"
+    if _false_equation(pred, config.math_rel_tol):
+        return "false_equation"
     return None
+
+
+def _false_equation(text: str, rel_tol: float) -> bool:
+    """An equation chain with plain-number members that differ ("5 = 6", "x = 5 = 6"): the parser would
+    grade its last member alone. Chains like "x = 6" or "3+3 = 6" (one plain number) are left to it."""
+    if "=" not in text:
+        return False
+    values = [v for v in map(numbers.parse_number, text.split("=")) if v is not None]
+    return any(not numbers.close(v, values[-1], rel_tol) for v in values)
 
 
 def score(extracted: str, reference: str, config: RewardConfig) -> tuple[float, dict]:

@@ -93,3 +93,18 @@ def test_only_whole_top_level_greater_chains_are_mirrored():
     assert normalize("a > b \\geq c") == "c \\leq b < a"
     for text in ("2 < x < 4", "4 > x < 2", "\\{x | x > 3\\}", "f(x>3)", "\\geq 3"):
         assert normalize(text) == text
+
+
+# ---- equations whose members disagree
+@pytest.mark.parametrize("box, answer", [("5 = 6", "6"), ("6 = 5", "6"), ("x = 5 = 6", "6"), ("5=6", "x = 6"),
+                                         ("\\frac{1}{2} = 0.6", "0.6")])
+def test_false_equations_are_refused(box, answer):
+    result = compute_reward("math", respond(box), answer, config=ROOMY)
+    assert result.reward == 0.0 and result.info["reason"] == "false_equation", result
+
+
+@pytest.mark.parametrize("box, answer", [("x = 6", "6"), ("3+3 = 6", "6"), ("6 = 6", "6"), ("6 = 6.0", "6"),
+                                         ("\\frac{1}{3} = 0.3333333", "1/3"), ("x = 3", "x = 3")])
+def test_true_equations_keep_their_reward(box, answer):
+    result = compute_reward("math", respond(box), answer, config=ROOMY)
+    assert result.reward == 1.0, result
