@@ -108,3 +108,24 @@ def test_false_equations_are_refused(box, answer):
 def test_true_equations_keep_their_reward(box, answer):
     result = compute_reward("math", respond(box), answer, config=ROOMY)
     assert result.reward == 1.0, result
+
+
+# ---- GUI actions with a key given twice
+CLICK = {"action": "click", "box": [100, 100, 200, 200]}
+
+
+@pytest.mark.parametrize("box, answer", [
+    ('{"action": "click", "action": "type", "text": "x"}', {"action": "type", "text": "x"}),
+    ('{"action": "type", "text": "x", "action": "type"}', {"action": "type", "text": "x"}),
+    ('{"action": "click", "box": [1, 1, 9, 9], "box": [100, 100, 200, 200]}', CLICK),
+    ('{"action": "click", "box": [100, 100, 200, 200], "extra": {"a": 1, "a": 2}}', {**CLICK, "extra": {"a": 2}}),
+])
+def test_gui_duplicate_keys_are_refused(box, answer):
+    result = compute_reward("gui", respond(box), answer)
+    assert result.reward == 0.0 and result.info["reason"] == "duplicate_key", result
+
+
+def test_gui_without_duplicates_still_scores():
+    assert compute_reward("gui", respond('{"action": "click", "box": [100, 100, 200, 200]}'), CLICK).reward == 1.0
+    with pytest.raises(ValueError, match="gui answer has a duplicate key 'action'"):
+        compute_reward("gui", respond("{}"), '{"action": "click", "action": "type"}')
