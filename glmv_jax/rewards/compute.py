@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from glmv_jax.rewards import format as fmt
-from glmv_jax.rewards import judge, registry
+from glmv_jax.rewards import registry
 from glmv_jax.rewards.repetition import is_heavily_repetitive
 from glmv_jax.rewards.result import RewardConfig, RewardResult, fail
 
@@ -20,7 +20,8 @@ def compute_reward(domain: str, response: str | None, answer: Any, style: str = 
     answer: the reference in the domain's form (design.md table); a malformed one raises ValueError.
     style: "glm41v" (answer tags), "glm45v" / "glm46v" (no answer tags), "glm45v_nothink" (no think block).
     context: passed to judges only (question, image paths, ...).
-    Never raises on the response's content: every rejection is reward 0 with info["reason"].
+    Never raises on the response's content: every rejection is reward 0 with info["reason"]; a verifier
+    that raises on it (a bug) gives {"reason": "verifier_error", "error": the exception's type name}.
     """
     return compute_rewards(domain, [response], answer, style, config, context)[0]
 
@@ -35,13 +36,21 @@ def compute_rewards(domain: str, responses: Sequence[str | None], answer: Any, s
     if verifier is not None:
         reference = verifier.reference(answer)
         return [_score_one(response, style, config,
-                           lambda text: verifier.score(text, reference, config), judged=False)
+                           lambda text: _verify(verifier, text, reference, config), judged=False)
                 for response in responses]
-    judge_fn = judge.get_judge(domain)
+    judge_fn = registry.get_judge(domain)
     return [_score_one(response, style, config,
-                       lambda text: (judge.run_judge(domain, judge_fn, text, answer, context or {}), {"judge": True}),
+                       lambda text: (registry.run_judge(domain, judge_fn, text, answer, context or {}), {"judge": True}),
                        judged=True)
             for response in responses]
+
+
+def _verify(verifier, text: str, reference, config: RewardConfig) -> tuple[float, dict]:
+    """verifier.score, with any exception on the response's text (a verifier bug) scored 0, not raised."""
+    try:
+        return verifier.score(text, reference, config)
+    except Exception as error:
+        return 0.0, {"reason": "verifier_error", "error": type(error).__name__}
 
 
 def _score_one(response, style, config, grade, judged: bool) -> RewardResult:

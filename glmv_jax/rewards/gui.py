@@ -3,7 +3,7 @@ or {"action": "type", "text": "hello"}.
 
 1 iff the prediction is one JSON object with exactly the reference's keys and every key matches: "box" by
 IoU >= threshold (0-1000 grid), "text" after whitespace collapsing (case kept), anything else exactly.
-A list of actions, extra or missing keys, or unparsable JSON score 0.
+A list of actions, extra or missing keys, a key given twice (at any depth), or unparsable JSON score 0.
 """
 from __future__ import annotations
 
@@ -15,11 +15,30 @@ from glmv_jax.rewards.result import RewardConfig
 MAX_ACTION_CHARS = 4096
 
 
+class DuplicateKeyError(ValueError):
+    """A JSON object names one key twice: json.loads would silently keep the last value."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    value = {}
+    for key, item in pairs:
+        if key in value:
+            raise DuplicateKeyError(f"duplicate key {key!r}")
+        value[key] = item
+    return value
+
+
+def _loads(text: str):
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
 def reference(answer) -> dict:
     value = answer
     if isinstance(answer, str):
         try:
-            value = json.loads(answer)
+            value = _loads(answer)
+        except DuplicateKeyError as error:
+            raise ValueError(f"gui answer has a {error}: {answer!r}") from None
         except ValueError:
             raise ValueError(f"gui answer is not a JSON action: {answer!r}") from None
     if not isinstance(value, dict) or not isinstance(value.get("action"), str):
@@ -47,7 +66,9 @@ def score(extracted: str, reference: dict, config: RewardConfig) -> tuple[float,
     if len(extracted) > MAX_ACTION_CHARS:
         return 0.0, {"reason": "too_long"}
     try:
-        action = json.loads(extracted)
+        action = _loads(extracted)
+    except DuplicateKeyError:
+        return 0.0, {"reason": "duplicate_key"}
     except (ValueError, RecursionError):
         return 0.0, {"reason": "not_json"}
     if not isinstance(action, dict):

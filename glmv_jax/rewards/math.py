@@ -37,6 +37,11 @@ _BIG_EXPONENT = re.compile(r"\^\s*\{?\s*\(?\s*(\d{5,})")
 _BIG_FACTORIAL = re.compile(r"\d{4,}\s*\}?\s*\)?\s*!")
 _ALLOWED = re.compile(r"[\x20-\x7e]*")
 _BRACKETS = {"(": 1, "[": 1, "{": 1, ")": -1, "]": -1, "}": -1}
+_RELATION_SPELLING = re.compile(r"\\(leqslant|leq|le|geqslant|geq|ge|lt|gt|neq|ne)(?![a-zA-Z])|<=|>=")
+_CANONICAL_RELATION = {"leqslant": "\\leq", "leq": "\\leq", "le": "\\leq", "<=": "\\leq", "geqslant": "\\geq",
+                       "geq": "\\geq", "ge": "\\geq", ">=": "\\geq", "lt": "<", "gt": ">", "neq": "\\neq", "ne": "\\neq"}
+_ORDER_RELATION = re.compile(r"\\[lg]eq(?![a-zA-Z])|[<>]")
+_MIRRORED = {"\\geq": "\\leq", ">": "<"}
 
 _pool: WorkerPool | None = None
 _pool_lock = threading.Lock()
@@ -57,11 +62,34 @@ def warm_up() -> None:
 
 
 def normalize(text: str) -> str:
-    """Delimiters and final period off, known unicode math to LaTeX, LaTeX spacing off, ** -> ^, spaces collapsed."""
+    """Delimiters and final period off, known unicode math to LaTeX, LaTeX spacing off, ** -> ^, one spelling
+    per relation (\\le, <= -> \\leq; \\gt -> >), greater-than chains mirrored (5 \\geq x -> x \\leq 5),
+    spaces collapsed."""
     text = numbers.clean(text)
     text = "".join(_UNICODE.get(char, char) for char in text)
     text = _SPACING.sub(" ", text).replace("**", "^")
-    return " ".join(text.split())
+    text = _RELATION_SPELLING.sub(lambda m: f" {_CANONICAL_RELATION[m[1] or m[0]]} ", text)
+    return " ".join(_mirror_greater(text).split())
+
+
+def _mirror_greater(text: str) -> str:
+    """a > b \\geq c -> c \\leq b < a, when every order relation is > or \\geq, none is nested in brackets and
+    none lacks a member ("\\geq 3" stays)."""
+    relations = list(_ORDER_RELATION.finditer(text))
+    if not relations or any(m[0] not in _MIRRORED or _balance(text[:m.start()]) for m in relations):
+        return text
+    members = [text[start:end] for start, end in zip([0] + [m.end() for m in relations],
+                                                      [m.start() for m in relations] + [len(text)])]
+    if not all(member.strip() for member in members):
+        return text
+    mirrored = [members[-1]]
+    for relation, member in zip(reversed(relations), reversed(members[:-1])):
+        mirrored += [_MIRRORED[relation[0]], member]
+    return " ".join(mirrored)
+
+
+def _balance(text: str) -> int:
+    return sum(_BRACKETS.get(char, 0) for char in text)
 
 
 def _depth(text: str) -> int:
@@ -106,7 +134,18 @@ def _guard(pred: str, reference: str, config: RewardConfig) -> str | None:
         return "hedge"
     if _TOWER.search(pred) or _BIG_EXPONENT.search(pred) or _BIG_FACTORIAL.search(pred):
         return "huge_number"
+    if _false_equation(pred, config.math_rel_tol):
+        return "false_equation"
     return None
+
+
+def _false_equation(text: str, rel_tol: float) -> bool:
+    """An equation chain with plain-number members that differ ("5 = 6", "x = 5 = 6"): the parser would
+    grade its last member alone. Chains like "x = 6" or "3+3 = 6" (one plain number) are left to it."""
+    if "=" not in text:
+        return False
+    values = [v for v in map(numbers.parse_number, text.split("=")) if v is not None]
+    return any(not numbers.close(v, values[-1], rel_tol) for v in values)
 
 
 def score(extracted: str, reference: str, config: RewardConfig) -> tuple[float, dict]:

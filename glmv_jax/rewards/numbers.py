@@ -10,6 +10,7 @@ _DECIMAL = re.compile(rf"([+-]?)({_UNSIGNED})")
 _RATIO = re.compile(rf"([+-]?)({_UNSIGNED})/({_UNSIGNED})")
 _LATEX_FRAC = re.compile(rf"([+-]?)\\[dt]?frac\{{\s*([+-]?)({_UNSIGNED})\s*\}}\{{\s*({_UNSIGNED})\s*\}}")
 _SIGN_SPACE = re.compile(r"^([+-])\s+")
+_LATEX_THOUSANDS = re.compile(r"(?<=\d)(?:\{,\}|,\\!)(?=\d{3}(?!\d))")  # 14{,}916, 32,\!349
 _INTEGER = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)")
 _WORDS = {w: i for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
@@ -25,7 +26,8 @@ def _signed(sign: str, value: Fraction) -> Fraction:
 
 
 def clean(text: str) -> str:
-    """Strip outer whitespace, math delimiters ($, \\( \\), \\[ \\]) and a final period; unicode minus -> '-'."""
+    """Strip outer whitespace, math delimiters ($, \\( \\), \\[ \\]) and a final period; unicode minus -> '-';
+    LaTeX thousands separators ({,} and ,\\!) -> ','."""
     text = text.strip().replace("\u2212", "-")
     for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
         if len(text) > len(left) + len(right) and text.startswith(left) and text.endswith(right):
@@ -33,7 +35,7 @@ def clean(text: str) -> str:
             break
     if text.endswith(".") and not text.endswith(".."):
         text = text[:-1].rstrip()
-    return text
+    return _LATEX_THOUSANDS.sub(",", text)
 
 
 def parse_number(text: str) -> Fraction | None:
@@ -58,8 +60,13 @@ def parse_number(text: str) -> Fraction | None:
 
 
 def parse_integer(text: str, words: bool = True) -> int | None:
-    """An integer written as digits (thousands commas allowed) or, if `words`, an English word zero..twenty."""
+    """An integer written as digits (thousands commas allowed) or, if `words`, an English word zero..twenty.
+
+    Past _MAX_NUMBER_CHARS it is None (int() of over 4300 digits raises, and no count is that long).
+    """
     text = clean(text)
+    if len(text) > _MAX_NUMBER_CHARS:
+        return None
     if _INTEGER.fullmatch(text):
         return int(text.replace(",", ""))
     if words:

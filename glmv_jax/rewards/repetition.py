@@ -17,7 +17,8 @@ _CANDIDATES = 4
 
 def _window_hashes(text: str, window: int) -> np.ndarray:
     """uint64 hash of text[i:i+window] for every i: sum_t code[i+t] * BASE**t (mod 2**64). Shape [n-w+1]."""
-    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    # surrogatepass: a lone surrogate ("\ud800", which a model can emit) is one code like any other
+    codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64)
     n = codes.shape[0]
     powers = np.cumprod(np.full(n, _BASE, dtype=np.uint64)) * _BASE_INV      # BASE**t, t = 0..n-1
     inverse_powers = np.cumprod(np.full(n, _BASE_INV, dtype=np.uint64)) * _BASE  # BASE**-t
