@@ -14,6 +14,13 @@ import os
 import sys
 from typing import Sequence
 
+import jax
+
+from glmv_jax.data.transforms import Processor
+from glmv_jax.generate.loading import load_model
+from glmv_jax.generate.prompts import prompt_dicts
+from glmv_jax.generate.sampler import answer_ids, generate, response_text
+
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m experiments.chat", description=__doc__.split("\n")[0])
@@ -35,12 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def chat(args: argparse.Namespace) -> str:
-    import jax
 
-    from glmv_jax.data.transforms import Processor
-    from glmv_jax.generate.loading import load_model
-    from glmv_jax.generate.prompts import prompt_dicts
-    from glmv_jax.generate.sampler import answer_ids, generate, response_text
 
     if not os.path.isfile(args.image):
         raise FileNotFoundError(f"image file {args.image} does not exist")

@@ -26,6 +26,15 @@ import types
 from pathlib import Path
 from typing import Any, Sequence
 
+import ml_collections
+
+from experiments.configs.base import base_config
+from glmv_jax.data.synthetic import DOMAINS
+from glmv_jax.data.transforms import Processor
+from glmv_jax.evaluation.evaluate import pass_at_k_table, prompt_records, sample_answers, score
+from glmv_jax.generate.loading import _is_hf_dir, _run_stage, load_model
+from glmv_jax.rewards import compute_reward
+
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__.split("\n")[0])
@@ -59,8 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
 def run_settings(checkpoint: str):
     """(data ConfigDict with source / domains / image_size / manifests, eval settings dict) of a checkpoint:
     the saved stage config of an experiments.run work directory, else the base config's defaults."""
-    from experiments.configs.base import base_config
-    from glmv_jax.generate.loading import _is_hf_dir, _run_stage
     path = Path(checkpoint)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
@@ -89,8 +96,6 @@ def parse_tiers(text: str | None):
 
 def load_records(args, data, ev: dict) -> list[dict]:
     """The evaluation prompts: the suite's split over the (selected) domains, or the manifest's records."""
-    import ml_collections
-    from glmv_jax.evaluation.evaluate import prompt_records
     if args.manifest:
         if not os.path.isfile(args.manifest):
             raise FileNotFoundError(f"manifest {args.manifest} does not exist")
@@ -114,7 +119,6 @@ def load_records(args, data, ev: dict) -> list[dict]:
                     kept.append(rec)
             records = kept
         return records
-    from glmv_jax.data.synthetic import DOMAINS
     domains = list(args.domains or data.domains)
     unknown = sorted(set(domains) - set(DOMAINS))
     if unknown:
@@ -140,10 +144,6 @@ def check_args(args) -> None:
 # ----------------------------------------------------------------------------------------------- evaluation
 
 def evaluate_checkpoint(args) -> dict[str, Any]:
-    from glmv_jax.data.transforms import Processor
-    from glmv_jax.rewards import compute_reward
-    from glmv_jax.evaluation.evaluate import pass_at_k_table, sample_answers, score
-    from glmv_jax.generate.loading import load_model
 
     check_args(args)
     data, ev = run_settings(args.checkpoint)

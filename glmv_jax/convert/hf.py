@@ -18,13 +18,13 @@ import struct
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+import jax
 import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from glmv_jax.config import ConfigError, ModelConfig, from_hf_config, to_hf_config
-from glmv_jax.convert.mapping import (ConversionError, Entry, key_table, lookup_table, mtp_layer,
-                                      param_specs)
+from glmv_jax.convert.mapping import ConversionError, Entry, key_table, lookup_table, mtp_layer, param_specs
 
 __all__ = ["ConversionError", "hf_state_dict_to_params", "params_to_hf_state_dict", "load_pretrained",
            "save_pretrained"]
@@ -114,7 +114,6 @@ class _Assembler:
         for name in path.split("/"):
             sharding = sharding.get(name) if isinstance(sharding, Mapping) else None
         if sharding is not None:
-            import jax
             self.leaves[path] = jax.device_put(self.leaves[path], sharding)   # the host copy is dropped here
 
     def finish(self) -> dict:
@@ -144,7 +143,7 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def _to_numpy(x) -> np.ndarray:
     """numpy view of a numpy/jax array or a torch tensor (bf16 included)."""
     if hasattr(x, "detach"):
-        import torch
+        import torch  # only for torch tensors handed in: torch is a test extra, not a dependency
         t = x.detach().cpu()
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16 else t.numpy()
     return np.asarray(x)

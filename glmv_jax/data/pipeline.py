@@ -25,10 +25,12 @@ from typing import Any
 import grain
 import jax
 import numpy as np
+from absl import flags
 
 from glmv_jax.data.packing import PackIterDataset, default_frames
 from glmv_jax.data.records import BadRecord
 from glmv_jax.data.sources import open_sources
+from glmv_jax.data.synthetic import generate
 from glmv_jax.data.transforms import Processor, PromptTransform, TrainingExampleTransform
 
 
@@ -114,7 +116,6 @@ def shard_options(cfg: DataConfig) -> tuple[int, int]:
 
 
 def synthetic_records(cfg: DataConfig) -> list[dict]:
-    from glmv_jax.data.synthetic import generate
     return [r for domain in cfg.domains
             for r in generate(domain, cfg.num_records, seed=cfg.seed, split=cfg.split, kind=cfg.kind,
                               image_size=cfg.image_size, tiers=_tiers(cfg.tiers))]
@@ -176,7 +177,6 @@ def frame_shape(cfg: DataConfig, processor: Processor, sources: Any = None) -> t
 def _to_iter(ds: grain.MapDataset, cfg: DataConfig) -> grain.IterDataset:
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch))
     if cfg.num_workers > 0:
-        from absl import flags     # grain's worker code reads absl flags, which a plain script never parses
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))

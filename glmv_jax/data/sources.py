@@ -12,10 +12,12 @@ one `grain.MapDataset`.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Sequence
 
 import grain
+from array_record.python import array_record_module
 
 
 class JsonlSource:
@@ -87,8 +89,6 @@ class MemorySource:
 
 def write_array_record(path: str, records: Sequence[dict]) -> None:
     """Write records (JSON-able dicts, images as paths) to one ArrayRecord file."""
-    import json
-    from array_record.python import array_record_module
     writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
     for rec in records:
         writer.write(json.dumps(rec).encode("utf-8"))

@@ -18,6 +18,11 @@ import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import sentencepiece as spm
+from tokenizers import Tokenizer
+
+from glmv_jax.data.synthetic import corpus_texts
+
 # Tokens every GLM-V tokenizer must hold as single, never-split ids.
 REQUIRED_SPECIAL_TOKENS = (
     "<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
@@ -110,7 +115,6 @@ class SentencePieceTokenizer(GlmTokenizer):
     without it the vocabulary is ~256 smaller and characters unseen in training become `<unk>`."""
 
     def __init__(self, model_proto: bytes, extra_stop_ids: Sequence[int] = ()):
-        import sentencepiece as spm
 
         self.model_proto = bytes(model_proto)
         self._sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
@@ -126,7 +130,6 @@ class SentencePieceTokenizer(GlmTokenizer):
               byte_fallback: bool = True) -> "SentencePieceTokenizer":
         """Train deterministically on `texts` (split into lines), or load the model cached under
         `cache_dir` for the same inputs (key: hash of texts, vocab size, options, library version)."""
-        import sentencepiece as spm
 
         lines = [line for text in texts for line in text.split("\n") if line]
         if not lines:
@@ -182,7 +185,6 @@ class HFTokenizer(GlmTokenizer):
     @classmethod
     def from_file(cls, path: str | os.PathLike, extra_stop_ids: Sequence[int] = ()) -> "HFTokenizer":
         """`path` is a tokenizer.json or a checkpoint directory holding one."""
-        from tokenizers import Tokenizer
 
         path = Path(path)
         if path.is_dir():
@@ -218,7 +220,6 @@ def suite_tokenizer(vocab_size: int = 512, cache_dir: str | os.PathLike | None =
                     records_per_domain: int = 300, byte_fallback: bool = True) -> SentencePieceTokenizer:
     """The SentencePiece tokenizer of the built-in task suite, trained on the text it produces (prompts,
     SFT answers in both response styles, captions, rendered through both chat templates)."""
-    from glmv_jax.data.synthetic import corpus_texts
 
     return SentencePieceTokenizer.train(corpus_texts(records_per_domain), vocab_size, cache_dir, byte_fallback)
 

@@ -14,9 +14,17 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import jax
+import ml_collections
 
 from glmv_jax.config import ModelConfig
+from glmv_jax.convert.hf import load_pretrained
+from glmv_jax.data.tokenizer import load_tokenizer
+from glmv_jax.data.transforms import Processor
 from glmv_jax.generate.prompts import prompt_dicts
+from glmv_jax.generate.sampler import answer_ids, check_sampling, generate, response_text
+from glmv_jax.models.glmv import init_params
+from glmv_jax.train.checkpoint import Checkpointer
+from glmv_jax.train.experiment import _tokenizer, model_config_for
 
 
 @dataclass
@@ -37,7 +45,6 @@ def _is_hf_dir(path: Path) -> bool:
 def _run_stage(path: Path):
     """(stage ConfigDict, stage directory) of an experiments.run work directory: a stage dir (holding
     checkpoints/) or a pipeline dir (its last stage that has checkpoints)."""
-    import ml_collections
     stage_dir = path
     if not (path / "checkpoints").is_dir():
         stages = [d for d in path.iterdir() if re.fullmatch(r"\d+_\w+", d.name) and (d / "checkpoints").is_dir()]
@@ -58,8 +65,6 @@ def _run_tokenizer(cfg, stage_dir: Path):
     """The run's tokenizer file when it saved one (tokenizer.model / tokenizer.json in the stage or work
     directory), else rebuilt from the config as experiment.setup does (the suite tokenizer is retrained
     from the current task-suite code, so a changed suite gives a different tokenizer)."""
-    from glmv_jax.data.tokenizer import load_tokenizer
-    from glmv_jax.train.experiment import _tokenizer
     for folder in (stage_dir, stage_dir.parent):
         for name in ("tokenizer.model", "tokenizer.json"):
             if (folder / name).is_file():
@@ -70,20 +75,14 @@ def _run_tokenizer(cfg, stage_dir: Path):
 def load_model(path: str | Path, template: str | None = None) -> ModelBundle:
     """An HF checkpoint directory (config.json + safetensors + tokenizer.json) or an experiments.run work
     directory (config.json + orbax checkpoints/; tokenizer and model config rebuilt from the run's config)."""
-    from glmv_jax.data.transforms import Processor
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     if _is_hf_dir(path):
-        from glmv_jax.convert.hf import load_pretrained
-        from glmv_jax.data.tokenizer import load_tokenizer
         config, params = load_pretrained(path)
         tokenizer = load_tokenizer(path)
         processor = Processor.for_model(config, template=template or TEMPLATE_OF_MODEL.get(config.model_type, "glm41v"))
     else:
-        from glmv_jax.models.glmv import init_params
-        from glmv_jax.train.checkpoint import Checkpointer
-        from glmv_jax.train.experiment import model_config_for
         cfg, stage_dir = _run_stage(path)
         tokenizer = _run_tokenizer(cfg, stage_dir)
         config = model_config_for(cfg, tokenizer)
@@ -117,8 +116,6 @@ def make_generate_fn(checkpoint_or_params: Any, config: ModelConfig | None = Non
     """generate_fn(records, n) -> [[response text] * n] per record. checkpoint_or_params: a directory
     (load_model) or a params tree (then config and tokenizer are required). Each call draws fresh samples
     (key fold_in(seed, call number)); rows are generated max_rows at a time."""
-    from glmv_jax.data.transforms import Processor
-    from glmv_jax.generate.sampler import answer_ids, check_sampling, generate, response_text
     template = {"glm41v": "glm41v", "glm45v": "glm45v", "glm46v": "glm46v"}.get(style)
     if template is None:
         raise ValueError(f"unknown style {style!r}; expected glm41v, glm45v or glm46v")

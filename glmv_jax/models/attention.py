@@ -37,8 +37,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
-from glmv_jax.models.layers import blocked_attention
+from glmv_jax.models import context_parallel
+from glmv_jax.models.layers import blocked_attention, mesh_platform
+from glmv_jax.sharding import rules
+from glmv_jax.sharding.rules import logical_to_spec
 
 IMPLEMENTATIONS = ("auto", "einsum", "xla_sdpa", "cudnn", "splash")
 ALIASES = {"xla": "einsum"}          # the config field's earlier name for the einsum reference
@@ -64,7 +68,6 @@ def resolve(impl: str, q: jax.Array | None = None, k: jax.Array | None = None,
     if impl != "auto":
         return impl
     if backend is None:      # the active mesh's platform (an AOT compile for a TPU topology runs on a CPU host)
-        from glmv_jax.models.layers import mesh_platform
         mesh, _ = _active_mesh()
         backend = jax.default_backend() if mesh is None else mesh_platform(mesh)
     if backend == "tpu":
@@ -89,8 +92,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_segment: jax.Array, kv_se
         raise ValueError(f"segment ids {q_segment.shape} / {kv_segment.shape} do not match q {q.shape[:2]} / "
                          f"k {k.shape[:2]}")
     if causal and sequence_parallel_size() > 1:
-        from glmv_jax.models.context_parallel import context_parallel_attention
-        return context_parallel_attention(q, k, v, q_segment, kv_segment, scale, causal=True)
+        return context_parallel.context_parallel_attention(q, k, v, q_segment, kv_segment, scale, causal=True)
     if impl == "einsum":
         return blocked_attention(q, k, v, q_segment, kv_segment, scale, causal=causal, block=block)
     if impl == "xla_sdpa":
@@ -106,7 +108,6 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_segment: jax.Array, kv_se
 
 def _active_mesh():
     """(mesh or None, rules) activations are laid out on (sharding/rules.py current_mesh)."""
-    from glmv_jax.sharding import rules
     return rules.current_mesh()
 
 
@@ -161,6 +162,7 @@ def cudnn_problems(q: jax.Array, k: jax.Array, *, backend: str | None = None,
 def _splash_kernel(heads: int, q_len: int, kv_len: int, causal: bool, block: int, interpret: bool):
     """The splash kernel for one (unbatched) call: static causal or full mask on every head. Built eagerly
     (its mask tables are concrete arrays, so the cached kernel can be reused by any trace)."""
+    # Pallas TPU kernels: loaded only when splash attention is chosen
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
     with jax.ensure_compile_time_eval():
         return _build_splash_kernel(splash, heads, q_len, kv_len, causal, block, interpret)
@@ -188,6 +190,7 @@ def splash_attention(q, k, v, q_segment, kv_segment, scale: float, *, causal: bo
     """Splash attention vmapped over the batch. q is pre-scaled (the kernel has no scale); heads move in
     front ([B, N, T, H], the kernel's layout); T and S are padded to a multiple of `block` with a segment
     id of their own. `interpret` defaults to True off TPU (Pallas interpret mode)."""
+    # Pallas TPU kernels: loaded only when splash attention is chosen
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
@@ -208,8 +211,6 @@ def sharded_splash_attention(q, k, v, q_segment, kv_segment, scale: float, *, ca
     """splash_attention per device under the active mesh (a Pallas call has no automatic partitioning):
     jax.shard_map with the batch split as the rules split "act_batch" and heads as "act_heads" /
     "act_kv_heads" when q and kv heads split alike (so GQA groups stay whole), sequence unsplit."""
-    from jax.sharding import PartitionSpec as P
-    from glmv_jax.sharding.rules import logical_to_spec
     mesh, rules = _active_mesh()
     run = functools.partial(splash_attention, scale=scale, causal=causal)
     if mesh is None or mesh.size == 1:

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
 from glmv_jax.sharding import rules as rules_lib
 
@@ -293,7 +294,6 @@ def mesh_platform(mesh) -> str:
 def _per_device(fn: Callable, q, k, v, q_segment, kv_segment, mesh, rules) -> jax.Array:
     """fn(q, k, v, q_segment, kv_segment) on each device's block: rows split as the rules split "act_batch",
     heads as "act_heads" / "act_kv_heads" when q and kv heads split alike (GQA groups stay whole)."""
-    from jax.sharding import PartitionSpec as P
     q_spec = rules_lib.logical_to_spec(("act_batch", None, "act_heads", None), q.shape, mesh, rules)
     k_spec = rules_lib.logical_to_spec(("act_batch", None, "act_kv_heads", None), k.shape, mesh, rules)
     rows = q_spec[0] if q_spec[0] == k_spec[0] else None

@@ -26,11 +26,11 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glmv_jax.batch import BATCH_WIDE_KEYS, PATCH_KEYS, ROW_AXIS
 from glmv_jax.sharding import rules as rules_lib
-
 
 
 def batch_shardings(batch: dict, mesh, rules: rules_lib.Rules = rules_lib.DEFAULT) -> dict:
@@ -166,7 +166,6 @@ def _host_block(sharding, global_shape: tuple, axis: int, n_local: int) -> int |
 
 def _gather_blocks(value: np.ndarray, axis: int) -> np.ndarray:
     """Every host's block, joined along `axis` in process order (an all-gather across processes)."""
-    from jax.experimental import multihost_utils
     stacked = np.asarray(multihost_utils.process_allgather(value, tiled=False))
     return np.concatenate(list(stacked), axis=axis)
 

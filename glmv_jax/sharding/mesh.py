@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 AXES = ("data", "fsdp", "tensor", "expert", "sequence")
@@ -63,7 +64,6 @@ def make_mesh(ici: Mapping[str, int] | None = None, dcn: Mapping[str, int] | Non
     num_slices = len({getattr(d, "slice_index", 0) for d in devices})
     dcn_sizes = resolve_shape(dcn, num_slices, "dcn mesh")
     ici_sizes = resolve_shape(ici or {"fsdp": -1}, len(devices) // num_slices, "ici mesh")
-    from jax.experimental import mesh_utils
     grid = mesh_utils.create_hybrid_device_mesh([ici_sizes[a] for a in AXES], [dcn_sizes[a] for a in AXES],
                                                 devices=devices)
     return Mesh(grid, AXES, axis_types=axis_types)

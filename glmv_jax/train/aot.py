@@ -33,12 +33,22 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils, topologies
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from glmv_jax.batch import batch_shapes
-from glmv_jax.config import ModelConfig, get_preset
+from glmv_jax.config import ModelConfig, from_hf_config, get_preset
+from glmv_jax.data.pipeline import data_config, frame_shape
+from glmv_jax.data.transforms import Processor
+from glmv_jax.models.glmv import init_params, logical_axes
 from glmv_jax.sharding import rules as rules_lib
+from glmv_jax.sharding.global_batch import batch_shardings
 from glmv_jax.sharding.mesh import AXES, MeshError, resolve_shape
+from glmv_jax.train.experiment import Experiment
+from glmv_jax.train.optimizer import build_optimizer
+from glmv_jax.train.state import abstract_train_state, state_shardings
+from glmv_jax.train.step import make_train_step, presplit
+from glmv_jax.train.supervised import make_bias_rule, stage_loss_fn
 
 
 class TopologyError(ValueError):
@@ -76,7 +86,6 @@ def target_devices(topology: str) -> list:
     if not libtpu_available():
         raise TopologyError(f"TPU topology {topology!r} needs libtpu for compile-only devices "
                             f"(pip install libtpu==0.0.42.1); or target 'cpu:N'")
-    from jax.experimental import topologies
     # Compile-only devices need no exclusive TPU access: do not fail on another process's libtpu lockfile.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
@@ -96,7 +105,6 @@ def mesh_for_devices(ici: dict, devices: Sequence, topology: str = "") -> Mesh:
         raise TopologyError(f"mesh {dict(ici)} does not fit {where} ({len(devices)} devices): {err}") from err
     shape = [sizes[a] for a in AXES]
     if devices[0].platform == "tpu":
-        from jax.experimental import mesh_utils
         grid = mesh_utils.create_device_mesh(shape, list(devices), allow_split_physical_axes=True)
     else:
         grid = np.asarray(devices, dtype=object).reshape(shape)
@@ -122,7 +130,6 @@ class AotPlan:
 def model_config_from(cfg) -> ModelConfig:
     """The stage's preset with its runtime knobs and `model.vision` / `model.text` overrides."""
     if cfg.model.get("hf_checkpoint"):
-        from glmv_jax.config import from_hf_config
         base = from_hf_config(cfg.model.hf_checkpoint)
     else:
         base = get_preset(cfg.model.preset)
@@ -135,8 +142,6 @@ def model_config_from(cfg) -> ModelConfig:
 def frames_shape(data_cfg, model_config: ModelConfig, micro_batches: int = 1) -> tuple[int | None, int | None]:
     """(F, L) of the batches' `patch_frames` as the data pipeline makes them (data.pipeline.frame_shape, with
     the processor `train.experiment.setup` builds), or (None, None) when the config turns them off."""
-    from glmv_jax.data.pipeline import data_config, frame_shape
-    from glmv_jax.data.transforms import Processor
     side = data_cfg.image_size
     budget = dict(min_pixels=2 * side * side, max_pixels=2 * side * side) if data_cfg.source == "synthetic" else {}
     processor = Processor.for_model(model_config, template=data_cfg.get("template", "glm41v"), **budget)
@@ -159,8 +164,7 @@ def abstract_batch_shapes(data_cfg, model_config: ModelConfig, micro_batches: in
 
 
 def abstract_batch_with_shardings(shapes: dict, mesh: Mesh, rules: rules_lib.Rules, micro_batches: int) -> dict:
-    """Rows over act_batch, patch rows over act_tokens (sharding.global_batch.batch_shardings); the [k] axis replicated."""
-    from glmv_jax.sharding.global_batch import batch_shardings
+    """Rows over act_batch, patch rows over act_tokens (global_batch.batch_shardings); the [k] axis replicated."""
     k = micro_batches
     per_micro = {key: jax.ShapeDtypeStruct(s.shape[1:] if k > 1 else s.shape, s.dtype) for key, s in shapes.items()}
     shardings = batch_shardings(per_micro, mesh, rules)
@@ -170,15 +174,11 @@ def abstract_batch_with_shardings(shapes: dict, mesh: Mesh, rules: rules_lib.Rul
 
 
 def abstract_params_of(model_config: ModelConfig) -> Any:
-    from glmv_jax.models.glmv import init_params
     return jax.eval_shape(lambda: init_params(model_config, jax.random.key(0)))
 
 
 def make_plan(cfg, devices: Sequence, topology: str = "") -> AotPlan:
     """Abstract state and batch of `cfg`'s train step on a mesh of `devices` (cfg.mesh.ici sizes)."""
-    from glmv_jax.models.glmv import logical_axes
-    from glmv_jax.train.optimizer import build_optimizer
-    from glmv_jax.train.state import abstract_train_state, state_shardings
     if dict(cfg.mesh.get("dcn", {}) or {}):
         raise TopologyError("AOT compile takes one slice (mesh.ici); fold the mesh.dcn axes into mesh.ici")
     model_config = model_config_from(cfg)
@@ -197,9 +197,6 @@ def make_plan(cfg, devices: Sequence, topology: str = "") -> AotPlan:
 
 def compile_train_step(plan: AotPlan, compiler_options: dict | None = None):
     """The stage's jitted train step (train.supervised's loss, bias rule and step), lowered and compiled."""
-    from glmv_jax.train.experiment import Experiment
-    from glmv_jax.train.step import make_train_step, presplit
-    from glmv_jax.train.supervised import make_bias_rule, stage_loss_fn
     cfg, k = plan.cfg, plan.cfg.train.grad_accum_steps
     exp = Experiment(cfg, "", plan.mesh, plan.rules, plan.model_config, tokenizer=None, processor=None)
     step = make_train_step(stage_loss_fn(exp),

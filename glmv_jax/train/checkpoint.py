@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from glmv_jax.convert.hf import save_pretrained
 from glmv_jax.train.state import TrainState, default_sharding
 
 STATE, DATA = "state", "data"
@@ -139,5 +140,4 @@ class Checkpointer:
 def export_hf(config: Any, params: Any, out_dir: str | os.PathLike, **kwargs) -> list:
     """Writes an HF checkpoint (config.json + safetensors) loadable by transformers' from_pretrained;
     kwargs (dtype, max_shard_size, ...) go to convert.hf.save_pretrained. Returns the files written."""
-    from glmv_jax.convert.hf import save_pretrained  # lazy: the converter is optional for training
     return save_pretrained(config, jax.device_get(params), os.fspath(out_dir), **kwargs)

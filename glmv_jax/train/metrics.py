@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 
 def measure_peak_flops(n: int = 2048, repeats: int = 3, dtype=np.float32) -> float:
@@ -70,11 +71,10 @@ class MetricsWriter:
         if not self.active:
             return
         os.makedirs(logdir, exist_ok=True)
-        from tensorboardX import SummaryWriter  # imported on host 0 only
+        from tensorboardX import SummaryWriter  # loaded on host 0 only: the other hosts write no logs
         self._tb = SummaryWriter(os.fspath(logdir))
         self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a", encoding="utf-8")
         if progress:
-            from tqdm.auto import tqdm
             self._bar = tqdm(total=total_steps, initial=initial_step, desc=description, dynamic_ncols=True)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float] | None:

@@ -13,8 +13,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from glmv_jax.data.pipeline import make_pipeline
 from glmv_jax.models.flops import forward_flops
+from glmv_jax.models.glmv import apply_hidden, apply_with_aux, init_params
+from glmv_jax.models.moe_balance import update_correction_bias
+from glmv_jax.sharding.global_batch import global_batch
+from glmv_jax.train.checkpoint import Checkpointer, export_hf
 from glmv_jax.train.experiment import Experiment, initial_params, param_shardings
+from glmv_jax.train.loop import restore_or_init, run_steps
+from glmv_jax.train.losses import chunked_cross_entropy, cross_entropy
+from glmv_jax.train.metrics import MetricsWriter, measure_peak_flops
+from glmv_jax.train.optimizer import build_optimizer
+from glmv_jax.train.state import abstract_train_state, init_train_state, state_shardings, train_state_from_params
+from glmv_jax.train.step import make_train_step, presplit
 
 
 def make_loss_fn(exp: Experiment, z_loss: float = 0.0, moe_seq_aux_coef: float = 0.0, loss_chunk: int = 0):
@@ -23,8 +34,6 @@ def make_loss_fn(exp: Experiment, z_loss: float = 0.0, moe_seq_aux_coef: float =
     its coefficient is > 0, the sequence-level balance loss ("moe_seq_aux_loss"). `loss_chunk` > 0 computes
     the cross-entropy `loss_chunk` positions at a time (losses.chunked_cross_entropy: the [B, T, V] logits
     are never held whole; same values); it must divide data.seq_len (a chunk >= seq_len means one chunk: off)."""
-    from glmv_jax.models.glmv import apply_hidden, apply_with_aux
-    from glmv_jax.train.losses import chunked_cross_entropy, cross_entropy
     config = exp.model_config
     if loss_chunk:
         seq_len = exp.cfg.data.seq_len
@@ -62,7 +71,6 @@ def stage_loss_fn(exp: Experiment):
 
 def make_bias_rule(exp: Experiment, rate: float):
     """post_update(params, aux): the MoE router's aux-loss-free correction-bias update from summed loads."""
-    from glmv_jax.models.moe_balance import update_correction_bias
     if not exp.model_config.text.moe or rate <= 0:
         return None
 
@@ -89,21 +97,11 @@ def flops_per_token(exp: Experiment) -> float:
 def batch_putter(exp: Experiment):
     """put_batch(host batch) -> the global batch on exp.mesh (parallel.global_batch): every host's packed
     batch joined into one, index keys made global, laid out with the train step's batch shardings."""
-    from glmv_jax.sharding.global_batch import global_batch
     merge_area = exp.model_config.vision.spatial_merge_size ** 2
     return lambda batch: global_batch(batch, exp.mesh, exp.rules, merge_area)
 
 
 def run_supervised(exp: Experiment, progress: bool = True) -> dict[str, Any]:
-    from glmv_jax.data.pipeline import make_pipeline
-    from glmv_jax.models.glmv import init_params
-    from glmv_jax.train.checkpoint import Checkpointer, export_hf
-    from glmv_jax.train.loop import restore_or_init, run_steps
-    from glmv_jax.train.metrics import MetricsWriter, measure_peak_flops
-    from glmv_jax.train.optimizer import build_optimizer
-    from glmv_jax.train.state import (abstract_train_state, init_train_state, state_shardings,
-                                      train_state_from_params)
-    from glmv_jax.train.step import make_train_step, presplit
 
     cfg, k = exp.cfg, exp.cfg.train.grad_accum_steps
     optimizer = build_optimizer(cfg.optimizer)
