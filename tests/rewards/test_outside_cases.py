@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from glmv_jax.rewards import RewardConfig, compute_reward, compute_rewards
+from glmv_jax.rewards import RewardConfig, compute_reward, compute_rewards, count_reasons
 from glmv_jax.rewards import counting as counting_verifier
 from glmv_jax.rewards import math as math_verifier
 from glmv_jax.rewards.math import normalize
@@ -55,6 +55,8 @@ def test_a_verifier_that_raises_gives_zero_and_names_the_error(monkeypatch):
     assert results[0].format_ok and results[0].extracted == "3"
     assert results[0].info == {"reason": "verifier_error", "error": "OverflowError"}
     assert results[2].info["reason"] == "empty_response"
+    counts = count_reasons(results)
+    assert counts == {"verifier_error": 1, "empty_response": 1} and counts["timeout"] == 0
 
 
 def test_a_malformed_reference_still_raises():
