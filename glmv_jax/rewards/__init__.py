@@ -6,7 +6,7 @@
 from glmv_jax.rewards import registry
 from glmv_jax.rewards.compute import compute_reward, compute_rewards
 from glmv_jax.rewards.registry import register_judge, unregister_judge
-from glmv_jax.rewards.result import STYLES, RewardConfig, RewardResult
+from glmv_jax.rewards.result import STYLES, RewardConfig, RewardResult, count_reasons
 
-__all__ = ["compute_reward", "compute_rewards", "RewardResult", "RewardConfig", "STYLES", "registry", "register_judge",
-           "unregister_judge"]
+__all__ = ["compute_reward", "compute_rewards", "count_reasons", "RewardResult", "RewardConfig", "STYLES", "registry",
+           "register_judge", "unregister_judge"]

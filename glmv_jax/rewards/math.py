@@ -56,9 +56,9 @@ def worker_pool() -> WorkerPool:
         return _pool
 
 
-def warm_up() -> None:
-    """Start a sympy worker now instead of at the first response that needs one."""
-    worker_pool().warm_up()
+def warm_up() -> tuple[str, ...]:
+    """Start a sympy worker now instead of at the first response that needs one; the modules it warmed up."""
+    return worker_pool().warm_up()
 
 
 def normalize(text: str) -> str:

@@ -1,8 +1,9 @@
 """The result type every verifier returns, and the knobs of the reward system."""
 from __future__ import annotations
 
+import collections
 import dataclasses
-from typing import Any
+from typing import Any, Iterable
 
 STYLES = ("glm41v", "glm45v", "glm46v", "glm45v_nothink")
 """Response formats (chat_template.md section 6).
@@ -73,3 +74,9 @@ class RewardConfig:
 def fail(reason: str, extracted: str | None = None, format_ok: bool = True, **info) -> RewardResult:
     """A zero reward with its reason."""
     return RewardResult(0.0, format_ok, extracted, {"reason": reason, **info})
+
+
+def count_reasons(results: Iterable[RewardResult]) -> collections.Counter:
+    """How many results carry each info["reason"] (results without one are not counted), e.g. for metrics:
+    count_reasons(results)["verifier_error"] is the number of responses a verifier raised on."""
+    return collections.Counter(r.info["reason"] for r in results if "reason" in r.info)

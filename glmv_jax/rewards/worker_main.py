@@ -3,7 +3,8 @@
     python -m glmv_jax.rewards.worker_main MEMORY_LIMIT_MB MODULE [MODULE ...]
 
 imports each MODULE (calling its `warm_up()` if it has one), then speaks newline-delimited JSON on its
-original stdout: first {"ready": true} (or {"fatal": "..."} and exit 1), then for each request
+original stdout: first {"ready": true, "warmed": [the MODULEs whose warm_up() ran]} (or {"fatal": "..."} and
+exit 1), so every library is imported before the first timed call; then for each request
 {"fn": "package.module:function", "args": [...], "timeout_s": t} on stdin one reply {"value": ...},
 {"error": "..."} or {"timed_out": true}. The timeout is a SIGALRM timer (this process is single-threaded)
 raising a BaseException, which library `except Exception` blocks cannot swallow; work that never yields
@@ -47,17 +48,19 @@ def main(argv: list[str]) -> int:
     def send(message: dict) -> None:
         protocol.write(json.dumps(message) + "\n")
 
+    warmed = []
     try:
         _limit_memory(int(argv[0]))
         for module_name in argv[1:]:
             module = importlib.import_module(module_name)
             if hasattr(module, "warm_up"):
                 module.warm_up()
+                warmed.append(module_name)
     except Exception as error:  # reported to the parent, which raises it as a setup error
         send({"fatal": f"{type(error).__name__}: {error}"})
         return 1
     signal.signal(signal.SIGALRM, _on_alarm)
-    send({"ready": True})
+    send({"ready": True, "warmed": warmed})
     for line in sys.stdin:
         try:
             request = json.loads(line)

@@ -45,6 +45,7 @@ class _Worker:
             [sys.executable, "-m", "glmv_jax.rewards.worker_main", str(memory_limit_mb), *preload],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, env=env)
         self.ready = False
+        self.warmed: tuple[str, ...] = ()  # preload modules whose warm_up() ran, from the ready message
         self._buffer = b""
 
     def read_message(self, deadline: float) -> dict | None:
@@ -75,7 +76,7 @@ class _Worker:
         if "fatal" in message:
             self.kill()
             raise RuntimeError(f"reward worker failed to start: {message['fatal']}")
-        self.ready = True
+        self.ready, self.warmed = True, tuple(message.get("warmed", ()))
 
     def call(self, fn: str, args: list, timeout_s: float, grace_s: float) -> tuple[CallResult, bool]:
         """(result, whether the worker must be replaced)."""
@@ -147,8 +148,8 @@ class WorkerPool:
             return
         self._release(successor)
 
-    def warm_up(self) -> None:
-        """Start one worker and wait until it is ready."""
+    def warm_up(self) -> tuple[str, ...]:
+        """Start one worker and wait until it is ready; the preload modules it warmed up (ran warm_up() of)."""
         worker = self._acquire()
         try:
             worker.wait_ready(self.startup_timeout_s)
@@ -156,6 +157,7 @@ class WorkerPool:
             self._release(None)
             raise
         self._release(worker)
+        return worker.warmed
 
     def call(self, fn: str, args: list, timeout_s: float, grace_s: float = 0.2) -> CallResult:
         """Run fn(*args) in a worker; a timed-out result comes back within about timeout_s + grace_s."""

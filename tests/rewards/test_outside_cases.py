@@ -4,9 +4,11 @@ import random
 
 import pytest
 
-from glmv_jax.rewards import RewardConfig, compute_reward, compute_rewards
+from glmv_jax.rewards import RewardConfig, compute_reward, compute_rewards, count_reasons
 from glmv_jax.rewards import counting as counting_verifier
+from glmv_jax.rewards import math as math_verifier
 from glmv_jax.rewards.math import normalize
+from glmv_jax.rewards.workers import WorkerPool
 from tests.rewards.helpers import respond
 
 _rng = random.Random(0)
@@ -53,6 +55,8 @@ def test_a_verifier_that_raises_gives_zero_and_names_the_error(monkeypatch):
     assert results[0].format_ok and results[0].extracted == "3"
     assert results[0].info == {"reason": "verifier_error", "error": "OverflowError"}
     assert results[2].info["reason"] == "empty_response"
+    counts = count_reasons(results)
+    assert counts == {"verifier_error": 1, "empty_response": 1} and counts["timeout"] == 0
 
 
 def test_a_malformed_reference_still_raises():
@@ -129,3 +133,24 @@ def test_gui_without_duplicates_still_scores():
     assert compute_reward("gui", respond('{"action": "click", "box": [100, 100, 200, 200]}'), CLICK).reward == 1.0
     with pytest.raises(ValueError, match="gui answer has a duplicate key 'action'"):
         compute_reward("gui", respond("{}"), '{"action": "click", "action": "type"}')
+
+
+# ---- the math worker imports and exercises its libraries before its first timed call
+def test_a_new_math_worker_is_warm_before_its_first_timed_call():
+    pool = WorkerPool(("glmv_jax.rewards.math_worker",), max_workers=1)
+    try:
+        assert pool.warm_up() == ("glmv_jax.rewards.math_worker",)  # the ready handshake names what warmed up
+        budget = RewardConfig()  # the production budget, which a cold sympy / math-verify import would exceed
+        first = pool.call(math_verifier.EQUIVALENCE_FN, ["x^2-1", "(x-1)(x+1)"], budget.math_time_limit_s,
+                          budget.math_kill_grace_s)
+        assert not first.timed_out and first.error is None and first.value == {"equal": True}, first
+    finally:
+        pool.close()
+
+
+def test_a_pool_without_warm_up_modules_reports_none():
+    pool = WorkerPool(max_workers=1)
+    try:
+        assert pool.warm_up() == ()
+    finally:
+        pool.close()
