@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -56,23 +57,38 @@ def evaluate_stage(cfg, workdir: str, params) -> dict:
     return result
 
 
+def timed_in(stage_dir: str, key: str, fn):
+    """fn() with its wall seconds added to stage_dir/seconds.json[key]: a stage that a rerun skips or
+    resumes keeps the time it took when it ran."""
+    path = os.path.join(stage_dir, "seconds.json")
+    recorded = json.load(open(path)) if os.path.exists(path) else {}
+    start = time.perf_counter()
+    out = fn()
+    recorded[key] = recorded.get(key, 0.0) + time.perf_counter() - start
+    os.makedirs(stage_dir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(recorded, f)
+    return out, recorded[key]
+
+
 def run_pipeline(cfg, workdir: str) -> list[dict]:
     from experiments.configs.base import validate
     for stage in cfg.stages:          # every stage's config is checked before the first one compiles
         validate(stage)
-    summaries, previous = [], ""
+    summaries, previous, seconds = [], "", {}
     for i, stage in enumerate(cfg.stages):
         stage_dir = os.path.join(workdir, f"{i}_{stage.stage}")
         if previous and not stage.train.init_from:
             stage.train.init_from = previous
-        summary = run_stage(stage, stage_dir)
+        summary, seconds[stage.stage] = timed_in(stage_dir, "stage", lambda: run_stage(stage, stage_dir))
         if stage.stage in cfg.get("eval_after", ()):
-            summary["eval"] = evaluate_stage(stage, stage_dir, summary["state"].params)
+            summary["eval"], seconds[f"{stage.stage}_eval"] = timed_in(
+                stage_dir, "eval", lambda: evaluate_stage(stage, stage_dir, summary["state"].params))
         summaries.append(summary)
         previous = stage_dir
     if cfg.get("report", True):
         from experiments.report import write_report
-        write_report(summaries, workdir)
+        write_report(summaries, workdir, seconds)
     return summaries
 
 

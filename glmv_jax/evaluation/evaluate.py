@@ -16,18 +16,24 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from glmv_jax.batch import bucket, frame_lengths, frame_rows, longest_frame, patch_segments
+from glmv_jax.data.pipeline import _tiers
+from glmv_jax.data import synthetic
+from glmv_jax.evaluation import stats
+from glmv_jax.evaluation.baselines import baselines
+from glmv_jax.generate.prompts import batch_prompts, prompt_dicts
+from glmv_jax.generate.sampler import answer_ids, generate, response_text
 from glmv_jax.rewards import compute_reward
+from glmv_jax.train.experiment import initial_params, param_shardings
 
 
 def prompt_records(cfg, split: str, per_domain: int, seed: int, tiers: Any = None) -> list[dict]:
     """RL/eval prompt records: the synthetic suite by domain, or the configured JSONL manifests."""
     if cfg.data.source == "synthetic":
-        from glmv_jax.data.pipeline import _tiers
-        from glmv_jax.data.synthetic import generate
         tiers = _tiers(tiers)
         records = []
         for domain in cfg.data.domains:
-            records += generate(domain, per_domain, seed=seed, split=split, kind="rl", tiers=tiers,
+            records += synthetic.generate(domain, per_domain, seed=seed, split=split, kind="rl", tiers=tiers,
                                 image_size=cfg.data.image_size)
         return records
     return [record for manifest in cfg.data.manifests for record in read_manifest(manifest)]
@@ -53,6 +59,32 @@ def read_manifest(path: str, required: Sequence[str] = ()) -> list[dict]:
     return records
 
 
+def longest_gold_response(cfg, tokenizer, split: str, per_domain: int, seed: int, tiers: Any = None) -> dict[str, int]:
+    """{domain: tokens of the longest gold response (the suite's own think trace and boxed answer, as SFT
+    teaches it, plus the turn-ending stop token)} over the synthetic prompts prompt_records gives."""
+    longest: dict[str, int] = {}
+    for domain in cfg.data.domains:
+        for rec in synthetic.generate(domain, per_domain, seed=seed, split=split, kind="sft", tiers=_tiers(tiers),
+                                      image_size=cfg.data.image_size):
+            n = len(tokenizer.encode(rec["messages"][-1]["content"])) + 1
+            longest[domain] = max(longest.get(domain, 0), n)
+    return longest
+
+
+def check_answer_budget(cfg, tokenizer, split: str, per_domain: int, seed: int, tiers: Any, max_new_tokens: int,
+                        where: str) -> None:
+    """Raise when `max_new_tokens` cannot hold some domain's longest gold response: such prompts would be
+    cut before their answer ends and score 0 whatever the model knows. Synthetic suite only (a no-op else)."""
+    if cfg.data.source != "synthetic":
+        return
+    longest = longest_gold_response(cfg, tokenizer, split, per_domain, seed, tiers)
+    short = {d: n for d, n in longest.items() if n > max_new_tokens}
+    if short:
+        detail = ", ".join(f"{d} needs {n}" for d, n in sorted(short.items()))
+        raise ValueError(f"{where}.max_new_tokens = {max_new_tokens} is shorter than the longest gold response "
+                         f"(tokens incl. its stop token) of the {split!r} prompts: {detail}")
+
+
 def generate_answers(exp, params, records: Sequence[dict], *, max_new_tokens: int, batch_size: int,
                      temperature: float = 0.0, seed: int = 0, style: str = "glm41v") -> list[str]:
     """One response text per record (greedy when temperature is 0), generated batch_size prompts at a time
@@ -73,7 +105,6 @@ def batch_shape(prompts: Sequence[dict], batch_size: int, per_call: int, merge_a
     shapes: prompt length of the longest prompt, patch rows of batch_size of the largest images, ViT frame
     rows of the fullest chunk at per_call and at batch_size prompts per call (so greedy, n=1, and sampled,
     n | batch_size, passes over the same records share one compiled loop)."""
-    from glmv_jax.batch import bucket, frame_lengths, frame_rows, longest_frame, patch_segments
     most_patches = max(0 if p.get("pixel_values") is None else len(p["pixel_values"]) for p in prompts)
     frame_len = bucket(max(longest_frame(prompts), 1), 256)
     rows = [frame_rows(frame_lengths(patch_segments(c)), frame_len)
@@ -89,8 +120,6 @@ def sample_answers(exp, params, records: Sequence[dict], n: int, *, max_new_toke
 
     Each generate call holds max(1, batch_size // n) prompts (each image encoded once for its n rows), and
     every call of an evaluation is padded to one shape (batch_shape), so the evaluation compiles once."""
-    from glmv_jax.generate.prompts import batch_prompts, prompt_dicts
-    from glmv_jax.generate.sampler import answer_ids, generate, response_text
     if n < 1 or batch_size < 1:
         raise ValueError(f"samples per prompt and batch_size must be >= 1, got {n}, {batch_size}")
     if not records:
@@ -143,26 +172,50 @@ def pass_at_k_table(records: Sequence[dict], rewards: Any, k: int, threshold: fl
             "sample_reward": means(sample), "sample_reward_by_tier": {d: means(ts) for d, ts in sorted(sample_tier.items())}}
 
 
+def prompt_rewards(records: Sequence[dict], texts: Sequence[str], style: str) -> tuple[list[float], list[bool]]:
+    """The verifier reward and format flag of each record's response."""
+    results = [compute_reward(rec["domain"], text, rec["answer"], style=style) for rec, text in zip(records, texts)]
+    return [r.reward for r in results], [r.format_ok for r in results]
+
+
 def score(records: Sequence[dict], texts: Sequence[str], style: str) -> dict[str, Any]:
-    by_domain, by_tier, formats = defaultdict(list), defaultdict(lambda: defaultdict(list)), []
-    for rec, text in zip(records, texts):
-        result = compute_reward(rec["domain"], text, rec["answer"], style=style)
-        by_domain[rec["domain"]].append(result.reward)
-        by_tier[rec["domain"]][str(rec.get("tier", "all"))].append(result.reward)
-        formats.append(result.format_ok)
+    rewards, formats = prompt_rewards(records, texts, style)
+    by_domain, by_tier = defaultdict(list), defaultdict(lambda: defaultdict(list))
+    for rec, reward in zip(records, rewards):
+        by_domain[rec["domain"]].append(reward)
+        by_tier[rec["domain"]][str(rec.get("tier", "all"))].append(reward)
     return {"accuracy": {d: float(np.mean(v)) for d, v in sorted(by_domain.items())},
             "by_tier": {d: {t: float(np.mean(v)) for t, v in sorted(ts.items())} for d, ts in sorted(by_tier.items())},
             "format_rate": float(np.mean(formats)) if formats else 0.0, "n": len(texts)}
 
 
 def evaluate(exp, params, *, split: str = "heldout", per_domain: int | None = None) -> dict[str, Any]:
+    """Greedy accuracy and (eval.samples > 0) sampled mean@k per prompt, domain and overall with standard
+    errors (stats.summarize), answer-prior baselines (baselines.baselines, synthetic suite only) and the
+    per-prompt rows ("prompts": id, domain, tier, greedy, sampled) that paired stage comparisons need."""
     ev = exp.cfg.get("eval") or {}
     per_domain = per_domain or ev.get("per_domain", 32)
-    style = ev.get("style", "glm41v")
-    records = prompt_records(exp.cfg, split, per_domain, seed=ev.get("seed", 0), tiers=ev.get("tiers"))
-    texts = generate_answers(exp, params, records, max_new_tokens=ev.get("max_new_tokens", 48),
-                             batch_size=ev.get("batch_size", 32), style=style)
+    style, seed, tiers = ev.get("style", "glm41v"), ev.get("seed", 0), ev.get("tiers")
+    records = prompt_records(exp.cfg, split, per_domain, seed=seed, tiers=tiers)
+    check_answer_budget(exp.cfg, exp.tokenizer, split, per_domain, seed, tiers, ev.get("max_new_tokens", 48), "eval")
+    options = dict(max_new_tokens=ev.get("max_new_tokens", 48), batch_size=ev.get("batch_size", 32), style=style)
+    texts = generate_answers(exp, params, records, **options)
     result = score(records, texts, style)
+    greedy, _ = prompt_rewards(records, texts, style)
+    rows = [{"id": str(rec["id"]), "domain": rec["domain"], "tier": rec.get("tier"), "greedy": g}
+            for rec, g in zip(records, greedy)]
+    k = int(ev.get("samples", 0) or 0)
+    if k:
+        groups = sample_answers(exp, params, records, k, temperature=ev.get("temperature", 1.0), seed=seed + 1,
+                                **options)
+        for row, rec, group in zip(rows, records, groups):
+            row["sampled"] = float(np.mean(prompt_rewards([rec] * k, group, style)[0]))
+    result["samples"] = k
+    result["prompts"] = rows
+    result["summary"] = stats.summarize(rows)
+    if exp.cfg.data.source == "synthetic":
+        train = prompt_records(exp.cfg, "train", per_domain, seed=seed, tiers=tiers)
+        result["baselines"] = baselines(train, records, style)
     result["examples"] = [{"domain": r["domain"], "answer": str(r["answer"]), "response": t}
                           for r, t in list(zip(records, texts))[::max(1, len(records) // 8)]]
     return result
@@ -170,7 +223,6 @@ def evaluate(exp, params, *, split: str = "heldout", per_domain: int | None = No
 
 def run_eval(exp) -> dict[str, Any]:
     """The eval stage: params from `train.init_from` (a previous stage) or an HF checkpoint."""
-    from glmv_jax.train.experiment import initial_params, param_shardings
     abstract, shardings = param_shardings(exp)
     params = initial_params(exp, abstract, shardings)
     if params is None:

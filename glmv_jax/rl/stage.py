@@ -37,13 +37,13 @@ import json
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
 
 from glmv_jax.batch import bucket
-from glmv_jax.evaluation.evaluate import prompt_records
+from glmv_jax.evaluation.evaluate import check_answer_budget, prompt_records
 from glmv_jax.generate.prompts import prompt_dicts
 from glmv_jax.generate.sampler import answer_ids
 from glmv_jax.models.glmv import init_params
@@ -53,7 +53,7 @@ from glmv_jax.rl.grpo import GRPOConfig, group_stats, make_grpo_update, make_mod
 from glmv_jax.rl.rollout import Trajectories, grpo_batch, rollout
 from glmv_jax.train.checkpoint import Checkpointer
 from glmv_jax.train.experiment import initial_params, param_shardings
-from glmv_jax.train.metrics import MetricsWriter
+from glmv_jax.train.metrics import MetricsWriter, read_metrics
 from glmv_jax.train.optimizer import build_optimizer
 from glmv_jax.train.state import abstract_train_state, init_train_state, train_state_from_params
 
@@ -180,10 +180,11 @@ def update_seq_len(prompts: list[dict], max_new_tokens: int) -> int:
 
 
 def train_iteration(exp, grpo_cfg: GRPOConfig, update, state, iteration: Iteration, traj: Trajectories,
-                    prompts: list[dict], seq_len: int, reference=None):
+                    prompts: list[dict], seq_len: int, reference=None, domains: Sequence[str] | None = None):
     """Group statistics of the rollout, the GRPO batch of the kept groups the update can take, the update
     (skipped when there is none; `reference`: the KL reference params, needed when kl_coef > 0)
-    -> (state, history row entries, the update's scalar metrics)."""
+    -> (state, history row entries, the update's scalar metrics). `domains[i]`: the domain of pool prompt i
+    (per-domain rewards over the rolled-out and the kept groups)."""
     if not np.array_equal(traj.prompt_index[::traj.group_size], iteration.indices):
         raise ValueError("the sampler's rolled-out prompts do not match the rollouts' trajectories")
     stats = group_stats(iteration.rewards, **grpo_cfg.advantage_settings)
@@ -203,12 +204,38 @@ def train_iteration(exp, grpo_cfg: GRPOConfig, update, state, iteration: Iterati
                 "kept_informative_share": float(np.mean(~stats.zero_variance[kept])) if len(kept) else 0.0,
                 "trained_groups": int(len(kept)), "updated": int(len(kept) > 0),
                 "prompts_rolled_out": int(len(iteration.indices)), "rollouts": int(len(traj.prompt_index))})
+    row.update(honest_metrics(iteration, kept, row, metrics, domains))
     return state, row, metrics
+
+
+def honest_metrics(iteration: Iteration, kept: np.ndarray, row: dict, metrics: dict,
+                   domains: Sequence[str] | None) -> dict[str, float]:
+    """The rewards of ALL rolled-out groups beside those of the kept (trained) groups, overall and per domain:
+    RLCS and DAPO keep the most balanced groups, so the kept groups' reward rises by selection alone.
+    Also the informative shares under their contract names, and the update's entropy and clip fraction."""
+    rewards = np.asarray(iteration.rewards, np.float64)
+    out = {"reward_rolled": float(rewards.mean()), "reward_kept": row["reward"],
+           "informative_share_rolled": row["informative_share"],
+           "informative_share_trained": row["kept_informative_share"],
+           "entropy": metrics.get("entropy", metrics.get("neg_logp", float("nan"))),
+           "clip_fraction": metrics.get("clip_frac", float("nan"))}
+    if domains is not None:
+        rolled = np.asarray([domains[int(i)] for i in iteration.indices])
+        kept_domains = rolled[kept] if len(kept) else np.asarray([], str)
+        for name in sorted(set(rolled)):
+            out[f"reward_rolled/{name}"] = float(rewards[rolled == name].mean())
+            mine = kept_domains == name
+            out[f"reward_kept/{name}"] = float(rewards[kept][mine].mean()) if mine.any() else float("nan")
+    return out
 
 
 def run_rl(exp) -> dict[str, Any]:
     cfg, r = exp.cfg, exp.cfg.rl
-    records = prompt_records(cfg, "train", r.prompts_per_domain, seed=cfg.seed, tiers=r.get("prompt_tiers"))
+    # RL prompts come from their own stream (split "rl"): disjoint from the SFT records and the held-out set
+    records = prompt_records(cfg, r.get("prompt_split", "rl"), r.prompts_per_domain, seed=cfg.seed,
+                             tiers=r.get("prompt_tiers"))
+    check_answer_budget(cfg, exp.tokenizer, r.get("prompt_split", "rl"), r.prompts_per_domain, cfg.seed,
+                        r.get("prompt_tiers"), r.max_new_tokens, "rl")
     prompts = prompt_dicts(records, exp.tokenizer, exp.processor)
     sampler = make_sampler(cfg, PromptPool.from_records(records))
     grpo_cfg = grpo_config(r)
@@ -225,7 +252,6 @@ def run_rl(exp) -> dict[str, Any]:
             return init_train_state(lambda k: init_params(exp.model_config, k), optimizer, rng)
         return train_state_from_params(params, optimizer, rng)
 
-    history = []
     with Checkpointer(os.path.join(exp.workdir, "checkpoints"), save_every=r.save_every, keep=cfg.train.keep) as ckpt:
         restored = ckpt.restore_latest(abstract_train_state(optimizer, abstract_params, None, rng))
         if restored is None:
@@ -234,6 +260,8 @@ def run_rl(exp) -> dict[str, Any]:
             state, sampler_state = restored
             sampler.set_state(sampler_state)
         start = sampler.iteration
+        history = read_metrics(os.path.join(exp.workdir, "logs"), start)   # the rows before a resume
+        spent = int(sum(h.get("rollouts", 0) for h in history))
         reference = fresh().params if grpo_cfg.kl_coef > 0 else None    # the KL reference: the starting policy
         with MetricsWriter(os.path.join(exp.workdir, "logs"), r.iterations, initial_step=start,
                            description="rl") as writer:
@@ -243,8 +271,10 @@ def run_rl(exp) -> dict[str, Any]:
                                     pad_steps=pad_steps)
                 iteration = sampler.run_iteration(rollouts)
                 state, entries, metrics = train_iteration(exp, grpo_cfg, update, state, iteration,
-                                                          rollouts.trajectories(), prompts, seq_len, reference)
-                row = {"iteration": it + 1, **entries, "rollout_rounds": rollouts.calls,
+                                                          rollouts.trajectories(), prompts, seq_len, reference,
+                                                          domains=[rec["domain"] for rec in records])
+                spent += entries["rollouts"]
+                row = {"iteration": it + 1, **entries, "rollouts_total": spent, "rollout_rounds": rollouts.calls,
                        "padded_prompts": rollouts.padded, "verifier_errors": rollouts.verifier_errors,
                        "seconds": time.perf_counter() - t0,
                        **{f"grpo/{k}": v for k, v in metrics.items()},

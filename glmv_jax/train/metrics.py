@@ -52,6 +52,24 @@ def flatten_metrics(metrics: Mapping[str, Any], domain_names: Sequence[str] | No
     return flat
 
 
+def read_metrics(logdir: str | os.PathLike, up_to_step: int | None = None) -> list[dict[str, float]]:
+    """The rows of logdir/metrics.jsonl, one per step (a step written again after a resume replaces the
+    earlier row), in step order, up to `up_to_step`; [] without a file. A truncated last line is dropped."""
+    path = os.path.join(logdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    rows: dict[int, dict] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if up_to_step is None or row["step"] <= up_to_step:
+                rows[int(row["step"])] = row
+    return [rows[k] for k in sorted(rows)]
+
+
 class MetricsWriter:
     """Host-0 writer of TensorBoard scalars, JSONL lines and a progress bar with ETA."""
 

@@ -22,7 +22,7 @@ from glmv_jax.train.checkpoint import Checkpointer, export_hf
 from glmv_jax.train.experiment import Experiment, initial_params, param_shardings
 from glmv_jax.train.loop import restore_or_init, run_steps
 from glmv_jax.train.losses import chunked_cross_entropy, cross_entropy
-from glmv_jax.train.metrics import MetricsWriter, measure_peak_flops
+from glmv_jax.train.metrics import MetricsWriter, measure_peak_flops, read_metrics
 from glmv_jax.train.optimizer import build_optimizer
 from glmv_jax.train.state import abstract_train_state, init_train_state, state_shardings, train_state_from_params
 from glmv_jax.train.step import make_train_step, presplit
@@ -134,6 +134,9 @@ def run_supervised(exp: Experiment, progress: bool = True) -> dict[str, Any]:
                                        log_every=cfg.train.log_every, put_batch=batch_putter(exp))
     if cfg.train.export_hf:
         export_hf(exp.model_config, state.params, cfg.train.export_hf)
+    # the whole stage's rows (earlier invocations' too, one per step), so a resumed run reports and plots
+    # what an uninterrupted one would; host 0 writes the log, other hosts keep this invocation's rows
+    history = read_metrics(os.path.join(exp.workdir, "logs"), int(jax.device_get(state.step))) or history
     losses = [h["loss"] for h in history if "loss" in h]
     return {"stage": cfg.stage, "start_step": start, "steps": int(jax.device_get(state.step)),
             "first_loss": float(losses[0]) if losses else float("nan"),

@@ -25,7 +25,14 @@ def demo_run(tmp_path_factory):
 
 def test_demo_writes_table_plot_and_checkpoints(demo_run):
     workdir, first, _ = demo_run
-    assert "Held-out accuracy per domain after each stage" in first.stdout
+    assert "Greedy accuracy (mean verifier reward ± SE) after each stage" in first.stdout
+    report = json.loads((workdir / "report.json").read_text())
+    domains = {"counting", "math", "ocr", "chart", "grounding", "gui", "choice"}
+    assert set(report["domains"]) == domains and set(report["eval"]) == {"sft", "rl"}
+    assert {"greedy", "greedy_se", "sampled", "sampled_se", "n"} == set(report["eval"]["rl"]["ocr"])
+    assert set(report["paired"]["rl_vs_sft"]["domains"]) == domains
+    assert set(report["baselines"]) == {"most_common", "chance"}
+    assert report["rl"]["rollouts"] > 0 and report["seconds"]["total"] > 0
     assert (workdir / "curves.png").stat().st_size > 10_000
     summary = json.loads((workdir / "summary.json").read_text())
     assert [s["stage"] for s in summary] == ["pretrain", "sft", "rl"]
@@ -36,7 +43,8 @@ def test_demo_writes_table_plot_and_checkpoints(demo_run):
         assert any((workdir / f"{i}_{name}" / "checkpoints").iterdir())
     rl_log = [json.loads(l) for l in (workdir / "2_rl" / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rl_log] == [1, 2]
-    assert {"reward", "informative_share", "grpo/clip_frac", "truncated_rate", "forced_rate"} <= set(rl_log[0])
+    assert {"reward", "informative_share", "grpo/clip_frac", "truncated_rate", "forced_rate", "reward_rolled",
+            "reward_kept", "informative_share_rolled", "informative_share_trained", "rollouts_total"} <= set(rl_log[0])
 
 
 def test_rerun_resumes_finished_stages_without_training(demo_run):

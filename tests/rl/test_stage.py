@@ -1,8 +1,14 @@
 """rl/stage.py pieces that need no model: verifier rewards of trajectories and the count of verifier errors."""
+import ml_collections
 import numpy as np
+import pytest
 
+from glmv_jax.data import synthetic
+from glmv_jax.data.tokenizer import suite_tokenizer
+from glmv_jax.evaluation.evaluate import check_answer_budget, longest_gold_response
 from glmv_jax.rewards import RewardResult
 from glmv_jax.rl import stage
+from glmv_jax.rl.curriculum import Iteration
 from glmv_jax.rl.rollout import Trajectories
 
 
@@ -36,3 +42,35 @@ def test_trainable_groups_divide_by_minibatches_times_micro_batches():
     assert stage.trainable_groups(kept, 2, 4).tolist() == [0, 1, 2, 3, 4, 5]
     assert stage.trainable_groups(kept, 3, 4).tolist() == [0, 1, 2, 3]
     assert stage.trainable_groups(kept[:1], 3, 4).tolist() == []
+
+
+def test_honest_metrics_report_all_rolled_out_groups_beside_the_kept_ones():
+    rewards = np.array([[1, 0], [0, 0], [1, 1], [1, 0]], float)      # groups of prompts 0, 1, 2, 3
+    iteration = Iteration(np.array([0, 1, 2, 3]), rewards, np.array([0, 3]), {})
+    row = {"reward": 0.5, "informative_share": 0.5, "kept_informative_share": 1.0}
+    out = stage.honest_metrics(iteration, np.array([0, 3]), row, {"clip_frac": 0.1, "neg_logp": 0.7},
+                               ["a", "a", "b", "b"])
+    assert out["reward_rolled"] == 0.5 and out["reward_kept"] == 0.5
+    assert out["reward_rolled/a"] == 0.25 and out["reward_rolled/b"] == 0.75
+    assert out["reward_kept/a"] == 0.5 and out["reward_kept/b"] == 0.5    # selection: b's kept group is its worse
+    assert out["informative_share_trained"] == 1.0 and out["clip_fraction"] == 0.1 and out["entropy"] == 0.7
+
+
+def test_rl_prompts_come_from_their_own_stream():
+    for domain in synthetic.DOMAINS:
+        sft = synthetic.generate(domain, 64, seed=0, split="train")
+        rl = synthetic.generate(domain, 64, seed=0, split="rl", kind="rl")
+        held = synthetic.generate(domain, 64, seed=0, split="heldout", kind="rl")
+        images = lambda recs: {r["images"][0].tobytes() for r in recs}
+        assert not images(sft) & images(rl) and not images(rl) & images(held) and not images(sft) & images(held)
+
+
+def test_max_new_tokens_must_hold_the_longest_gold_response():
+
+    cfg = ml_collections.ConfigDict({"data": {"source": "synthetic", "domains": ["gui", "ocr"], "image_size": 56}})
+    tok = suite_tokenizer(512)
+    longest = longest_gold_response(cfg, tok, "rl", 16, 0, None)
+    assert longest["gui"] > longest["ocr"] > 3
+    check_answer_budget(cfg, tok, "rl", 16, 0, None, longest["gui"], "rl")          # exactly enough: fine
+    with pytest.raises(ValueError, match=rf"rl.max_new_tokens = {longest['gui'] - 1} .*gui needs {longest['gui']}"):
+        check_answer_budget(cfg, tok, "rl", 16, 0, None, longest["gui"] - 1, "rl")

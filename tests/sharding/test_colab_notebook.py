@@ -128,4 +128,4 @@ def test_results_cell_reads_the_files_the_run_writes():
     assert sorted(shown) == ["curves.png", "report.md"]
     source = inspect.getsource(report.write_report)
     assert all(f'"{name}"' in source for name in shown)
-    assert "write_report(summaries, workdir)" in (ROOT / "experiments" / "run.py").read_text()
+    assert "write_report(summaries, workdir, seconds)" in (ROOT / "experiments" / "run.py").read_text()
