@@ -14,7 +14,7 @@ JSON copied to benchmarks/plots/ when the plot is small).
     python -m benchmarks.rlcs                     # trains pretrain + SFT with the demo config first
 
 A run directory (named by sampler, seed and sizes) holding a finished run (its result.json) is reused, so a
-rerun with the same --out resumes after the last finished run (so `--samplers rlcs_fill` with an earlier
+rerun with the same --out resumes after the last finished run (so `--samplers rlcs_labels` with an earlier
 --out adds the fill_quota row to the earlier runs). Wall times include XLA compiles: run_rl pads rollouts to a
 few sizes (rl.rollout_pad_steps) and caches the GRPO update per settings, so the first run in a process pays
 most compiles and later runs reuse them.
@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 PLOTS = Path(__file__).with_name("plots")
-SAMPLERS = ("rlcs", "uniform", "dapo", "rlcs_fill")     # rlcs_fill: RLCS with curriculum.fill_quota=True
+SAMPLERS = ("rlcs", "uniform", "dapo", "rlcs_labels")   # rlcs_labels: RLCS as before issue 11 (generator tier
+                                                         # labels, fixed mix, one EMA, no pooling / fill_quota)
 DEFAULT_SAMPLERS = ("rlcs", "uniform", "dapo")
 ROW_KEYS = ("iteration", "rollouts", "prompts_rolled_out", "trained_groups", "updated", "informative_share",
             "kept_informative_share", "reward", "sampler/mean_reward", "seconds", "sampler/expansion_ema",
@@ -87,10 +88,11 @@ def rl_config(args, sampler: str, seed: int, sft_dir: Path):
     cfg = demo_stages(args.smoke)[2]
     cfg.seed = seed
     cfg.train.init_from = str(sft_dir)
-    cfg.rl.update(sampler="rlcs" if sampler == "rlcs_fill" else sampler, iterations=args.iterations,
+    cfg.rl.update(sampler="rlcs" if sampler == "rlcs_labels" else sampler, iterations=args.iterations,
                   save_every=args.iterations)
-    if sampler == "rlcs_fill":
-        cfg.rl.curriculum.fill_quota = True
+    if sampler == "rlcs_labels":
+        cfg.rl.update(offline_difficulty="labels", pilot=False)
+        cfg.rl.curriculum.update(fill_quota=False, pool_tiers=False, domain_expansion=False, ema_decay=0.8)
     if args.batch_size:
         cfg.rl.batch_size = args.batch_size
     if args.group_size:

@@ -51,7 +51,9 @@ def rl_summary(history: Sequence[Mapping]) -> dict:
     informative = sum(h.get("trained_groups", 0) * h.get("informative_share_trained", 0.0) for h in history)
     return {"informative_share_trained": informative / trained if trained else None,
             "informative_share_rolled": _mean(series("informative_share_rolled")),
-            "rollouts": int(sum(series("rollouts"))) if series("rollouts") else None,
+            # rollouts_total: every response generated, RLCS's offline pass@k included
+            "rollouts": int(series("rollouts_total")[-1]) if series("rollouts_total") else
+            (int(sum(series("rollouts"))) if series("rollouts") else None),
             "reward_rolled_first": mean_of("reward_rolled", "first"),
             "reward_rolled_last": mean_of("reward_rolled", "last")}
 

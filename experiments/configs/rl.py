@@ -25,11 +25,25 @@ def rl_block(**kw) -> ml_collections.ConfigDict:
         save_every=10,
         dapo_max_rounds=4,
         rollout_pad_steps=2,          # rollout prompt counts padded to B * 2^(k/2) (bounded compiles); 0 = off
-        # fill_quota: a domain's unused quota goes to other domains' informative groups (off: the paper's
-        # fixed per-domain mix)
-        curriculum=dict(num_tiers=5, weighting="informative", ema_decay=0.8, max_expansion=4.0, fill_quota=False),
+        # RLCS's offline difficulty: "measure" = pass@k of the starting checkpoint on the pool (k =
+        # offline_samples; its rollouts are counted in the bill), "labels" = the records' difficulty fields.
+        # The task generator's tier labels say pass rates 0.5-1.0 where a fresh SFT model samples 0.02-0.4.
+        offline_difficulty="measure",
+        offline_samples=4,
+        # domain mix by pilot: weight each domain by its expected share of informative groups at the start,
+        # dropping those below pilot_min_informative (all-wrong or all-right domains train nothing)
+        pilot=True,
+        pilot_min_informative=0.05,
+        # pool_tiers: undrawn prompts take their (domain, tier) cell's pooled online pass rate (each prompt is
+        # drawn about once, so per-prompt estimates alone never correct the prior); domain_expansion: one
+        # ratio EMA per domain; ema_decay 0.5: a short run should not spend its first iterations ramping up;
+        # fill_quota: a domain's quota slots it cannot fill with informative groups go to other domains'
+        curriculum=dict(num_tiers=5, weighting="informative", ema_decay=0.5, max_expansion=4.0, fill_quota=True,
+                        pool_tiers=True, domain_expansion=True),
+        # signal_rows_only: the loss is normalised by the rows that carry an advantage, so samplers that
+        # train different shares of zero-variance groups take the same effective step
         grpo=dict(eps_low=0.2, eps_high=0.28, aggregation="per_sample", num_minibatches=4, ppo_epochs=1,
-                  normalize_std=True),
+                  normalize_std=True, signal_rows_only=True),
     ))
     r.update(kw)
     return r

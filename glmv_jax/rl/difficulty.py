@@ -1,5 +1,5 @@
 """Offline difficulty for RLCS: pass@k per prompt -> difficulty = 1 - pass rate, merged over models and with
-human labels, written as JSONL (one record per prompt) that `curriculum.PromptPool.from_records` reads.
+human labels, written as JSONL (one record per prompt) that `samplers.PromptPool.from_records` reads.
 
     recs = measure_difficulty(prompts, generate_fn, reward_fn, k=8)   # generate_fn(prompts, n) -> [[str] * n]
     merged = merge_difficulties({"sft": recs, "rl_ckpt_3": other}, human={"id7": "hard"})
@@ -25,7 +25,7 @@ import numpy as np
 
 from glmv_jax.evaluation.evaluate import read_manifest
 from glmv_jax.rewards import compute_rewards
-from glmv_jax.rl.curriculum import tier_of
+from glmv_jax.rl.samplers import tier_of
 
 TIER_NAMES = ("very easy", "easy", "medium", "hard", "very hard")
 DEFAULT_GENERATOR = "glmv_jax.generate.loading:make_generate_fn"
@@ -153,7 +153,7 @@ def read_jsonl(path: str) -> list[DifficultyRecord]:
 
 
 def difficulty_map(records: Sequence[DifficultyRecord]) -> dict[str, float]:
-    """id -> difficulty, for curriculum.PromptPool.from_records(records, difficulties=...)."""
+    """id -> difficulty, for samplers.PromptPool.from_records(records, difficulties=...)."""
     return {r.id: r.difficulty for r in records}
 
 

@@ -60,6 +60,9 @@ class GRPOConfig:
     shuffle: bool = True              # new row (or minibatch) order every epoch
     grad_accum_steps: int = 1         # micro-batches inside each minibatch update
     recompute_old_logp: bool = False  # replace the sampler's old_logp by logp_fn(params before the update)
+    signal_rows_only: bool = False    # the loss normaliser counts only rows with a nonzero advantage, so the
+                                      # step size does not shrink with the share of zero-variance groups
+                                      # trained (comparing samplers at the same effective step)
 
     def __post_init__(self):
         def need(ok: bool, msg: str) -> None:
@@ -206,14 +209,17 @@ def policy_loss_terms(new_logp, old_logp, advantages, response_mask, cfg: GRPOCo
     row_tokens = mask.sum(axis=1)
     real_rows = (row_tokens > 0).astype(jnp.float32)
     num_samples, num_tokens = real_rows.sum(), mask.sum()
+    counted = real_rows
+    if cfg.signal_rows_only:
+        counted = real_rows * (jnp.max(jnp.abs(adv) * mask, axis=1) > 0).astype(jnp.float32)
     masked = token_loss * mask
     if cfg.aggregation == "per_sample":
-        loss_sum, weight = jnp.sum(masked.sum(axis=1) / jnp.maximum(row_tokens, 1.0)), num_samples
+        loss_sum, weight = jnp.sum(masked.sum(axis=1) / jnp.maximum(row_tokens, 1.0)), counted.sum()
     elif cfg.aggregation == "per_token":
-        loss_sum, weight = masked.sum(), num_tokens
+        loss_sum, weight = masked.sum(), jnp.sum(mask * counted[:, None])
     else:  # dr_grpo
         max_len = cfg.max_len or mask.shape[1]
-        loss_sum, weight = masked.sum() / max_len, num_samples
+        loss_sum, weight = masked.sum() / max_len, counted.sum()
 
     ratio_sg, log_ratio_sg = jax.lax.stop_gradient(ratio), jax.lax.stop_gradient(log_ratio)
     sums.update(

@@ -41,6 +41,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from absl import logging
 
 from glmv_jax.batch import bucket
 from glmv_jax.evaluation.evaluate import check_answer_budget, prompt_records
@@ -48,9 +49,11 @@ from glmv_jax.generate.prompts import prompt_dicts
 from glmv_jax.generate.sampler import answer_ids
 from glmv_jax.models.glmv import init_params
 from glmv_jax.rewards import compute_rewards
-from glmv_jax.rl.curriculum import CurriculumConfig, DAPOSampler, Iteration, PromptPool, RLCSCurriculum, UniformSampler
+from glmv_jax.rl.curriculum import CurriculumConfig, RLCSCurriculum
 from glmv_jax.rl.grpo import GRPOConfig, group_stats, make_grpo_update, make_model_logp_fn
+from glmv_jax.rl.pilot import measure_pool, pilot_ratios
 from glmv_jax.rl.rollout import Trajectories, grpo_batch, rollout
+from glmv_jax.rl.samplers import DAPOSampler, Iteration, PromptPool, UniformSampler
 from glmv_jax.train.checkpoint import Checkpointer
 from glmv_jax.train.experiment import initial_params, param_shardings
 from glmv_jax.train.metrics import MetricsWriter, read_metrics
@@ -58,11 +61,15 @@ from glmv_jax.train.optimizer import build_optimizer
 from glmv_jax.train.state import abstract_train_state, init_train_state, train_state_from_params
 
 
-def make_sampler(cfg, pool):
+def make_sampler(cfg, pool, domain_ratios: dict[str, float] | None = None):
+    """The configured sampler over `pool`; `domain_ratios` (the pilot's mix) overrides the curriculum's."""
     r = cfg.rl
     if r.sampler == "rlcs":
+        options = dict(r.get("curriculum", {}) or {})
+        if domain_ratios is not None:
+            options["domain_ratios"] = domain_ratios
         return RLCSCurriculum(pool, CurriculumConfig(batch_size=r.batch_size, group_size=r.group_size, seed=cfg.seed,
-                                                     **dict(r.get("curriculum", {}) or {})))
+                                                     **options))
     if r.sampler == "uniform":
         return UniformSampler(pool, r.batch_size, seed=cfg.seed)
     if r.sampler == "dapo":
@@ -229,6 +236,24 @@ def honest_metrics(iteration: Iteration, kept: np.ndarray, row: dict, metrics: d
     return out
 
 
+def offline_pass(exp, records: list[dict], fresh) -> tuple[list[dict], dict[str, float] | None, int]:
+    """rl.offline_difficulty = "measure" (RLCS): the starting policy's pass rates on the pool replace the
+    records' difficulty labels, and rl.pilot (default on) sets the domain mix from them (logged per domain).
+    -> (records, domain ratios or None, rollouts the pass spent). Cached beside the stage's checkpoints."""
+    r = exp.cfg.rl
+    if r.sampler != "rlcs" or r.get("offline_difficulty", "labels") != "measure":
+        return records, None, 0
+    k = int(r.get("offline_samples", 4))
+    measured = measure_pool(exp, fresh().params, records, k=k, cache_dir=exp.workdir)
+    records = [{**rec, "difficulty": measured[str(rec["id"])].difficulty} for rec in records]
+    ratios = None
+    if r.get("pilot", True):
+        ratios, notes = pilot_ratios(records, measured, r.group_size, float(r.get("pilot_min_informative", 0.05)))
+        for note in notes:
+            logging.warning("RL pilot: %s", note)
+    return records, ratios, len(records) * k
+
+
 def run_rl(exp) -> dict[str, Any]:
     cfg, r = exp.cfg, exp.cfg.rl
     # RL prompts come from their own stream (split "rl"): disjoint from the SFT records and the held-out set
@@ -237,7 +262,6 @@ def run_rl(exp) -> dict[str, Any]:
     check_answer_budget(cfg, exp.tokenizer, r.get("prompt_split", "rl"), r.prompts_per_domain, cfg.seed,
                         r.get("prompt_tiers"), r.max_new_tokens, "rl")
     prompts = prompt_dicts(records, exp.tokenizer, exp.processor)
-    sampler = make_sampler(cfg, PromptPool.from_records(records))
     grpo_cfg = grpo_config(r)
     optimizer, update = grpo_update_for(exp, grpo_cfg)
     seq_len = update_seq_len(prompts, r.max_new_tokens)
@@ -252,6 +276,9 @@ def run_rl(exp) -> dict[str, Any]:
             return init_train_state(lambda k: init_params(exp.model_config, k), optimizer, rng)
         return train_state_from_params(params, optimizer, rng)
 
+    records, domain_ratios, offline_rollouts = offline_pass(exp, records, fresh)
+    sampler = make_sampler(cfg, PromptPool.from_records(records), domain_ratios)
+
     with Checkpointer(os.path.join(exp.workdir, "checkpoints"), save_every=r.save_every, keep=cfg.train.keep) as ckpt:
         restored = ckpt.restore_latest(abstract_train_state(optimizer, abstract_params, None, rng))
         if restored is None:
@@ -261,7 +288,7 @@ def run_rl(exp) -> dict[str, Any]:
             sampler.set_state(sampler_state)
         start = sampler.iteration
         history = read_metrics(os.path.join(exp.workdir, "logs"), start)   # the rows before a resume
-        spent = int(sum(h.get("rollouts", 0) for h in history))
+        spent = offline_rollouts + int(sum(h.get("rollouts", 0) for h in history))
         reference = fresh().params if grpo_cfg.kl_coef > 0 else None    # the KL reference: the starting policy
         with MetricsWriter(os.path.join(exp.workdir, "logs"), r.iterations, initial_step=start,
                            description="rl") as writer:
@@ -274,7 +301,8 @@ def run_rl(exp) -> dict[str, Any]:
                                                           rollouts.trajectories(), prompts, seq_len, reference,
                                                           domains=[rec["domain"] for rec in records])
                 spent += entries["rollouts"]
-                row = {"iteration": it + 1, **entries, "rollouts_total": spent, "rollout_rounds": rollouts.calls,
+                row = {"iteration": it + 1, **entries, "rollouts_total": spent, "offline_rollouts": offline_rollouts,
+                       "rollout_rounds": rollouts.calls,
                        "padded_prompts": rollouts.padded, "verifier_errors": rollouts.verifier_errors,
                        "seconds": time.perf_counter() - t0,
                        **{f"grpo/{k}": v for k, v in metrics.items()},

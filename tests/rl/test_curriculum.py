@@ -11,8 +11,8 @@ import pytest
 
 from glmv_jax.generate.loading import make_generate_fn
 from glmv_jax.rl import difficulty as diff_lib
-from glmv_jax.rl.curriculum import (CurriculumConfig, CurriculumPrompts, DAPOSampler, PromptPool, RLCSCurriculum,
-                                    UniformSampler, allocate, tier_of, weighting_fn)
+from glmv_jax.rl.curriculum import CurriculumConfig, RLCSCurriculum, weighting_fn
+from glmv_jax.rl.samplers import CurriculumPrompts, DAPOSampler, PromptPool, UniformSampler, allocate, tier_of
 
 G, B = 8, 64
 DOMAINS = {"math": 0.5, "ocr": 0.3, "gui": 0.2}

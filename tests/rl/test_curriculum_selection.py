@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from glmv_jax.rl.curriculum import CurriculumConfig, PromptPool, RLCSCurriculum, allocate
+from glmv_jax.rl.curriculum import CurriculumConfig, RLCSCurriculum
+from glmv_jax.rl.samplers import PromptPool, allocate
 
 G = 8
 

@@ -15,10 +15,17 @@ from experiments.configs import demo
 from glmv_jax.evaluation.evaluate import prompt_records
 from glmv_jax.generate.prompts import prompt_dicts
 from glmv_jax.models.glmv import init_params
-from glmv_jax.rl.curriculum import Iteration, PromptPool
 from glmv_jax.rl.grpo import GRPOConfig
-from glmv_jax.rl.stage import (Rollouts, grpo_config, grpo_update_for, make_sampler, padded_rollout_size,
-                               train_iteration, update_seq_len)
+from glmv_jax.rl.samplers import Iteration, PromptPool
+from glmv_jax.rl.stage import (
+    Rollouts,
+    grpo_config,
+    grpo_update_for,
+    make_sampler,
+    padded_rollout_size,
+    train_iteration,
+    update_seq_len,
+)
 from glmv_jax.train.checkpoint import Checkpointer
 from glmv_jax.train.experiment import initial_params, param_shardings, setup
 from glmv_jax.train.optimizer import build_optimizer
@@ -88,7 +95,7 @@ def test_bad_arguments_are_rejected():
         rlcs.parse_args(["--samplers", "rlcs,greedy"])
     with pytest.raises(SystemExit):
         rlcs.parse_args(["--group-size", "1"])
-    assert rlcs.parse_args(["--samplers", "rlcs_fill"]).samplers == ["rlcs_fill"]
+    assert rlcs.parse_args(["--samplers", "rlcs_labels"]).samplers == ["rlcs_labels"]
     with pytest.raises(FileNotFoundError, match="neither a stage directory"):
         rlcs.find_sft_stage(rlcs.Path("/nonexistent/sft"))
 
@@ -140,12 +147,15 @@ def test_padding_rows_are_dropped_and_leave_the_real_rows_unchanged(rl_exp, rl_p
     assert padded_t.groups([4]).tokens.shape[0] == g
 
 
-def test_fill_quota_config_reaches_the_curriculum(sft_dir):
-    cfg = rlcs.rl_config(rlcs.parse_args(["--smoke"]), "rlcs_fill", 0, sft_dir)
+def test_the_labels_ablation_reaches_the_curriculum(sft_dir):
     pool = PromptPool.from_records([{"id": str(i), "domain": "m"} for i in range(8)])
-    assert cfg.rl.sampler == "rlcs" and make_sampler(cfg, pool).cfg.fill_quota is True
-    plain = rlcs.rl_config(rlcs.parse_args(["--smoke"]), "rlcs", 0, sft_dir)
-    assert make_sampler(plain, pool).cfg.fill_quota is False
+    cfg = rlcs.rl_config(rlcs.parse_args(["--smoke"]), "rlcs", 0, sft_dir)
+    curriculum = make_sampler(cfg, pool).cfg
+    assert cfg.rl.offline_difficulty == "measure" and curriculum.fill_quota and curriculum.pool_tiers
+    old = rlcs.rl_config(rlcs.parse_args(["--smoke"]), "rlcs_labels", 0, sft_dir)
+    curriculum = make_sampler(old, pool).cfg
+    assert old.rl.sampler == "rlcs" and old.rl.offline_difficulty == "labels" and not old.rl.pilot
+    assert not curriculum.fill_quota and not curriculum.pool_tiers and curriculum.ema_decay == 0.8
 
 
 def test_run_rl_calls_with_the_same_settings_share_one_grpo_update(rl_exp):

@@ -8,8 +8,8 @@ from glmv_jax.data.tokenizer import suite_tokenizer
 from glmv_jax.evaluation.evaluate import check_answer_budget, longest_gold_response
 from glmv_jax.rewards import RewardResult
 from glmv_jax.rl import stage
-from glmv_jax.rl.curriculum import Iteration
 from glmv_jax.rl.rollout import Trajectories
+from glmv_jax.rl.samplers import Iteration
 
 
 def text_trajectories(prompt_index, texts, group_size=2) -> Trajectories:
