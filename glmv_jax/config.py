@@ -176,7 +176,7 @@ class ModelConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Presets. Released numbers: architecture.md section 1 (read real ones from config.json).
+# Presets. Released numbers: docs/models.md section 2 (read real ones from config.json).
 
 _MOE_TEXT = TextConfig(num_hidden_layers=46, num_attention_heads=96, num_key_value_heads=8, head_dim=128,
                        intermediate_size=10944, moe=True)
@@ -184,7 +184,7 @@ _MOE_TOKENS = dict(image_token_id=151363, video_token_id=151364)
 
 
 def tiny(moe: bool = False) -> ModelConfig:
-    """The parity-test config (architecture.md 8.1): ~150k params, runs in milliseconds on CPU."""
+    """The parity-test config (docs/models.md sections 2 and 12): ~150k params, runs in milliseconds on CPU."""
     vision = VisionConfig(depth=2, hidden_size=32, num_heads=2, intermediate_size=48, out_hidden_size=64,
                           patch_size=4, image_size=32)
     text = TextConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

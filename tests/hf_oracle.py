@@ -1,7 +1,7 @@
 """HF transformers (PyTorch, CPU, fp32) as the parity oracle: tiny models and multimodal inputs.
 
 `build_hf_model(config)` builds the HF model for one of our ModelConfigs through `to_hf_config`, with
-weights re-drawn at O(1) scale (architecture.md 8.3: at the default 0.02 init attention is nearly
+weights re-drawn at O(1) scale (docs/models.md section 12: at the default 0.02 init attention is nearly
 uniform and rope/ordering bugs hide). `save_hf_model` writes a `save_pretrained` directory that
 `load_pretrained` reads. `multimodal_inputs` builds processor-shaped inputs (ids, token types, grids,
 patch rows) for any mix of images and videos.

@@ -3,9 +3,9 @@
 Builds the built-in task suite (Pillow-rendered counting, arithmetic, reading, bar charts, grounding,
 GUI clicks, multiple choice), trains an ~0.8M-parameter GLM-V-shaped model through
 pretrain (captions) -> SFT (think/answer traces) -> RL (RLCS + GRPO) and evaluates greedy answers on
-the held-out split after each stage: a per-domain accuracy table and a PNG of the curves in the
-work directory. Sizes follow demo_feasibility.md: easy tiers the tiny model learns, harder ones it
-does not, RL prompts from the tiers in between.
+the held-out split after each stage: report.json / report.md (accuracy with standard errors, baselines,
+paired RL-minus-SFT deltas) and a PNG of the curves in the work directory. Sizes follow what a tiny model
+learns on a CPU in minutes (docs/data.md section 8): easy tiers it learns, harder ones it does not.
 
     python -m experiments.run --config=experiments/configs/demo.py
     python -m experiments.run --config=experiments/configs/demo.py:smoke     # seconds-long test setting

@@ -1,6 +1,6 @@
 """RL with curriculum sampling (RLCS) over GRPO, rewarded by the domain verifiers.
 
-Paper recipe (rl.md): GRPO without KL and entropy terms, clip-higher, per-sample loss aggregation,
+Paper recipe (docs/rl.md): GRPO without KL and entropy terms, clip-higher, per-sample loss aggregation,
 rollout top-p 1.0, forced answering at the thinking budget, RLCS tiers with ratio-EMA expansion.
 Unpublished numbers (group size, batch, lr, lengths) are set to common values; override them.
 """

@@ -1,6 +1,6 @@
 """GLM-V chat templates rendered in Python, text-identical to the hub Jinja templates
-(docs/chat_template.md: section 2 for GLM-4.1V-Thinking, sections 3/4 for GLM-4.5V / GLM-4.6V), and the
-token-level training example (ids + loss mask) and RL prompt built from a design.md record.
+(docs/data.md section 3: GLM-4.1V-Thinking and GLM-4.5V / GLM-4.6V styles), and the
+token-level training example (ids + loss mask) and RL prompt built from a data record (docs/data.md section 1).
 
 Messages are dicts {"role", "content"[, "reasoning_content", "metadata"]}. User/system content is a string
 or a list of items {"type": "text", "text"}, {"type": "image"}, {"type": "video"}; in a string, the record
@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 TEMPLATES = ("glm41v", "glm45v", "glm46v")  # glm46v renders exactly as glm45v
-STYLES = ("glm41v", "glm45v")               # response styles (chat_template.md section 6)
+STYLES = ("glm41v", "glm45v")               # response styles (docs/data.md section 3)
 IMAGE_MARKER, VIDEO_MARKER = "<image>", "<video>"
 IMAGE_PLACEHOLDER = "<|begin_of_image|><|image|><|end_of_image|>"
 VIDEO_PLACEHOLDER = "<|begin_of_video|><|video|><|end_of_video|>"
@@ -209,7 +209,7 @@ def _assistant_45v(msg: dict, keep_reasoning: bool) -> str:
 def build_training_example(record: dict, tokenizer, template: str = "glm41v", *,
                            image_token_counts: int | Sequence[int] | None = None, max_length: int | None = None,
                            end_of_turn: str = "<|user|>", enable_thinking: bool | None = None):
-    """A design.md record -> (input_ids [T] int32, loss_mask [T] int32).
+    """A data record (docs/data.md section 1) -> (input_ids [T] int32, loss_mask [T] int32).
 
     loss_mask[t] = 1 where input_ids[t] is a trained target: every assistant turn's content (not its
     `<|assistant|>\\n` header) plus the token that ends the turn, i.e. the first token of the next message

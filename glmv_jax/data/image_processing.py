@@ -6,7 +6,7 @@ to `temporal_patch_size` copies. HF picks its PIL backend whenever torchvision i
 its torchvision backend resizes differently (up to a few intensity levels), so this module matches the
 PIL backend bit for bit and the torchvision one only approximately.
 
-Row layout of `pixel_values` (architecture.md 2.1): one row per 14x14 patch, rows in merge-block order
+Row layout of `pixel_values` (docs/models.md section 3): one row per 14x14 patch, rows in merge-block order
 (grid_t, block_row, block_col, in_row, in_col), values ordered (channel, t, py, px).
 """
 from __future__ import annotations

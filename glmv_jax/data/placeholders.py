@@ -1,6 +1,6 @@
 """Placeholder expansion and mm_token_type_ids, as HF's `Glm4vProcessor` (4.1V/4.5V) and `Glm46VProcessor` (4.6V).
 
-A rendered chat prompt holds one `<|image|>` per image and one `<|video|>` per video (chat_template.md 5):
+A rendered chat prompt holds one `<|image|>` per image and one `<|video|>` per video (docs/data.md section 2):
 * each `<|image|>` becomes `<|image|>` x (t*h*w / merge**2);
 * each `<|video|>` becomes, per temporal patch f: `<|begin_of_image|>` + `<|image|>` x (h*w / merge**2) +
   `<|end_of_image|>` + timestamp text, where 4.1V/4.5V write `str(int(t))` and 4.6V writes `f"{t:.1f} seconds"`.

@@ -1,4 +1,4 @@
-"""Parse and validate one data record (design.md "Data records") into a normalized dict.
+"""Parse and validate one data record (docs/data.md section 1) into a normalized dict.
 
 Record kinds and their fields (`id` is always required; `kind` is inferred when absent):
 

@@ -33,7 +33,7 @@ REQUIRED_SPECIAL_TOKENS = (
 # GLM-4.5V special token. Looked up when present.
 OPTIONAL_SPECIAL_TOKENS = ("<answer>", "</answer>", "/nothink")
 SPECIAL_TOKENS = REQUIRED_SPECIAL_TOKENS + OPTIONAL_SPECIAL_TOKENS
-# Generation stops at any of these (chat_template.md section 8: `<|endoftext|>`, `<|user|>`, `<|observation|>`).
+# Generation stops at any of these (docs/data.md section 4: `<|endoftext|>`, `<|user|>`, `<|observation|>`).
 STOP_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
 
 

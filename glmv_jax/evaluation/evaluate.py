@@ -152,7 +152,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def pass_at_k_table(records: Sequence[dict], rewards: Any, k: int, threshold: float = 0.75) -> dict[str, Any]:
-    """rewards [prompts, n] of n samples per record; a sample passes when its reward > threshold (docs/rl.md 2.2:
+    """rewards [prompts, n] of n samples per record; a sample passes when its reward > threshold (docs/rl.md section 7:
     GLM-V's pass@k logging). -> {"pass_at_k": {domain: mean over prompts}, "by_tier": {domain: {tier: ...}},
     "sample_reward": {domain: mean reward of all samples}, "sample_reward_by_tier": {domain: {tier: ...}}}."""
     rewards = np.asarray(rewards, np.float64)

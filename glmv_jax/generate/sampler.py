@@ -11,7 +11,7 @@ Sampling per step: temperature 0 is greedy; otherwise logits / temperature, then
 filtering, then a categorical draw with key fold_in(rng, step). The recorded log-prob of every emitted token
 is log_softmax(logits / temperature) (fp32, unfiltered: what grpo.token_logprobs computes at the same
 temperature; temperature 0 records log_softmax(logits)). A row ends after emitting any stop id (the stop
-token is kept with its log-prob) or after max_new_tokens. Forced answering (rl.md 1.7): a row that has
+token is kept with its log-prob) or after max_new_tokens. Forced answering (docs/rl.md section 2): a row that has
 produced `thinking_budget` tokens without emitting force_answer_ids[0] (`</think>`) gets force_answer_ids
 appended over the next steps (their log-probs are recorded, their response_mask is 0) and then continues.
 Shapes are fixed per (rows, bucketed prompt length, patch bucket, N) and the sampling settings, stop ids
@@ -194,7 +194,7 @@ def response_text(tokenizer, tokens: Sequence[int], length: int, end_ids: Sequen
 
 
 def answer_ids(tokenizer, style: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(force_answer_ids, extra stop ids) of a response style (chat_template.md section 6): glm41v forces
+    """(force_answer_ids, extra stop ids) of a response style (docs/rl.md section 2): glm41v forces
     `</think><answer>` and also stops after `</answer>` (as GLM-V's bench script); glm45v/glm46v force
     `</think>` and stop on the turn-ending ids only."""
     ids = tokenizer.special_ids

@@ -19,7 +19,7 @@ experts ("exp", "moe_embed", "moe_mlp") / ("exp", "moe_mlp", "moe_embed"); share
 ("mlp", "embed")); `correction_bias` is a `RouterBias` variable, not an nnx.Param, so optimizers that
 filter on Param skip it (update it with moe_balance.update_correction_bias).
 
-Numerics (architecture.md 5.3-5.4, 9.10): router logits and sigmoid in fp32; the correction bias only
+Numerics (docs/models.md sections 8 and 11): router logits and sigmoid in fp32; the correction bias only
 selects; weights come from the raw scores, normalized (+1e-20) if norm_topk_prob, times
 routed_scaling_factor; each expert output is in the compute dtype, multiplied by its fp32 weight and
 summed in fp32, cast once, then the (ungated) shared expert is added.

@@ -17,7 +17,7 @@ def compute_reward(domain: str, response: str | None, answer: Any, style: str = 
 
     domain: a verifiable domain (registry.VERIFIERS) or one with a registered judge; anything else raises.
     response: the decoded completion (special tokens kept); None counts as empty.
-    answer: the reference in the domain's form (design.md table); a malformed one raises ValueError.
+    answer: the reference in the domain's form (docs/rl.md section 3); a malformed one raises ValueError.
     style: "glm41v" (answer tags), "glm45v" / "glm46v" (no answer tags), "glm45v_nothink" (no think block).
     context: passed to judges only (question, image paths, ...).
     Never raises on the response's content: every rejection is reward 0 with info["reason"]; a verifier

@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any, Iterable
 
 STYLES = ("glm41v", "glm45v", "glm46v", "glm45v_nothink")
-"""Response formats (chat_template.md section 6).
+"""Response formats (docs/data.md section 3, response styles).
 
 glm41v          <think>...</think><answer>...<|begin_of_box|>X<|end_of_box|>...</answer>
 glm45v, glm46v  <think>...</think>...<|begin_of_box|>X<|end_of_box|>...   (no answer tags)

@@ -1,4 +1,4 @@
-"""RLCS: curriculum sampling over difficulty tiers with ratio-EMA rollout expansion (docs/rl.md 1.6-1.7), and the
+"""RLCS: curriculum sampling over difficulty tiers with ratio-EMA rollout expansion (docs/rl.md section 5), and the
 two baselines (uniform sampling, DAPO regenerate-until-full).
 
     pool = PromptPool.from_records(records)                  # id, domain, offline difficulty in [0, 1]
@@ -66,7 +66,7 @@ class CurriculumConfig:
     select_by: str = "variance"               # keep highest reward variance | mean closest to 1/2
     fill_quota: bool = False                  # a domain's quota slots its informative groups cannot fill go to
                                               # other domains' best informative groups (off: the paper's fixed
-                                              # per-domain mix, docs/rl.md 1.5)
+                                              # per-domain mix, docs/rl.md section 5)
     pool_tiers: bool = False                  # prompts not yet drawn take the pooled online pass rate of their
                                               # (domain, offline tier) cell: with ~one draw per prompt, per-prompt
                                               # estimates alone never correct a wrong offline prior

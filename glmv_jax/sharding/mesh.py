@@ -4,7 +4,7 @@
     mesh = make_mesh(ici={"fsdp": 4, "tensor": 2}, dcn={"data": 2})   # multi-slice
 
 Axes are Auto (GSPMD propagation) unless asked otherwise: with JAX's default Explicit axes a matmul
-over a sharded contracting dim fails instead of inserting the collective (platform_notes.md).
+over a sharded contracting dim fails instead of inserting the collective (docs/layout.md, sharding/mesh.py).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from glmv_jax.data import chat_template as ct
 from glmv_jax.data.synthetic import DOMAINS, generate
 from glmv_jax.data.tokenizer import SPECIAL_TOKENS, HFTokenizer, SentencePieceTokenizer
 
-# docs/chat_template.md section 2, verbatim.
+# The released GLM-4.1V-Thinking chat template (its Hugging Face hub repository), verbatim.
 GLM41V_TEMPLATE = """[gMASK]<sop>
 {%- for msg in messages %}
     {%- if msg.role == 'system' %}
@@ -45,7 +45,7 @@ GLM41V_TEMPLATE = """[gMASK]<sop>
 {% if add_generation_prompt %}<|assistant|>
 {% endif %}"""
 
-# docs/chat_template.md section 3 (the upstream excerpt) completed with the lines it omits (tools header,
+# The released GLM-4.5V template (hub excerpt) completed with the lines it omits (tools header,
 # visible_text macro, last-user index, reasoning split, tool results, system, generation prompt) as in the
 # public copy of the GLM-4.5V-layout hub template (GLM-OCR's, whose non-tool branches are the same).
 GLM45V_TEMPLATE = """[gMASK]<sop>
@@ -147,7 +147,7 @@ def jinja_render(messages, template, add_generation_prompt=False, enable_thinkin
         messages=msgs, add_generation_prompt=add_generation_prompt, **kwargs)
 
 
-# -- the worked examples of chat_template.md ---------------------------------------------------------------
+# -- worked examples of the released templates ---------------------------------------------------------------
 IMG = "<|begin_of_image|><|image|><|end_of_image|>"
 
 

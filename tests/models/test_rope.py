@@ -15,7 +15,7 @@ from tests.models.conftest import pad_prompts
 
 
 def test_rope_index_worked_example(config):
-    """architecture.md section 4: image (1,4,6) then video (2,4,4) between text."""
+    """docs/models.md section 7: image (1,4,6) then video (2,4,4) between text."""
     a, boi, eoi, bov, eov, img = 5, config.image_start_token_id, config.image_end_token_id, \
         config.video_start_token_id, config.video_end_token_id, config.image_token_id
     ids = [a, a, a, boi] + [img] * 6 + [eoi, a, a, bov, boi] + [img] * 4 + [eoi, 7, boi] + [img] * 4 + \

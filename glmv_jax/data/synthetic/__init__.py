@@ -1,12 +1,12 @@
 """The built-in, procedurally generated multimodal task suite (what the embedded demo trains on).
 
-    records = generate("counting", 64, seed=0, split="train")            # SFT records (design.md)
+    records = generate("counting", 64, seed=0, split="train")            # SFT records (docs/data.md section 1)
     prompts = generate("grounding", 64, seed=1, split="heldout", kind="rl", tiers=[0, 1, 1, 0])
     captions = generate("ocr", 64, kind="caption")                       # pretraining captions
 
 Domains: counting, math, ocr, chart, grounding, gui, choice. Each has 4 tiers, easy first: tier 0 is what a
 ~0.5M-parameter model learns on a CPU in minutes (big fixed fonts, one digit, few objects, position
-tasks), tier 1 is mid-range, tiers 2-3 need reading small glyphs or many objects (docs/demo_feasibility.md).
+tasks), tier 1 is mid-range, tiers 2-3 need reading small glyphs or many objects (docs/data.md section 8).
 Every record draws from its own RNG stream keyed by (seed, split, domain, index), so "train" and "heldout"
 never share a stream, and every image carries faint per-pixel noise, so no held-out image equals a train image.
 """

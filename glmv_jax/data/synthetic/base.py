@@ -25,7 +25,7 @@ class Sample:
     """One rendered task instance.
 
     image: the PIL RGB image. question: user text (without the image marker). answer: the domain's answer
-    (design.md). think: a short reasoning trace. prefix: text before the box in the SFT answer. caption: a
+    (docs/data.md section 8). think: a short reasoning trace. prefix: text before the box in the SFT answer. caption: a
     pretraining caption of the image. within: the task knob inside its tier, in [0, 1).
     """
     image: Image.Image
