@@ -1,29 +1,18 @@
 """The model's forward over a packed batch equals its forward over each sample alone (segment masks,
 per-segment positions and the packed patch rows keep samples apart)."""
-from dataclasses import replace
 
 import grain
 import jax
 import numpy as np
 import pytest
 
-from glmv_jax.config import tiny
 from glmv_jax.data.packing import PackIterDataset
 from glmv_jax.data.tokenizer import suite_tokenizer
 from glmv_jax.data.transforms import Processor, TrainingExampleTransform
 from glmv_jax.models.glmv import apply, init_params
-from tests.data.test_packing import mixed_records
+from tests.helpers import config_for, mixed_records
 
 B, T, NP = 2, 96, 256
-
-
-def config_for(tok):
-    ids = tok.special_ids
-    base = tiny()
-    return replace(base, text=replace(base.text, vocab_size=tok.vocab_size), image_token_id=tok.image_id,
-                   video_token_id=tok.video_id, image_start_token_id=ids["<|begin_of_image|>"],
-                   image_end_token_id=ids["<|end_of_image|>"], video_start_token_id=ids["<|begin_of_video|>"],
-                   video_end_token_id=ids["<|end_of_video|>"]).validate()
 
 
 @pytest.fixture(scope="module")

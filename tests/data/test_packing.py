@@ -4,7 +4,6 @@ import collections
 
 import grain
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 
@@ -12,32 +11,13 @@ from glmv_jax.config import tiny
 from glmv_jax.data.image_processing import process_images
 from glmv_jax.data.packing import BatchBuilder, PackIterDataset, check_batch
 from glmv_jax.data.records import BadRecordError
-from glmv_jax.data.synthetic import generate
 from glmv_jax.data.tokenizer import suite_tokenizer
 from glmv_jax.data.transforms import Processor, TrainingExampleTransform
 from glmv_jax.data.video_processing import process_videos
+from tests.helpers import mixed_records
 from tests.hf_oracle import build_hf_model
 
 B, T, NP = 3, 96, 320
-
-
-def noise_image(seed, h, w):
-    return PIL.Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-def mixed_records():
-    """Every record shape the transform handles: sft with one image, captions, interleaved multi-image
-    (non-square), video, text-only, in a shuffled-looking order."""
-    recs = generate("counting", 4, seed=1, image_size=28) + generate("grounding", 2, seed=2, image_size=28)
-    recs += generate("ocr", 3, seed=3, kind="caption", image_size=28)
-    recs.append({"id": "inter", "images": [noise_image(0, 24, 40), noise_image(1, 36, 20)],
-                 "text": "left <image> then <image> right"})
-    recs.append({"id": "vid", "video": {"frames": [noise_image(i, 24, 32) for i in range(3)],
-                                        "timestamps": [0.0, 0.5, 1.0]}, "text": "<video>A short clip."})
-    recs.append({"id": "textonly", "messages": [{"role": "user", "content": "Say 7."},
-                                                {"role": "assistant", "content": "<think>ok</think><answer>7</answer>"}]})
-    order = np.random.default_rng(0).permutation(len(recs))
-    return [recs[i] for i in order]
 
 
 @pytest.fixture(scope="module")

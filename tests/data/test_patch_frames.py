@@ -15,14 +15,13 @@ from glmv_jax.batch import frame_slots
 from glmv_jax.data.packing import BatchBuilder, PackIterDataset, default_frames, sample_fits
 from glmv_jax.data.pipeline import data_config, frame_shape, make_pipeline
 from glmv_jax.data.records import BadRecordError
-from glmv_jax.data.transforms import Processor, TrainingExampleTransform
+from glmv_jax.data.transforms import TrainingExampleTransform
 from glmv_jax.models.glmv import apply, init_params
 from glmv_jax.train.losses import cross_entropy
 from glmv_jax.train.optimizer import build_optimizer
 from glmv_jax.train.state import train_state_from_params
 from glmv_jax.train.step import make_train_step, presplit, split_microbatches
-from tests.data.test_packed_forward import config_for
-from tests.data.test_packing import mixed_records
+from tests.helpers import config_for, mixed_records
 
 B, T, NP, L = 2, 96, 256, 64
 

@@ -6,15 +6,15 @@ import pickle
 import numpy as np
 import pytest
 import sentencepiece as spm
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
+from transformers import PreTrainedTokenizerFast
 
 from glmv_jax.data import tokenizer as T
 from glmv_jax.data.chat_template import render
 from glmv_jax.data.synthetic import DOMAINS, generate
+from tests.helpers import build_tokenizer_json
 
 # GLM-4's pre-tokenizer split (cl100k-style), then byte-level, as in GLM checkpoints' tokenizer.json.
-GLM_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-             r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 MIXED = ["[gMASK]<sop><|user|>\n<|begin_of_image|><|image|><|end_of_image|>How many shapes?<|assistant|>\n"
          "<think>I see 2 red circles.</think><answer><|begin_of_box|>2<|end_of_box|></answer><|user|>",
          "a<think>b</think>c", "<think><think>", "x <|image|> y\n\n<|video|>\tz", "  lead  and trail  ",
@@ -126,30 +126,12 @@ def test_errors(suite, tmp_path):
 
 
 # -- HF tokenizer.json ------------------------------------------------------------------------------------
-def build_tokenizer_json(path, specials=T.SPECIAL_TOKENS):
-    """A byte-level BPE with GLM's pre-tokenizer, trained on suite text; special tokens appended after the
-    learned vocabulary as added tokens (as in GLM checkpoints)."""
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(GLM_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tk.decoder = decoders.ByteLevel()
-    texts = [r["messages"][0]["content"] + " " + r["messages"][1]["content"]
-             for d in DOMAINS for r in generate(d, 20, seed=1)]
-    tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, show_progress=False,
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    tk.save(str(path))
-    return path
-
-
 @pytest.fixture(scope="module")
 def hf_file(tmp_path_factory):
     return build_tokenizer_json(tmp_path_factory.mktemp("hf") / "tokenizer.json")
 
 
 def test_hf_tokenizer_matches_transformers(hf_file):
-    from transformers import PreTrainedTokenizerFast
 
     tok = T.HFTokenizer.from_file(hf_file)
     oracle = PreTrainedTokenizerFast(tokenizer_file=str(hf_file))

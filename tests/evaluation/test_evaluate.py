@@ -2,19 +2,25 @@
 `experiments.evaluate` command on a tiny HF checkpoint (suite and manifest prompts) and a run directory."""
 
 import contextlib
-import dataclasses
 import io
 import itertools
 import json
+import types
 from math import comb
 
 import numpy as np
 import pytest
 
 from experiments import evaluate as cli
-from glmv_jax.config import tiny
+from experiments.configs import demo
+from glmv_jax.data.synthetic import generate, generate as suite
+from glmv_jax.data.transforms import Processor
+from glmv_jax.evaluation.evaluate import generate_answers, pass_at_k, pass_at_k_table, score
+from glmv_jax.generate import sampler
+from glmv_jax.generate.loading import load_model
+from glmv_jax.generate.prompts import prompt_dicts
 from glmv_jax.rewards import compute_reward
-from glmv_jax.evaluation.evaluate import pass_at_k, pass_at_k_table, score
+from tests.helpers import tiny_hf_dir
 
 BOX = "<think>look</think><answer><|begin_of_box|>{}<|end_of_box|></answer>"
 
@@ -75,20 +81,7 @@ def test_score_hand_made_responses():
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """A tiny HF checkpoint whose vocabulary and special ids are those of a tokenizer.json built here."""
-    from glmv_jax.data.tokenizer import load_tokenizer
-    from tests.data.test_tokenizer import build_tokenizer_json
-    from tests.hf_oracle import save_hf_model
-    path = tmp_path_factory.mktemp("tiny_eval")
-    build_tokenizer_json(path / "tokenizer.json")
-    tok = load_tokenizer(path)
-    base, ids = tiny(), tok.special_ids
-    cfg = base.replace(text=dataclasses.replace(base.text, vocab_size=tok.vocab_size, pad_token_id=tok.pad_id,
-                                                eos_token_id=tuple(tok.stop_ids)),
-                       image_token_id=tok.image_id, video_token_id=tok.video_id,
-                       image_start_token_id=ids["<|begin_of_image|>"], image_end_token_id=ids["<|end_of_image|>"],
-                       video_start_token_id=ids["<|begin_of_video|>"], video_end_token_id=ids["<|end_of_video|>"])
-    save_hf_model(cfg, path)
-    return path
+    return tiny_hf_dir(tmp_path_factory.mktemp("tiny_eval"))
 
 
 SMALL = ["--max-new-tokens", "6", "--batch-size", "4", "--min-pixels", "256", "--max-pixels", "256"]
@@ -127,7 +120,6 @@ def test_cli_on_a_tiny_hf_checkpoint(hf_dir, tmp_path):
 
 
 def test_cli_with_a_manifest(hf_dir, tmp_path):
-    from glmv_jax.data.synthetic import generate
     (tmp_path / "img").mkdir()
     lines = []
     for i, rec in enumerate(generate("counting", 2, seed=5, kind="rl", image_size=32) +
@@ -168,7 +160,6 @@ def test_cli_bad_arguments(hf_dir, tmp_path):
 def test_run_directory_settings(tmp_path):
     """A pipeline work directory: the last stage with checkpoints gives the suite's domains, image size and
     the eval block (tier mix, prompts per domain)."""
-    from experiments.configs import demo
     stages = [json.loads(s.to_json_best_effort()) for s in demo.get_config("smoke").stages]
     stages[2]["data"]["domains"] = ["gui", "ocr"]
     (tmp_path / "config.json").write_text(json.dumps({"stages": stages}))
@@ -187,13 +178,6 @@ def test_generate_answers_compiles_once_and_matches_per_batch_generation(hf_dir)
     """Greedy evaluation over batches of different prompt lengths (and a smaller last batch): one compiled generation
     loop (every batch padded to one shape, ViT frame rows included), and the same answers as generating
     each batch at its own shapes (the previous path, one compile per shape)."""
-    import types
-    from glmv_jax.data.synthetic import generate as suite
-    from glmv_jax.data.transforms import Processor
-    from glmv_jax.generate import sampler
-    from glmv_jax.evaluation.evaluate import generate_answers
-    from glmv_jax.generate.loading import load_model
-    from glmv_jax.generate.prompts import prompt_dicts
     bundle = load_model(hf_dir)
     tok, n = bundle.tokenizer, 5
     processor = Processor.for_model(bundle.config, min_pixels=256, max_pixels=2304)

@@ -13,13 +13,12 @@ import pytest
 
 from glmv_jax.config import tiny
 from glmv_jax.convert.hf import hf_state_dict_to_params
+from glmv_jax.generate import kv_cache, sampler
+from glmv_jax.generate.prompts import batch_prompts
 from glmv_jax.models import glmv
 from glmv_jax.rl import rollout
-from glmv_jax.generate import kv_cache
-from glmv_jax.generate import sampler
-from glmv_jax.generate.prompts import batch_prompts
+from tests.helpers import SPANS, full_logits, prompt_of, rel_err
 from tests.hf_oracle import build_hf_model, multimodal_inputs
-from tests.generate.test_sampler import SPANS, full_logits, prompt_of, rel_err
 
 N = 6
 

@@ -1,30 +1,37 @@
 """Generation engine: KV-cached decoding against full forwards, greedy against HF generate, sampling
 filters and log-probs, stop ids, forced answering, GRPO rollout batches, the chat command."""
 
-import io
 import contextlib
+import io
+import json
 
 import jax
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
+from experiments import chat
+from experiments.configs import sft
 from glmv_jax.config import tiny
 from glmv_jax.convert.hf import hf_state_dict_to_params
-from glmv_jax.models import glmv
-
+from glmv_jax.data.synthetic import generate as suite
+from glmv_jax.data.transforms import Processor
 from glmv_jax.generate import kv_cache, loading, sampler
+from glmv_jax.generate.loading import load_model
 from glmv_jax.generate.prompts import batch_prompts
+from glmv_jax.models import glmv
+from glmv_jax.models.glmv import init_params
 from glmv_jax.rl import rollout
 from glmv_jax.rl.grpo import token_logprobs
+from glmv_jax.train.checkpoint import Checkpointer
+from glmv_jax.train.experiment import _tokenizer, model_config_for
+from glmv_jax.train.optimizer import build_optimizer
+from glmv_jax.train.state import train_state_from_params
+from tests.helpers import SPANS, full_logits, prompt_of, rel_err, tiny_hf_dir
 from tests.hf_oracle import build_hf_model, multimodal_inputs
 
-SPANS = {"image": [("image", (1, 4, 6))], "video": [("video", (2, 4, 4))], "text": []}
 N = 6
-
-
-def rel_err(out, ref) -> float:
-    return float(np.abs(np.asarray(out) - ref).max() / np.abs(ref).max())
 
 
 @pytest.fixture(scope="module")
@@ -42,17 +49,6 @@ def params(config, hf_model):
     return hf_state_dict_to_params({k: v.numpy() for k, v in hf_model.state_dict().items()}, config)
 
 
-def prompt_of(config, inputs: dict) -> dict:
-    """A PromptTransform-style dict from processor-shaped inputs of one prompt."""
-    batch, delta = glmv.prepare_inputs(config, **inputs)
-    out = dict(input_ids=batch["input_ids"][0], token_type=batch["token_type"][0],
-               position_ids=batch["position_ids"][:, 0], rope_delta=int(delta[0]))
-    if "pixel_values" in batch:
-        out.update(pixel_values=batch["pixel_values"], patch_pos=batch["patch_pos"], patch_grid=batch["patch_grid"],
-                   patch_frame=batch["patch_segment"] - 1)
-    return out
-
-
 @pytest.fixture(scope="module")
 def inputs(config):
     """image, video and text prompts of different lengths (12, 26 and 8 tokens)."""
@@ -62,13 +58,6 @@ def inputs(config):
 @pytest.fixture(scope="module")
 def prompts(config, inputs):
     return [prompt_of(config, x) for x in inputs]
-
-
-def full_logits(config, params, inputs: dict, extra: np.ndarray) -> np.ndarray:
-    """Logits [T, V] of one prompt followed by `extra` tokens, by the uncached forward."""
-    args = {k: v for k, v in inputs.items() if k not in ("mm_token_type_ids", "attention_mask")}
-    args["input_ids"] = np.concatenate([inputs["input_ids"], np.asarray(extra, np.int64)[None]], axis=1)
-    return np.asarray(glmv.forward(config, params, **args))[0]
 
 
 @pytest.fixture(scope="module")
@@ -260,27 +249,10 @@ def test_bad_inputs_raise(config, params, prompts):
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """A tiny HF checkpoint whose vocabulary and special ids are those of a tokenizer.json built here."""
-    import dataclasses
-    from glmv_jax.data.tokenizer import load_tokenizer
-    from tests.data.test_tokenizer import build_tokenizer_json
-    from tests.hf_oracle import save_hf_model
-    path = tmp_path_factory.mktemp("tiny_chat")
-    build_tokenizer_json(path / "tokenizer.json")
-    tok = load_tokenizer(path)
-    base = tiny()
-    ids = tok.special_ids
-    cfg = base.replace(text=dataclasses.replace(base.text, vocab_size=tok.vocab_size, pad_token_id=tok.pad_id,
-                                                eos_token_id=tuple(tok.stop_ids)),
-                       image_token_id=tok.image_id, video_token_id=tok.video_id,
-                       image_start_token_id=ids["<|begin_of_image|>"], image_end_token_id=ids["<|end_of_image|>"],
-                       video_start_token_id=ids["<|begin_of_video|>"], video_end_token_id=ids["<|end_of_video|>"])
-    save_hf_model(cfg, path)
-    return path
+    return tiny_hf_dir(tmp_path_factory.mktemp("tiny_chat"))
 
 
 def test_chat_command_runs(hf_dir, tmp_path):
-    import PIL.Image
-    from experiments import chat
     image = tmp_path / "img.png"
     PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 40, 3), dtype=np.uint8)).save(image)
     argv = ["--checkpoint", str(hf_dir), "--image", str(image), "--prompt", "How many shapes?",
@@ -297,9 +269,6 @@ def test_chat_command_runs(hf_dir, tmp_path):
 
 
 def test_make_generate_fn_for_difficulty(hf_dir):
-    from glmv_jax.data.synthetic import generate as suite
-    from glmv_jax.data.transforms import Processor
-    from glmv_jax.generate.loading import load_model
     bundle = load_model(hf_dir)
     processor = Processor.for_model(bundle.config, min_pixels=1024, max_pixels=1024)
     records = suite("counting", 2, seed=0, kind="rl", image_size=32)
@@ -314,14 +283,6 @@ def test_make_generate_fn_for_difficulty(hf_dir):
 
 def test_load_model_from_a_run_work_directory(tmp_path):
     """experiments.run layout: <work>/config.json with stages, <work>/<i>_<stage>/checkpoints (orbax)."""
-    import json
-    from experiments.configs import sft
-    from glmv_jax.models.glmv import init_params
-    from glmv_jax.generate.loading import load_model
-    from glmv_jax.train.checkpoint import Checkpointer
-    from glmv_jax.train.experiment import _tokenizer, model_config_for
-    from glmv_jax.train.optimizer import build_optimizer
-    from glmv_jax.train.state import train_state_from_params
     cfg = sft.get_config("model=tiny")
     stage = json.loads(cfg.to_json_best_effort())
     (tmp_path / "config.json").write_text(json.dumps({"stages": [stage, stage]}))
