@@ -19,11 +19,12 @@ VISION = dict(depth=2, hidden_size=64, num_heads=4, out_hidden_size=128, interme
               image_size=64)
 TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, mrope_section=(2, 3, 3), max_position_embeddings=1024)
-SFT_TIERS = {"0": 0.6, "1": 0.3, "2": 0.1}
-# 150 held-out prompts per domain (SE <= 0.04 per domain), the same prompts after every stage (paired deltas);
-# 48 new tokens hold the longest gold response (gui: 43 tokens with its stop token); 4 samples for mean@4
-EVAL = dict(per_domain=150, max_new_tokens=48, batch_size=56, style="glm41v", seed=0, tiers={"0": 0.6, "1": 0.4},
-            samples=4)
+# SFT mostly on tier 0: a domain's image pathway takes off only after ~4-12k of its own samples (OCR tier 0
+# alone: chance at 4k, 0.90 at 12k), so at 60% tier 0 / 700 steps every domain stayed at its answer prior.
+SFT_TIERS = {"0": 0.85, "1": 0.15}
+# Held-out on tier 0, 150 prompts per domain (SE <= 0.04 per domain), the same prompts after every stage
+# (paired deltas); greedy and mean@4 sampled; 48 new tokens hold the longest gold response (gui: 43 tokens).
+EVAL = dict(per_domain=150, max_new_tokens=48, batch_size=56, style="glm41v", seed=0, tiers={"0": 1.0}, samples=4)
 
 
 def _stage(name: str, smoke: bool) -> ml_collections.ConfigDict:
@@ -45,19 +46,21 @@ def get_config(arg=None):
     smoke = "smoke" in parse_variants(arg)
     pretrain = _stage("pretrain", smoke)
     pretrain.data.kind = "caption"
+    pretrain.data.tiers = {"0": 0.6, "1": 0.3, "2": 0.1}   # captions of all easy-to-mid tiers (as measured)
     pretrain.train.steps = 3 if smoke else 100
     pretrain.optimizer.update(lr=3e-3, warmup_steps=min(10, pretrain.train.steps // 3), total_steps=pretrain.train.steps, b2=0.98)
 
     sft = _stage("sft", smoke)
     sft.data.kind = "sft"
-    sft.train.steps = 3 if smoke else 700
+    sft.train.steps = 3 if smoke else 1400   # 700 steps (~3.3k samples per domain): 0/7 domains above their
+                                              # most-common-answer baseline; 1400: 6/7 (~6 min on 2 idle cores)
     sft.optimizer.update(lr=2e-3, warmup_steps=min(15, sft.train.steps // 3), total_steps=sft.train.steps, b2=0.98)
 
     rl = _stage("rl", smoke)
     rl.data.kind = "rl"
     rl.rl = rl_block(sampler="rlcs", batch_size=14, group_size=8, iterations=2 if smoke else 40,
                      max_new_tokens=48, prompts_per_domain=4 if smoke else 96,
-                     prompt_tiers={"0": 0.5, "1": 0.5}, save_every=5)
+                     prompt_tiers={"0": 0.8, "1": 0.2}, save_every=5)   # tier 1 is near zero after SFT
     rl.rl.grpo.update(num_minibatches=2)
     if smoke:
         rl.rl.update(batch_size=4, group_size=2)

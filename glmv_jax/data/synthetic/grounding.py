@@ -1,5 +1,6 @@
 """grounding: box the described shape(s) on the 0-1000 grid. Knob: free vs grid-snapped placement, size,
-distractors, several targets (tier 0: one shape filling one of 16 grid cells)."""
+distractors, several targets (tier 0: one shape filling one of the 9 cells of a 3x3 grid, the same split
+the think trace names: "top left" ... "bottom right")."""
 from __future__ import annotations
 
 from .base import COLORS, SHAPES, Sample, Task, canvas, draw_shape, grid_boxes, pick, to_grid, where
@@ -9,10 +10,10 @@ def _scene(rng, tier: int, size: int):
     """(objects [(colour, kind)], inclusive pixel boxes, indices of the targets, knob)."""
     scale = size / 56
     if tier == 0:
-        cell = size // 4
-        row, col = divmod(int(rng.integers(16)), 4)
+        cell = size // 3
+        row, col = divmod(int(rng.integers(9)), 3)
         box = (col * cell + 1, row * cell + 1, (col + 1) * cell - 2, (row + 1) * cell - 2)
-        return [(pick(rng, COLORS), pick(rng, SHAPES))], [box], [0], (row * 4 + col) / 16
+        return [(pick(rng, COLORS), pick(rng, SHAPES))], [box], [0], (row * 3 + col) / 9
     if tier == 1:
         side = int(rng.integers(round(10 * scale), round(19 * scale)))
         x0, y0 = (int(v) for v in rng.integers(0, size - side + 1, 2))
