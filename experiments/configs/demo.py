@@ -43,7 +43,13 @@ def _stage(name: str, smoke: bool) -> ml_collections.ConfigDict:
 
 
 def get_config(arg=None):
-    smoke = "smoke" in parse_variants(arg)
+    """Variants: smoke (seconds-long test setting), seed=N (model init, data order and sampling of every
+    stage; the held-out prompts stay the same)."""
+    variants = parse_variants(arg)
+    unknown = set(variants) - {"smoke", "seed"}
+    if unknown:
+        raise ValueError(f"unknown demo.py variants {sorted(unknown)}; expected some of ['seed', 'smoke']")
+    smoke, seed = "smoke" in variants, int(variants.get("seed", 0))
     pretrain = _stage("pretrain", smoke)
     pretrain.data.kind = "caption"
     pretrain.data.tiers = {"0": 0.6, "1": 0.3, "2": 0.1}   # captions of all easy-to-mid tiers (as measured)
@@ -68,6 +74,8 @@ def get_config(arg=None):
     # lr 2e-4: with the loss normalised by the rows that carry signal, 1e-4 barely moved the rolled-out reward
     rl.optimizer.update(lr=2e-4, warmup_steps=0, total_steps=100, weight_decay=0.0, final_lr_fraction=1.0)
 
+    for stage in (pretrain, sft, rl):
+        stage.seed = seed
     c = ml_collections.ConfigDict()
     c.stages = [pretrain, sft, rl]
     c.eval_after = ["sft", "rl"]          # stages followed by a held-out evaluation
