@@ -18,6 +18,8 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from glmv_jax.config_schema import validate
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file[:variants]", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, logs and plots (default: runs/<config>-<date>)")
 
@@ -28,7 +30,8 @@ def default_workdir(config_path: str) -> str:
 
 
 def run_stage(cfg, workdir: str) -> dict:
-    """One stage in its own work directory."""
+    """One stage in its own work directory (its config validated first)."""
+    validate(cfg)
     from glmv_jax.train.experiment import setup
     exp = setup(cfg, workdir)
     if cfg.stage in ("pretrain", "long_context", "sft"):
@@ -72,7 +75,6 @@ def timed_in(stage_dir: str, key: str, fn):
 
 
 def run_pipeline(cfg, workdir: str) -> list[dict]:
-    from experiments.configs.base import validate
     for stage in cfg.stages:          # every stage's config is checked before the first one compiles
         validate(stage)
     summaries, previous, seconds = [], "", {}

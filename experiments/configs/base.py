@@ -10,7 +10,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from glmv_jax.config import PRESETS
+from glmv_jax import config_schema
 
 MESHES = {  # name -> ICI axis sizes (-1: all remaining devices)
     "auto": {"fsdp": -1},
@@ -21,7 +21,7 @@ MESHES = {  # name -> ICI axis sizes (-1: all remaining devices)
     "fsdp2_ep4": {"fsdp": 2, "expert": 4},
     "fsdp_tp": {"fsdp": -1, "tensor": 4},
 }
-STAGES = ("pretrain", "long_context", "sft", "rl", "eval")
+STAGES = config_schema.STAGES
 
 
 def parse_variants(arg: str | None) -> dict[str, str]:
@@ -94,25 +94,5 @@ def _bad(what, value, table):
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
-    """Config errors reported before anything is compiled."""
-    if c.stage not in STAGES:
-        raise ValueError(f"unknown stage {c.stage!r}; expected one of {STAGES}")
-    if c.model.preset not in PRESETS:
-        raise ValueError(f"unknown model preset {c.model.preset!r}; expected one of {sorted(PRESETS)}")
-    if c.train.steps < 0 or c.train.grad_accum_steps < 1:
-        raise ValueError("train.steps must be >= 0 and train.grad_accum_steps >= 1")
-    if c.data.batch_size % c.train.grad_accum_steps:
-        raise ValueError(f"data.batch_size {c.data.batch_size} not divisible by train.grad_accum_steps "
-                         f"{c.train.grad_accum_steps}")
-    if c.data.on_bad_record not in ("skip", "raise"):
-        raise ValueError(f"data.on_bad_record must be 'skip' or 'raise', got {c.data.on_bad_record!r}")
-    if c.train.nonfinite not in ("skip", "raise"):
-        raise ValueError(f"train.nonfinite must be 'skip' or 'raise', got {c.train.nonfinite!r}")
-    if c.stage == "rl" and "rl" not in c:
-        raise ValueError("an rl stage needs an `rl` config block (experiments/configs/rl.py: rl_block())")
-    if "rl" in c and c.rl.sampler not in ("rlcs", "uniform", "dapo"):
-        raise ValueError(f"rl.sampler must be rlcs, uniform or dapo, got {c.rl.sampler!r}")
-    from glmv_jax.train.optimizer import build_optimizer
-    build_optimizer(c.optimizer)          # raises on a bad optimizer block
-    if c.data.source == "jsonl" and not c.data.manifests:
-        raise ValueError("data.source='jsonl' needs data.manifests")
+    """Config errors reported before anything is compiled (glmv_jax/config_schema.py)."""
+    config_schema.validate(c)

@@ -330,19 +330,21 @@ def make_stack(factory: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.
     return build(rngs)
 
 
+REMAT_POLICIES = {   # config.remat name -> jax.checkpoint policy ("none": no remat); names match checkpoint_name tags
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "minimal": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "save_dots_except_mlp": jax.checkpoint_policies.save_only_these_names(
+        "query_proj", "key_proj", "value_proj", "attn_context", "attn_out"),
+}
+
+
 def remat_policy(name: str):
-    """jax.checkpoint policy for config.remat (None: no remat). Names match the checkpoint_name tags."""
-    policies = {
-        "full": jax.checkpoint_policies.nothing_saveable,
-        "minimal": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-        "save_dots_except_mlp": jax.checkpoint_policies.save_only_these_names(
-            "query_proj", "key_proj", "value_proj", "attn_context", "attn_out"),
-    }
+    """jax.checkpoint policy for config.remat (None: no remat)."""
     if name == "none":
         return None
-    if name not in policies:
-        raise ValueError(f"unknown remat policy {name!r}; expected none or one of {sorted(policies)}")
-    return policies[name]
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {name!r}; expected none or one of {sorted(REMAT_POLICIES)}")
+    return REMAT_POLICIES[name]
 
 
 def run_stack(stack: nnx.Module, x: jax.Array, call: Callable[..., tuple[jax.Array, Any]], *, scan: bool,

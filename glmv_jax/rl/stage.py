@@ -61,6 +61,9 @@ from glmv_jax.train.optimizer import build_optimizer
 from glmv_jax.train.state import abstract_train_state, init_train_state, train_state_from_params
 
 
+SAMPLERS = ("rlcs", "uniform", "dapo")
+
+
 def make_sampler(cfg, pool, domain_ratios: dict[str, float] | None = None):
     """The configured sampler over `pool`; `domain_ratios` (the pilot's mix) overrides the curriculum's."""
     r = cfg.rl
@@ -74,7 +77,7 @@ def make_sampler(cfg, pool, domain_ratios: dict[str, float] | None = None):
         return UniformSampler(pool, r.batch_size, seed=cfg.seed)
     if r.sampler == "dapo":
         return DAPOSampler(pool, r.batch_size, seed=cfg.seed, max_rounds=r.get("dapo_max_rounds", 4))
-    raise ValueError(f"unknown rl.sampler {r.sampler!r}; expected rlcs, uniform or dapo")
+    raise ValueError(f"unknown rl.sampler {r.sampler!r}; expected one of {SAMPLERS}")
 
 
 def grpo_config(rl) -> GRPOConfig:

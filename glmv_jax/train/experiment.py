@@ -61,9 +61,7 @@ def model_config_for(cfg, tokenizer) -> ModelConfig:
 
 
 def setup(cfg, workdir: str) -> Experiment:
-    from experiments.configs.base import validate
     from glmv_jax.data.transforms import Processor
-    validate(cfg)
     mesh = mesh_from_config({"ici": dict(cfg.mesh.ici), "dcn": dict(cfg.mesh.dcn),
                              "devices": cfg.mesh.get("devices")})
     rules = rules_lib.get_rules(cfg.mesh.rules)

@@ -7,12 +7,16 @@ The stages use one optimizer block and small batches; pretrain and sft have the 
 compiled step, long_context packs the same number of tokens into rows twice as long (a second compile).
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
 
-from experiments.configs import long_context, pipeline, pretrain, sft
+from experiments.configs import demo, long_context, pipeline, pretrain, sft
+from glmv_jax.config_schema import ConfigError, validate
 from glmv_jax.data.pipeline import make_pipeline
+from glmv_jax.rl.grpo import GRPOConfig
 from glmv_jax.train.experiment import _tokenizer, model_config_for, setup
 from glmv_jax.train.optimizer import build_optimizer
 from glmv_jax.train.state import train_state_from_params
@@ -139,7 +143,7 @@ def test_pipeline_config_errors_are_clear():
         pipeline.get_config("runlocal,modle=tiny")
     with pytest.raises(ValueError, match="unknown mesh variant"):
         pipeline.get_config("runlocal,mesh=nope")
-    with pytest.raises(ValueError, match="unknown model preset"):
+    with pytest.raises(ValueError, match="model.preset = .glm99. is not one of"):
         pipeline.get_config("model=glm99")
     c = pipeline.get_config("runlocal")
     c.stages[2].model.preset = "tiny_moe"
@@ -157,3 +161,36 @@ def test_pipeline_config_errors_are_clear():
     c.stages[0].optimizer.lr = -1.0
     with pytest.raises(ValueError, match="lr must be > 0"):
         pipeline.validate_pipeline(c)
+
+
+@pytest.mark.parametrize("block, key, hint", [
+    ("rl.grpo", "eps_hihg", "eps_high"), ("rl.curriculum", "fill_qouta", "fill_quota"),
+    ("model.text", "hidden_szie", "hidden_size"), ("model.vision", "dept", "depth")])
+def test_a_key_typo_in_a_dataclass_block_names_the_key_and_the_right_one(block, key, hint):
+    cfg = demo.get_config().stages[2]
+    target = cfg
+    for part in block.split("."):
+        target = target[part]
+    target[key] = 1
+    with pytest.raises(ConfigError, match=rf"unknown key {block}.{key} \(did you mean '{hint}'\?\)"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize("key, value", [("model.dtype", "float8"), ("model.remat", "ful"),
+                                        ("model.attention", "flash"), ("rl.sampler", "ppo")])
+def test_a_bad_choice_names_its_key(key, value):
+    cfg = demo.get_config().stages[2]
+    block, name = key.split(".")
+    cfg[block][name] = value
+    with pytest.raises(ConfigError, match=rf"{key} = '{value}' is not one of"):
+        validate(cfg)
+
+
+def test_derived_defaults_agree_with_the_dataclasses():
+    """The rl block's grpo and curriculum values construct the dataclasses; every default the configs do
+    not override is the dataclass's own."""
+    rl = demo.get_config().stages[2].rl
+    grpo = GRPOConfig(**rl.grpo)
+    for f in dataclasses.fields(GRPOConfig):
+        if f.name not in rl.grpo:
+            assert getattr(grpo, f.name) == f.default

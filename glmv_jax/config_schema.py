@@ -1,0 +1,103 @@
+"""Start-up validation (experiments/run.py, before the first stage compiles) of an experiment config (ml-collections): every error names its key, before
+anything is compiled.
+
+Blocks that a dataclass implements are checked against that dataclass's own fields (a typo gets the
+valid names and the closest match) and then constructed, so the dataclass's checks run too:
+
+    model.text -> config.TextConfig       rl.grpo       -> rl.grpo.GRPOConfig
+    model.vision -> config.VisionConfig   rl.curriculum -> rl.curriculum.CurriculumConfig
+
+Names owned by an implementation are read from it: presets (config.PRESETS), attention implementations
+(models.attention.ACCEPTED), remat policies (models.layers.REMAT_POLICIES), samplers (rl.stage.SAMPLERS).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Iterable, Mapping
+
+from glmv_jax.config import PRESETS, TextConfig, VisionConfig
+from glmv_jax.models.attention import ACCEPTED as ATTENTION_IMPLEMENTATIONS
+from glmv_jax.models.layers import REMAT_POLICIES
+from glmv_jax.rl.curriculum import CurriculumConfig
+from glmv_jax.rl.grpo import GRPOConfig
+from glmv_jax.rl.stage import SAMPLERS
+from glmv_jax.train.optimizer import build_optimizer
+
+STAGES = ("pretrain", "long_context", "sft", "rl", "eval")
+DTYPES = ("float32", "bfloat16", "float16")
+CURRICULUM_FROM_RL = ("batch_size", "group_size", "seed")    # CurriculumConfig fields the rl block sets
+
+
+class ConfigError(ValueError):
+    """A config key or value the experiment cannot run with."""
+
+
+def field_names(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def check_keys(block: Mapping, valid: Iterable[str], where: str) -> None:
+    """Raise for the first key of `block` not among `valid`, with the closest valid name."""
+    valid = sorted(valid)
+    for key in block:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown key {where}.{key}{hint}; valid keys: {', '.join(valid)}")
+
+
+def check_choice(value, choices: Iterable, key: str) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ConfigError(f"{key} = {value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def _construct(cls, values: Mapping, where: str, **fixed):
+    try:
+        return cls(**fixed, **dict(values))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def validate_model(model) -> None:
+    check_choice(model.preset, sorted(PRESETS), "model.preset")
+    check_choice(model.dtype, DTYPES, "model.dtype")
+    check_choice(model.param_dtype, DTYPES, "model.param_dtype")
+    check_choice(model.remat, ("none",) + tuple(REMAT_POLICIES), "model.remat")
+    check_choice(model.attention, ATTENTION_IMPLEMENTATIONS, "model.attention")
+    for name, cls in (("text", TextConfig), ("vision", VisionConfig)):
+        overrides = dict(model.get(name, {}) or {})
+        check_keys(overrides, field_names(cls), f"model.{name}")
+
+
+def validate_rl(rl) -> None:
+    check_choice(rl.sampler, SAMPLERS, "rl.sampler")
+    grpo = dict(rl.get("grpo", {}) or {})
+    check_keys(grpo, field_names(GRPOConfig), "rl.grpo")
+    _construct(GRPOConfig, grpo, "rl.grpo")
+    curriculum = dict(rl.get("curriculum", {}) or {})
+    check_keys(curriculum, set(field_names(CurriculumConfig)) - set(CURRICULUM_FROM_RL), "rl.curriculum")
+    _construct(CurriculumConfig, curriculum, "rl.curriculum", batch_size=rl.batch_size, group_size=rl.group_size)
+    check_choice(rl.get("offline_difficulty", "labels"), ("labels", "measure"), "rl.offline_difficulty")
+
+
+def validate(c) -> None:
+    """Config errors reported before anything is compiled (ConfigError, a ValueError, naming the key)."""
+    check_choice(c.stage, STAGES, "stage")
+    validate_model(c.model)
+    if c.train.steps < 0 or c.train.grad_accum_steps < 1:
+        raise ConfigError("train.steps must be >= 0 and train.grad_accum_steps >= 1")
+    if c.data.batch_size % c.train.grad_accum_steps:
+        raise ConfigError(f"data.batch_size {c.data.batch_size} not divisible by train.grad_accum_steps "
+                          f"{c.train.grad_accum_steps}")
+    check_choice(c.data.on_bad_record, ("skip", "raise"), "data.on_bad_record")
+    check_choice(c.train.nonfinite, ("skip", "raise"), "train.nonfinite")
+    if c.stage == "rl" and "rl" not in c:
+        raise ConfigError("an rl stage needs an `rl` config block (experiments/configs/rl.py: rl_block())")
+    if "rl" in c:
+        validate_rl(c.rl)
+    build_optimizer(c.optimizer)          # raises on a bad optimizer block
+    if c.data.source == "jsonl" and not c.data.manifests:
+        raise ConfigError("data.source='jsonl' needs data.manifests")
