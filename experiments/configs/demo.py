@@ -71,8 +71,9 @@ def get_config(arg=None):
     rl.rl.grpo.update(num_minibatches=2)
     if smoke:
         rl.rl.update(batch_size=4, group_size=2)
-    # lr 5e-5 (measured from one SFT checkpoint, 60 iterations, paired greedy / mean@4 deltas): 5e-5 -0.004 +- 0.012 /
-    # +0.056 +- 0.007; 1e-4 -0.020 +- 0.012 / +0.059 +- 0.008; 2e-4 -0.075 +- 0.017 / +0.001 +- 0.012 (greedy OCR collapses)
+    # lr measured from one SFT checkpoint (60 iterations; paired greedy / mean@4 deltas vs SFT):
+    # 5e-5 -0.004 +- 0.012 / +0.056 +- 0.007; 1e-4 -0.020 +- 0.012 / +0.059 +- 0.008;
+    # 2e-4 -0.075 +- 0.017 / +0.001 +- 0.012 (greedy OCR collapses)
     rl.optimizer.update(lr=5e-5, warmup_steps=0, total_steps=100, weight_decay=0.0, final_lr_fraction=1.0)
 
     for stage in (pretrain, sft, rl):
