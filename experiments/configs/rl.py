@@ -4,9 +4,25 @@ Paper recipe (docs/rl.md): GRPO without KL and entropy terms, clip-higher, per-s
 rollout top-p 1.0, forced answering at the thinking budget, RLCS tiers with ratio-EMA expansion.
 Unpublished numbers (group size, batch, lr, lengths) are set to common values; override them.
 """
+import dataclasses
+
 import ml_collections
 
 from experiments.configs.base import base_config
+from glmv_jax.rl.curriculum import CurriculumConfig
+from glmv_jax.rl.grpo import GRPOConfig
+
+CURRICULUM_SET_BY_RL = ("batch_size", "group_size", "seed")   # the rl block's own keys fill these
+
+
+def dataclass_defaults(cls, skip=(), **overrides) -> dict:
+    """A config block from a dataclass: every field's default (the one source of truth), then `overrides`."""
+    block = {f.name: f.default for f in dataclasses.fields(cls) if f.name not in skip
+             and f.default is not dataclasses.MISSING}
+    unknown = set(overrides) - set(block)
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no fields {sorted(unknown)}")
+    return {**block, **overrides}
 
 
 def rl_block(**kw) -> ml_collections.ConfigDict:
@@ -38,12 +54,11 @@ def rl_block(**kw) -> ml_collections.ConfigDict:
         # drawn about once, so per-prompt estimates alone never correct the prior); domain_expansion: one
         # ratio EMA per domain; ema_decay 0.5: a short run should not spend its first iterations ramping up;
         # fill_quota: a domain's quota slots it cannot fill with informative groups go to other domains'
-        curriculum=dict(num_tiers=5, weighting="informative", ema_decay=0.5, max_expansion=4.0, fill_quota=True,
-                        pool_tiers=True, domain_expansion=True),
+        curriculum=dataclass_defaults(CurriculumConfig, skip=CURRICULUM_SET_BY_RL, ema_decay=0.5, fill_quota=True,
+                                      pool_tiers=True, domain_expansion=True),
         # signal_rows_only: the loss is normalised by the rows that carry an advantage, so samplers that
         # train different shares of zero-variance groups take the same effective step
-        grpo=dict(eps_low=0.2, eps_high=0.28, aggregation="per_sample", num_minibatches=4, ppo_epochs=1,
-                  normalize_std=True, signal_rows_only=True),
+        grpo=dataclass_defaults(GRPOConfig, num_minibatches=4, signal_rows_only=True),
     ))
     r.update(kw)
     return r

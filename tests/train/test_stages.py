@@ -14,8 +14,11 @@ import numpy as np
 import pytest
 
 from experiments.configs import demo, long_context, pipeline, pretrain, sft
+from experiments.configs.rl import CURRICULUM_SET_BY_RL, rl_block
 from glmv_jax.config_schema import ConfigError, validate
 from glmv_jax.data.pipeline import make_pipeline
+from glmv_jax.models.glmv import init_params
+from glmv_jax.rl.curriculum import CurriculumConfig
 from glmv_jax.rl.grpo import GRPOConfig
 from glmv_jax.train.experiment import _tokenizer, model_config_for, setup
 from glmv_jax.train.optimizer import build_optimizer
@@ -65,7 +68,6 @@ def shared_step(experiments):
     assert all(e.model_config == exps[0].model_config for e in exps)
     optimizer = build_optimizer(exps[0].cfg.optimizer)
     step = make_train_step(make_loss_fn(exps[0]), optimizer, compiler_options=COMPILER_OPTIONS)
-    from glmv_jax.models.glmv import init_params
     abstract = jax.eval_shape(lambda: init_params(exps[0].model_config, jax.random.key(0)))   # no init compile
     params = jax.tree_util.tree_map_with_path(random_init(np.random.default_rng(0)), abstract)
     return step, lambda: train_state_from_params(params, optimizer, jax.random.key(0))
@@ -194,3 +196,14 @@ def test_derived_defaults_agree_with_the_dataclasses():
     for f in dataclasses.fields(GRPOConfig):
         if f.name not in rl.grpo:
             assert getattr(grpo, f.name) == f.default
+
+
+def test_rl_block_is_the_dataclasses_defaults_plus_named_overrides():
+    block = rl_block()
+    overrides = {"grpo": {"num_minibatches": 4, "signal_rows_only": True},
+                 "curriculum": {"ema_decay": 0.5, "fill_quota": True, "pool_tiers": True, "domain_expansion": True}}
+    for name, cls in (("grpo", GRPOConfig), ("curriculum", CurriculumConfig)):
+        fields = [f for f in dataclasses.fields(cls) if f.name not in CURRICULUM_SET_BY_RL]
+        assert set(block[name]) == {f.name for f in fields}
+        for f in fields:
+            assert block[name][f.name] == overrides[name].get(f.name, f.default), (name, f.name)
