@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import time
 
 from absl import app, flags, logging
@@ -21,11 +22,17 @@ from ml_collections import config_flags
 from glmv_jax.config_schema import validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file[:variants]", lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, logs and plots (default: runs/<config>-<date>)")
+_WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, logs and plots (default: runs/<config>[-<variants>]-<date>)")
 
 
 def default_workdir(config_path: str) -> str:
-    name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
+    """runs/<config>-<variants>-<date>: "demo.py:smoke" and "demo.py" never share a directory (variants
+    sorted, so their order does not matter; characters other than [A-Za-z0-9._=-] become _)."""
+    path, _, arg = config_path.partition(":")
+    name = os.path.splitext(os.path.basename(path))[0]
+    variants = "_".join(sorted(item.strip() for item in arg.split(",") if item.strip()))
+    if variants:
+        name = f"{name}-{re.sub(r'[^A-Za-z0-9._=-]', '_', variants)}"
     return os.path.join("runs", f"{name}-{datetime.date.today():%Y%m%d}")
 
 
