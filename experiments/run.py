@@ -22,7 +22,8 @@ from ml_collections import config_flags
 from glmv_jax.config_schema import validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file[:variants]", lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, logs and plots (default: runs/<config>[-<variants>]-<date>)")
+_WORKDIR = flags.DEFINE_string("workdir", None,
+                                "checkpoints, logs and plots (default: runs/<config>[-<variants>]-<date>)")
 
 
 def default_workdir(config_path: str) -> str:
