@@ -30,6 +30,9 @@ def rl_block(**kw) -> ml_collections.ConfigDict:
         # The task generator's tier labels say pass rates 0.5-1.0 where a fresh SFT model samples 0.02-0.4.
         offline_difficulty="measure",
         offline_samples=4,
+        # prompts measured per domain (0: the whole pool, as the paper); the others take their (domain, tier)
+        # cell's measured mean. A subset bounds the pass's cost (k x prompts rollouts) on a big pool
+        offline_prompts=0,
         # domain mix by pilot: weight each domain by its expected share of informative groups at the start,
         # dropping those below pilot_min_informative (all-wrong or all-right domains train nothing)
         pilot=True,
