@@ -282,6 +282,10 @@ def run_rl(exp) -> dict[str, Any]:
                              tiers=r.get("prompt_tiers"))
     check_answer_budget(cfg, exp.tokenizer, r.get("prompt_split", "rl"), r.prompts_per_domain, cfg.seed,
                         r.get("prompt_tiers"), r.max_new_tokens, "rl")
+    ev = cfg.get("eval")
+    if ev:                    # the held-out evaluation after this stage: refuse now, not after the run
+        check_answer_budget(cfg, exp.tokenizer, "heldout", ev.get("per_domain", 32), ev.get("seed", 0),
+                            ev.get("tiers"), ev.get("max_new_tokens", 48), "eval")
     prompts = prompt_dicts(records, exp.tokenizer, exp.processor)
     grpo_cfg = grpo_config(r)
     optimizer, update = grpo_update_for(exp, grpo_cfg)
