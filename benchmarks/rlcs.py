@@ -400,6 +400,14 @@ def main(argv=None) -> dict:
     return report
 
 
+def lean(report: dict) -> dict:
+    """The report without the per-prompt held-out rows (kept in --out's rlcs.json; the summary holds the paired
+    deltas computed from them), for the copy committed under benchmarks/plots/."""
+    drop = lambda e: {k: v for k, v in e.items() if k != "prompts"}
+    return {**report, "sft_eval": drop(report["sft_eval"]),
+            "runs": [{**r, "eval": drop(r["eval"])} for r in report["runs"]]}
+
+
 def append_results(report: dict, text: str, png: Path) -> None:
     import jax
     s = report["settings"]
@@ -409,7 +417,7 @@ def append_results(report: dict, text: str, png: Path) -> None:
         PLOTS.mkdir(exist_ok=True)
         plot_ref = PLOTS / f"rlcs-{datetime.datetime.now():%Y%m%d-%H%M}.png"
         shutil.copy(png, plot_ref)
-        (PLOTS / plot_ref.name.replace(".png", ".json")).write_text(json.dumps(report, indent=1))
+        (PLOTS / plot_ref.name.replace(".png", ".json")).write_text(json.dumps(lean(report), separators=(",", ":")))
         plot_ref = plot_ref.relative_to(RESULTS.parent)
     section = (f"\n## RLCS vs uniform vs DAPO (benchmarks/rlcs.py), {report['date']}\n"
                f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} (cpu); uptime at start: "
