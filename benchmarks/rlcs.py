@@ -9,8 +9,9 @@ generated: DAPO's extra rounds, RLCS's expansion and, billed up front, RLCS's of
 informative groups (nonzero reward variance) among the groups trained on and among those rolled out, the
 reward over all rolled-out groups and over the trained ones, verifier errors; per run: held-out reward per
 domain and its mean, wall time; per sampler: paired held-out deltas (per-prompt scores averaged over the
-seeds) against the SFT start and against uniform sampling. Writes rlcs.json and rlcs.png to --out and appends a section to benchmarks/RESULTS.md (plot and
-JSON copied to benchmarks/plots/ when the plot is small).
+seeds) against the SFT start and against uniform sampling. Writes rlcs.json and rlcs.png to --out and
+appends a section to benchmarks/RESULTS.md (plot and a lean JSON copied to benchmarks/plots/ when the plot
+is small).
 
     python -m benchmarks.rlcs --sft /tmp/demo_full/1_sft --iterations 8 --seeds 0,1
     python -m benchmarks.rlcs                     # trains pretrain + SFT with the demo config first
@@ -417,7 +418,8 @@ def append_results(report: dict, text: str, png: Path) -> None:
         PLOTS.mkdir(exist_ok=True)
         plot_ref = PLOTS / f"rlcs-{datetime.datetime.now():%Y%m%d-%H%M}.png"
         shutil.copy(png, plot_ref)
-        (PLOTS / plot_ref.name.replace(".png", ".json")).write_text(json.dumps(lean(report), separators=(",", ":")))
+        lean_json = json.dumps(lean(report), separators=(",", ":"))
+        (PLOTS / plot_ref.name.replace(".png", ".json")).write_text(lean_json)
         plot_ref = plot_ref.relative_to(RESULTS.parent)
     section = (f"\n## RLCS vs uniform vs DAPO (benchmarks/rlcs.py), {report['date']}\n"
                f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} (cpu); uptime at start: "
