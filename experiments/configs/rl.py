@@ -66,10 +66,12 @@ def get_config(arg=None):
     c.eval = ml_collections.ConfigDict(dict(per_domain=64, max_new_tokens=8192, batch_size=64, style="glm41v",
                                             seed=0, tiers=None))
     if c.runlocal or c.model.preset.startswith("tiny"):
-        c.rl.update(batch_size=8, group_size=4, iterations=4, max_new_tokens=32, prompts_per_domain=16,
+        # 64 new tokens: the suite's longest gold responses over all tiers (counting ~60, grounding ~58 tokens
+        # with the suite tokenizer) must fit, or the stage refuses to start (rl.stage's answer-budget check)
+        c.rl.update(batch_size=8, group_size=4, iterations=4, max_new_tokens=64, prompts_per_domain=16,
                     save_every=2)
         c.rl.grpo.num_minibatches = 2
         c.optimizer.update(lr=1e-4, total_steps=16)
         c.model.update(dtype="float32", remat="none")
-        c.eval.update(per_domain=8, max_new_tokens=32, batch_size=16)
+        c.eval.update(per_domain=8, max_new_tokens=64, batch_size=16)
     return c

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import demo
+from experiments.configs import rl as rl_config
 from glmv_jax.data import synthetic
 from glmv_jax.data.tokenizer import suite_tokenizer
 from glmv_jax.evaluation.evaluate import check_answer_budget, longest_gold_response
@@ -85,3 +86,13 @@ def test_the_stage_refuses_an_eval_budget_shorter_than_a_gold_response_before_co
     with pytest.raises(ValueError, match=r"eval.max_new_tokens = 5 .*'heldout'.*gui needs \d+"):
         stage.run_rl(setup(cfg, str(tmp_path)))
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "offline_difficulty.json").exists()
+
+
+def test_the_rl_config_budgets_hold_every_gold_response(tmp_path):
+    """rl.py's laptop settings (runlocal / tiny presets) pass the checks run_rl makes before it compiles."""
+    cfg = rl_config.get_config("runlocal")
+    exp = setup(cfg, str(tmp_path))
+    check_answer_budget(cfg, exp.tokenizer, "rl", cfg.rl.prompts_per_domain, cfg.seed, cfg.rl.prompt_tiers,
+                        cfg.rl.max_new_tokens, "rl")
+    check_answer_budget(cfg, exp.tokenizer, "heldout", cfg.eval.per_domain, cfg.eval.seed, cfg.eval.tiers,
+                        cfg.eval.max_new_tokens, "eval")
