@@ -4,18 +4,21 @@ checkpoint on the built-in task suite (issue #5).
 For every seed and sampler, the demo's RL stage (experiments/configs/demo.py) starts from the SFT params
 (`train.init_from`) with the same pool of train prompts, batch (B groups trained per update) and group size
 (G), runs N iterations of run_rl, then evaluates greedy answers on the same held-out prompts
-(evaluation/evaluate.py). Recorded per iteration: rollouts spent (prompts rolled out x G, DAPO's extra rounds and
-RLCS's expansion included), the share of informative groups (nonzero reward variance) among the groups
-trained on and among those rolled out, the train reward; per run: held-out reward per domain and its mean,
-wall time. Writes rlcs.json and rlcs.png to --out and appends a section to benchmarks/RESULTS.md (plot and
-JSON copied to benchmarks/plots/ when the plot is small).
+(evaluation/evaluate.py). Recorded per iteration (rl/stage.py's history rows): rollouts spent (responses
+generated: DAPO's extra rounds, RLCS's expansion and, billed up front, RLCS's offline pass@k), the share of
+informative groups (nonzero reward variance) among the groups trained on and among those rolled out, the
+reward over all rolled-out groups and over the trained ones, verifier errors; per run: held-out reward per
+domain and its mean, wall time; per sampler: paired held-out deltas (per-prompt scores averaged over the
+seeds) against the SFT start and against uniform sampling. Writes rlcs.json and rlcs.png to --out and
+appends a section to benchmarks/RESULTS.md (plot and a lean JSON copied to benchmarks/plots/ when the plot
+is small).
 
     python -m benchmarks.rlcs --sft /tmp/demo_full/1_sft --iterations 8 --seeds 0,1
     python -m benchmarks.rlcs                     # trains pretrain + SFT with the demo config first
 
 A run directory (named by sampler, seed and sizes) holding a finished run (its result.json) is reused, so a
 rerun with the same --out resumes after the last finished run (so `--samplers rlcs_labels` with an earlier
---out adds the fill_quota row to the earlier runs). Wall times include XLA compiles: run_rl pads rollouts to a
+--out adds the ablation row to the earlier runs). Wall times include XLA compiles: run_rl pads rollouts to a
 few sizes (rl.rollout_pad_steps) and caches the GRPO update per settings, so the first run in a process pays
 most compiles and later runs reuse them.
 """
@@ -42,9 +45,10 @@ PLOTS = Path(__file__).with_name("plots")
 SAMPLERS = ("rlcs", "uniform", "dapo", "rlcs_labels")   # rlcs_labels: RLCS as before issue 11 (generator tier
                                                          # labels, fixed mix, one EMA, no pooling / fill_quota)
 DEFAULT_SAMPLERS = ("rlcs", "uniform", "dapo")
-ROW_KEYS = ("iteration", "rollouts", "prompts_rolled_out", "trained_groups", "updated", "informative_share",
-            "kept_informative_share", "reward", "sampler/mean_reward", "seconds", "sampler/expansion_ema",
-            "sampler/generation_rounds", "padded_prompts")
+ROW_KEYS = ("iteration", "rollouts", "rollouts_total", "offline_rollouts", "prompts_rolled_out", "trained_groups",
+            "updated", "informative_share", "kept_informative_share", "reward", "reward_rolled", "reward_kept",
+            "sampler/mean_reward", "seconds", "expansion", "sampler/expansion_ema", "sampler/generation_rounds",
+            "padded_prompts", "verifier_errors", "entropy", "clip_fraction")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,7 +125,8 @@ def read_history(stage_dir: Path) -> list[dict]:
             row = json.loads(line)
             rows[int(row["iteration"])] = {k: row[k] for k in ROW_KEYS if k in row}
     history = [rows[i] for i in sorted(rows)]
-    cumulative = np.cumsum([h["rollouts"] for h in history])
+    offline = history[0].get("offline_rollouts", 0) if history else 0     # RLCS's pass@k, billed up front
+    cumulative = offline + np.cumsum([h["rollouts"] for h in history])
     for h, c in zip(history, cumulative):
         h["cumulative_rollouts"] = int(c)
     return history
@@ -132,7 +137,8 @@ def held_out(cfg, stage_dir: Path, params) -> dict:
     result = evaluate_stage(cfg, str(stage_dir), params)
     acc = result["accuracy"]
     return {"accuracy": acc, "mean": float(np.mean(list(acc.values()))), "format_rate": result["format_rate"],
-            "n": result["n"]}
+            "n": result["n"], "se": result["summary"]["mean"].get("greedy_se", float("nan")),
+            "prompts": [{k: row.get(k) for k in ("id", "domain", "greedy", "sampled")} for row in result["prompts"]]}
 
 
 def evaluate_sft(args, sft_dir: Path, out: Path) -> dict:
@@ -186,9 +192,37 @@ def spread(values) -> dict:
             "min": float(np.min(v)), "max": float(np.max(v))}
 
 
+def seed_mean_prompts(evals: list[dict]) -> list[dict] | None:
+    """Per held-out prompt (by id) its greedy / sampled score averaged over evaluations (seeds); None when an
+    evaluation kept no per-prompt rows (result.json of older code)."""
+    if any("prompts" not in e for e in evals):
+        return None
+    rows: dict[str, list[dict]] = {}
+    for e in evals:
+        for row in e["prompts"]:
+            rows.setdefault(row["id"], []).append(row)
+    mean = lambda xs: float(np.mean(xs)) if all(x is not None for x in xs) else None
+    return [{"id": i, "domain": rs[0]["domain"], "greedy": mean([r["greedy"] for r in rs]),
+             "sampled": mean([r.get("sampled") for r in rs])} for i, rs in rows.items()]
+
+
+def paired_delta(earlier: list[dict] | None, later: list[dict] | None) -> dict:
+    """Paired later - earlier held-out difference over the same prompts (evaluation/stats.paired)."""
+    if earlier is None or later is None:
+        return {}
+    from glmv_jax.evaluation.stats import paired
+    keys = ("greedy", "sampled") if all(r["sampled"] is not None for r in earlier + later) else ("greedy",)
+    return paired(earlier, later, keys)
+
+
 def summarize(runs: list[dict], sft_eval: dict) -> dict:
-    """Per sampler over seeds: totals and means of the per-iteration numbers, held-out reward."""
+    """Per sampler over seeds: totals and means of the per-iteration numbers (rollouts: the whole bill, RLCS's
+    offline pass@k included), held-out reward, and paired held-out deltas (prompt scores averaged over the
+    seeds) against the SFT start and against uniform sampling."""
     out = {}
+    sft_prompts = seed_mean_prompts([sft_eval])
+    uniform = seed_mean_prompts([r["eval"] for r in runs if r["sampler"] == "uniform"]) if any(
+        r["sampler"] == "uniform" for r in runs) else None
     for sampler in sorted({r["sampler"] for r in runs}, key=SAMPLERS.index):
         mine = [r for r in runs if r["sampler"] == sampler]
         per_run = []
@@ -196,19 +230,24 @@ def summarize(runs: list[dict], sft_eval: dict) -> dict:
             h = r["history"]
             trained = sum(x["trained_groups"] for x in h)
             informative = sum(x["trained_groups"] * x["kept_informative_share"] for x in h)
-            per_run.append({"rollouts": sum(x["rollouts"] for x in h), "updates": sum(x["updated"] for x in h),
+            spent = h[-1]["cumulative_rollouts"]
+            per_run.append({"rollouts": spent, "offline_rollouts": h[0].get("offline_rollouts", 0),
+                            "updates": sum(x["updated"] for x in h),
                             "trained_groups": trained, "informative_trained": informative,
                             "kept_informative_share": informative / max(trained, 1),
                             "rolled_out_informative_share": float(np.mean([x["informative_share"] for x in h])),
                             "train_reward": nanmean([x["reward"] for x in h]),
-                            "rollouts_per_informative_group": (sum(x["rollouts"] for x in h) / informative if informative
-                                                               else float("nan")),
+                            "reward_rolled": nanmean([x.get("reward_rolled", float("nan")) for x in h]),
+                            "rollouts_per_informative_group": spent / informative if informative else float("nan"),
                             "heldout_mean": r["eval"]["mean"], "heldout_delta": r["eval"]["mean"] - sft_eval["mean"],
                             "rl_seconds": r["rl_seconds"]})
         domains = sorted(mine[0]["eval"]["accuracy"])
+        prompts = seed_mean_prompts([r["eval"] for r in mine])
         out[sampler] = {"seeds": [r["seed"] for r in mine],
                         **{k: spread([p[k] for p in per_run]) for k in per_run[0]},
-                        "heldout_by_domain": {d: spread([r["eval"]["accuracy"][d] for r in mine]) for d in domains}}
+                        "heldout_by_domain": {d: spread([r["eval"]["accuracy"][d] for r in mine]) for d in domains},
+                        "vs_sft": paired_delta(sft_prompts, prompts),
+                        "vs_uniform": paired_delta(uniform, prompts) if sampler != "uniform" else {}}
     return out
 
 
@@ -216,7 +255,7 @@ def plot(runs: list[dict], summary: dict, sft_eval: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.2))
     colors = dict(zip(SAMPLERS, ("tab:red", "tab:blue", "tab:green", "tab:purple")))
     for sampler in summary:
         hs = [r["history"] for r in runs if r["sampler"] == sampler]
@@ -231,7 +270,21 @@ def plot(runs: list[dict], summary: dict, sft_eval: dict, path: Path) -> None:
                 ax.fill_between(it, values.min(0), values.max(0), color=colors[sampler], alpha=0.15)
     axes[0].set(title="informative groups: trained (solid), rolled out (dotted)", xlabel="iteration",
                 ylabel="share", ylim=(0, 1.05))
-    axes[1].set(title="rollouts spent (responses generated)", xlabel="iteration", ylabel="cumulative")
+    axes[1].set(title="rollouts spent (responses; RLCS: offline pass@k first)", xlabel="iteration",
+                ylabel="cumulative")
+    axes[2].errorbar([0], [sft_eval["mean"]], yerr=[sft_eval.get("se", 0.0)], fmt="o", color="tab:gray",
+                     capsize=3, label="sft (start)")
+    for sampler, s in summary.items():
+        mine = [r for r in runs if r["sampler"] == sampler]
+        xs = [r["history"][-1]["cumulative_rollouts"] for r in mine]
+        axes[2].scatter(xs, [r["eval"]["mean"] for r in mine], color=colors[sampler], alpha=0.35, s=14)
+        se = s["vs_sft"].get("greedy_se", 0.0)
+        axes[2].errorbar([s["rollouts"]["mean"]], [s["heldout_mean"]["mean"]], yerr=[se], fmt="s",
+                         color=colors[sampler], capsize=3, label=f"{sampler} (seed mean, paired SE)")
+        axes[2].plot([0, s["rollouts"]["mean"]], [sft_eval["mean"], s["heldout_mean"]["mean"]], "--",
+                     color=colors[sampler], alpha=0.5)
+    axes[2].set(title="held-out greedy reward vs rollouts spent", xlabel="rollouts (responses generated)",
+                ylabel="mean reward over domains")
     domains = sorted(sft_eval["accuracy"]) + ["mean"]
     bars = [("sft (start)", [sft_eval["accuracy"].get(d, sft_eval["mean"]) for d in domains], None, "tab:gray")]
     for sampler, s in summary.items():
@@ -241,10 +294,10 @@ def plot(runs: list[dict], summary: dict, sft_eval: dict, path: Path) -> None:
                      colors[sampler]))
     width = 0.8 / len(bars)
     for j, (label, values, err, color) in enumerate(bars):
-        axes[2].bar(np.arange(len(domains)) + (j - (len(bars) - 1) / 2) * width, values, width, yerr=err,
+        axes[3].bar(np.arange(len(domains)) + (j - (len(bars) - 1) / 2) * width, values, width, yerr=err,
                     label=label, color=color, capsize=2)
-    axes[2].set_xticks(np.arange(len(domains)), domains, rotation=30, fontsize=8)
-    axes[2].set(title="held-out reward (error bars: min-max over seeds)", ylabel="mean reward")
+    axes[3].set_xticks(np.arange(len(domains)), domains, rotation=30, fontsize=8)
+    axes[3].set(title="held-out reward (error bars: min-max over seeds)", ylabel="mean reward")
     for ax in axes:
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -254,14 +307,20 @@ def plot(runs: list[dict], summary: dict, sft_eval: dict, path: Path) -> None:
 
 def table(summary: dict, sft_eval: dict) -> str:
     fmt = lambda s, p=2: f"{s['mean']:.{p}f} ± {s['std']:.{p}f}"
+    delta = lambda d, key="greedy": (f"{d[key + '_delta']:+.3f} ± {d[key + '_se']:.3f}" if key + "_delta" in d
+                                     else "n/a")
     lines = ["| sampler | updates | groups trained | informative among trained | informative among rolled out | "
-             "rollouts spent | rollouts per informative group | train reward | held-out mean | vs SFT | RL wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "rollouts spent (offline) | rollouts per informative group | reward rolled out / trained | "
+             "held-out greedy | vs SFT greedy (paired) | vs uniform greedy (paired) | vs SFT sampled | RL wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for sampler, s in summary.items():
         lines.append(f"| {sampler} | {fmt(s['updates'], 1)} | {fmt(s['trained_groups'], 0)} | "
                      f"{fmt(s['kept_informative_share'])} | {fmt(s['rolled_out_informative_share'])} | "
-                     f"{fmt(s['rollouts'], 0)} | {fmt(s['rollouts_per_informative_group'], 1)} | "
-                     f"{fmt(s['train_reward'])} | {fmt(s['heldout_mean'], 3)} | {fmt(s['heldout_delta'], 3)} | "
+                     f"{fmt(s['rollouts'], 0)} ({s['offline_rollouts']['mean']:.0f}) | "
+                     f"{fmt(s['rollouts_per_informative_group'], 1)} | "
+                     f"{s['reward_rolled']['mean']:.3f} / {s['train_reward']['mean']:.3f} | "
+                     f"{fmt(s['heldout_mean'], 3)} | {delta(s['vs_sft'])} | "
+                     f"{delta(s['vs_uniform']) if sampler != 'uniform' else '-'} | {delta(s['vs_sft'], 'sampled')} | "
                      f"{fmt(s['rl_seconds'], 0)} |")
     domains = sorted(sft_eval["accuracy"])
     lines += ["", "| held-out reward | " + " | ".join(domains) + " | mean |", "|---|" + "---|" * (len(domains) + 1),
@@ -324,6 +383,9 @@ def main(argv=None) -> dict:
     settings = {"iterations": args.iterations, "batch_size": rl.batch_size, "group_size": rl.group_size,
                 "seeds": args.seeds, "max_new_tokens": rl.max_new_tokens, "prompts_per_domain": rl.prompts_per_domain,
                 "prompt_tiers": plain(rl.prompt_tiers), "dapo_max_rounds": rl.dapo_max_rounds,
+                "offline": {k: plain(rl.get(k)) for k in ("offline_difficulty", "offline_samples", "offline_prompts",
+                                                          "pilot", "pilot_min_informative")},
+                "grpo": plain(rl.grpo),
                 "curriculum": plain(rl.curriculum), "sft": str(Path(args.sft).resolve()) if args.sft else str(sft_dir),
                 "eval": plain(rl_config(args, "uniform", 0, sft_dir).eval), "sampler_order": orders}
     report = {"settings": settings, "sft_eval": sft_eval, "summary": summary, "runs": runs,
@@ -339,6 +401,14 @@ def main(argv=None) -> dict:
     return report
 
 
+def lean(report: dict) -> dict:
+    """The report without the per-prompt held-out rows (kept in --out's rlcs.json; the summary holds the paired
+    deltas computed from them), for the copy committed under benchmarks/plots/."""
+    drop = lambda e: {k: v for k, v in e.items() if k != "prompts"}
+    return {**report, "sft_eval": drop(report["sft_eval"]),
+            "runs": [{**r, "eval": drop(r["eval"])} for r in report["runs"]]}
+
+
 def append_results(report: dict, text: str, png: Path) -> None:
     import jax
     s = report["settings"]
@@ -348,7 +418,8 @@ def append_results(report: dict, text: str, png: Path) -> None:
         PLOTS.mkdir(exist_ok=True)
         plot_ref = PLOTS / f"rlcs-{datetime.datetime.now():%Y%m%d-%H%M}.png"
         shutil.copy(png, plot_ref)
-        (PLOTS / plot_ref.name.replace(".png", ".json")).write_text(json.dumps(report, indent=1))
+        lean_json = json.dumps(lean(report), separators=(",", ":"))
+        (PLOTS / plot_ref.name.replace(".png", ".json")).write_text(lean_json)
         plot_ref = plot_ref.relative_to(RESULTS.parent)
     section = (f"\n## RLCS vs uniform vs DAPO (benchmarks/rlcs.py), {report['date']}\n"
                f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} (cpu); uptime at start: "
@@ -359,8 +430,10 @@ def append_results(report: dict, text: str, png: Path) -> None:
                f"From the same SFT checkpoint ({s['sft']}), per sampler and seed {s['seeds']}: {s['iterations']} GRPO "
                f"updates of B={s['batch_size']} groups x G={s['group_size']} responses (max {s['max_new_tokens']} "
                f"new tokens, the demo's RL settings; pool {s['prompts_per_domain']} prompts/domain from tiers "
-               f"{s['prompt_tiers']}; DAPO max {s['dapo_max_rounds']} rounds), then greedy held-out reward on "
-               f"{s['eval']['per_domain']} prompts/domain. Values: mean ± std over seeds (std 0 for one seed).\n\n"
+               f"{s['prompt_tiers']}; DAPO max {s['dapo_max_rounds']} rounds; RLCS offline pass and pilot "
+               f"{s['offline']}; curriculum {s['curriculum']}), then greedy held-out reward on "
+               f"{s['eval']['per_domain']} prompts/domain. Values: mean ± std over seeds (std 0 for one seed); paired "
+               f"deltas: mean ± SE over prompts of the seed-averaged per-prompt scores.\n\n"
                f"{text}\n\nPlot: {plot_ref}\n")
     with RESULTS.open("a") as f:
         f.write(section)

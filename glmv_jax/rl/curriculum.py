@@ -1,5 +1,5 @@
-"""RLCS: curriculum sampling over difficulty tiers with ratio-EMA rollout expansion (docs/rl.md section 5), and the
-two baselines (uniform sampling, DAPO regenerate-until-full).
+"""RLCS: curriculum sampling over difficulty tiers with ratio-EMA rollout expansion (docs/rl.md section 5); the
+baselines (uniform sampling, DAPO regenerate-until-full) are in rl/samplers.py.
 
     pool = PromptPool.from_records(records)                  # id, domain, offline difficulty in [0, 1]
     rlcs = RLCSCurriculum(pool, CurriculumConfig(batch_size=64, group_size=8, domain_ratios={"math": .6, "ocr": .4}))
@@ -9,15 +9,19 @@ two baselines (uniform sampling, DAPO regenerate-until-full).
 
 Per prompt a running pass-rate estimate starts at 1 - offline difficulty with `prior_weight` pseudo-samples and
 takes every group's mean reward in (weight capped at `memory`, so it follows a changing policy); its
-difficulty 1 - p puts it in one of `num_tiers` equal-width tiers (0 = very easy). Each iteration, per domain,
-every tier gets a weight f(tier's mean p) (shape: `weighting`, favouring p near 1/2) times tier size^size_power,
-floored at `min_weight`; prompts are drawn without replacement (Gumbel top-k) within each domain's share of the
-rollout (fixed `domain_ratios`). After the rollout r = share of zero-variance groups, expansion = 1 / (1 - r)
-(clamped to [1, max_expansion]) feeds an EMA; each domain keeps its share of the B groups with the highest
-reward variance (= p closest to 1/2 for binary rewards); with `fill_quota` a domain's quota slots that would
-hold zero-variance groups take other domains' best informative groups instead (off by default: the paper mixes
-domains in fixed proportions). Deterministic given `seed`: iteration i draws from numpy Generator([seed, i]);
-`state_dict()` is JSON-able.
+difficulty 1 - p puts it in one of `num_tiers` equal-width tiers (0 = very easy). With `pool_tiers` the
+rewards also feed the prompt's (domain, offline tier) cell, and prompts not drawn yet take the cell's pooled
+rate: a prompt is drawn about once in a short run, so per-prompt estimates alone never correct a wrong
+prior. Each iteration, per domain, every tier gets a weight f(tier's mean p) (shape: `weighting`, favouring
+p near 1/2) times tier size^size_power, floored at `min_weight`; prompts are drawn without replacement
+(Gumbel top-k) within each domain's share of the rollout (`domain_ratios`: fixed, or the stage's pilot mix).
+After the rollout r = share of zero-variance groups, expansion = 1 / (1 - r) (clamped to [1, max_expansion])
+feeds an EMA, one for the whole rollout or (`domain_expansion`) one per domain sizing that domain's share;
+each domain keeps its share of the B groups with the highest reward variance (= p closest to 1/2 for binary
+rewards); with `fill_quota` a domain's quota slots that would hold zero-variance groups take other domains'
+best informative groups instead. The dataclass defaults are the paper's plain recipe; experiments/configs/rl.py
+turns the rest on, with its reasons. Deterministic given `seed`: iteration i draws from numpy
+Generator([seed, i]); `state_dict()` is JSON-able.
 """
 
 from __future__ import annotations

@@ -20,13 +20,19 @@ expansion compiles generation a bounded number of times; padded rows count nowhe
 `rollouts`), the history reports them as `padded_prompts`.
 
 Per-iteration history rows (also logs/metrics.jsonl) carry what a sampler comparison needs
-(benchmarks/rlcs.py): `rollouts` (responses generated, DAPO's extra rounds and RLCS's expansion included),
-`informative_share` (groups with nonzero reward variance, grpo.group_stats with the stage's GRPOConfig, among
-the groups rolled out), `kept_informative_share` (among the groups trained on), `trained_groups`, `updated`
-(0 when no group could be trained on: the update is skipped), `reward` (mean over the trained groups;
-`sampler/mean_reward` is over all rolled out) and `verifier_errors` (responses of the iteration, DAPO's extra
-rounds included, whose RewardResult.info reason is "verifier_error": the verifier failed, the response
-scored 0).
+(benchmarks/rlcs.py, docs/rl.md "The RL stage"):
+- rewards: `reward_rolled` (mean over ALL rolled-out groups: what the policy does on the prompts it was given)
+  beside `reward_kept` (= `reward`, the trained groups: RLCS and DAPO keep the most balanced groups, so it
+  rises by selection alone), both per domain (`reward_rolled/<domain>`, `reward_kept/<domain>`);
+- informative groups (nonzero reward variance, grpo.group_stats with the stage's GRPOConfig):
+  `informative_share_rolled` (= `informative_share`) and `informative_share_trained` (= `kept_informative_share`);
+- cost: `rollouts` (responses generated this iteration, DAPO's extra rounds and RLCS's expansion included),
+  `rollouts_total` (cumulative, RLCS's offline pass@k rollouts included), `offline_rollouts` (that pass alone),
+  `expansion` (prompts rolled out / B) and, with per-domain expansion, `expansion/<domain>` (the EMAs that
+  sized the rollout);
+- the update: `entropy` (sampled-token estimate unless entropy_coef > 0), `clip_fraction`, `grpo/*`;
+- `trained_groups`, `updated` (0 when no group could be trained on: the update is skipped),
+  `verifier_errors` (responses whose RewardResult.info reason is "verifier_error": scored 0), `sampler/*`.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ from glmv_jax.models.glmv import init_params
 from glmv_jax.rewards import compute_rewards
 from glmv_jax.rl.curriculum import CurriculumConfig, RLCSCurriculum
 from glmv_jax.rl.grpo import GRPOConfig, group_stats, make_grpo_update, make_model_logp_fn
-from glmv_jax.rl.pilot import measure_pool, pilot_ratios
+from glmv_jax.rl.pilot import measure_pool, offline_subset, pilot_ratios, spread_difficulty
 from glmv_jax.rl.rollout import Trajectories, grpo_batch, rollout
 from glmv_jax.rl.samplers import DAPOSampler, Iteration, PromptPool, UniformSampler
 from glmv_jax.train.checkpoint import Checkpointer
@@ -239,22 +245,34 @@ def honest_metrics(iteration: Iteration, kept: np.ndarray, row: dict, metrics: d
     return out
 
 
+def expansion_entries(sampler) -> dict[str, float]:
+    """`expansion/<domain>`: RLCS's per-domain ratio EMAs that size the next rollout (with domain_expansion);
+    the stage adds `expansion`, the prompts rolled out per group trained (B) in the iteration, any sampler."""
+    cfg = getattr(sampler, "cfg", None)
+    if cfg is None or not (cfg.expansion and cfg.domain_expansion):
+        return {}
+    return {f"expansion/{name}": float(e) for name, e in zip(sampler.pool.domains, sampler.domain_ema)}
+
+
 def offline_pass(exp, records: list[dict], fresh) -> tuple[list[dict], dict[str, float] | None, int]:
-    """rl.offline_difficulty = "measure" (RLCS): the starting policy's pass rates on the pool replace the
-    records' difficulty labels, and rl.pilot (default on) sets the domain mix from them (logged per domain).
-    -> (records, domain ratios or None, rollouts the pass spent). Cached beside the stage's checkpoints."""
+    """rl.offline_difficulty = "measure" (RLCS): the starting policy's pass rates (rl.offline_samples = k
+    samples each) on rl.offline_prompts prompts per domain (0: the whole pool) replace the records' difficulty
+    labels (unmeasured prompts: their (domain, tier) cell's measured mean), and rl.pilot (default on) sets the
+    domain mix from them (logged per domain). -> (records, domain ratios or None, rollouts the pass spent:
+    billed whether or not the cache held it). Cached in the stage directory (pilot.measure_pool)."""
     r = exp.cfg.rl
     if r.sampler != "rlcs" or r.get("offline_difficulty", "labels") != "measure":
         return records, None, 0
     k = int(r.get("offline_samples", 4))
-    measured = measure_pool(exp, fresh().params, records, k=k, cache_dir=exp.workdir)
-    records = [{**rec, "difficulty": measured[str(rec["id"])].difficulty} for rec in records]
+    subset = offline_subset(records, int(r.get("offline_prompts", 0) or 0))
+    measured = measure_pool(exp, lambda: fresh().params, subset, k=k, cache_dir=exp.workdir)
+    records = [{**rec, "difficulty": d} for rec, d in zip(records, spread_difficulty(records, measured))]
     ratios = None
     if r.get("pilot", True):
         ratios, notes = pilot_ratios(records, measured, r.group_size, float(r.get("pilot_min_informative", 0.05)))
         for note in notes:
             logging.warning("RL pilot: %s", note)
-    return records, ratios, len(records) * k
+    return records, ratios, len(subset) * k
 
 
 def run_rl(exp) -> dict[str, Any]:
@@ -264,6 +282,10 @@ def run_rl(exp) -> dict[str, Any]:
                              tiers=r.get("prompt_tiers"))
     check_answer_budget(cfg, exp.tokenizer, r.get("prompt_split", "rl"), r.prompts_per_domain, cfg.seed,
                         r.get("prompt_tiers"), r.max_new_tokens, "rl")
+    ev = cfg.get("eval")
+    if ev:                    # the held-out evaluation after this stage: refuse now, not after the run
+        check_answer_budget(cfg, exp.tokenizer, "heldout", ev.get("per_domain", 32), ev.get("seed", 0),
+                            ev.get("tiers"), ev.get("max_new_tokens", 48), "eval")
     prompts = prompt_dicts(records, exp.tokenizer, exp.processor)
     grpo_cfg = grpo_config(r)
     optimizer, update = grpo_update_for(exp, grpo_cfg)
@@ -297,6 +319,7 @@ def run_rl(exp) -> dict[str, Any]:
                            description="rl") as writer:
             for it in range(start, r.iterations):
                 t0 = time.perf_counter()
+                expansion = expansion_entries(sampler)          # the EMAs that size this iteration's rollout
                 rollouts = Rollouts(exp, prompts, records, state.params, jax.random.fold_in(rollout_rng, it),
                                     pad_steps=pad_steps)
                 iteration = sampler.run_iteration(rollouts)
@@ -304,8 +327,9 @@ def run_rl(exp) -> dict[str, Any]:
                                                           rollouts.trajectories(), prompts, seq_len, reference,
                                                           domains=[rec["domain"] for rec in records])
                 spent += entries["rollouts"]
+                expansion["expansion"] = entries["prompts_rolled_out"] / r.batch_size
                 row = {"iteration": it + 1, **entries, "rollouts_total": spent, "offline_rollouts": offline_rollouts,
-                       "rollout_rounds": rollouts.calls,
+                       **expansion, "rollout_rounds": rollouts.calls,
                        "padded_prompts": rollouts.padded, "verifier_errors": rollouts.verifier_errors,
                        "seconds": time.perf_counter() - t0,
                        **{f"grpo/{k}": v for k, v in metrics.items()},

@@ -16,7 +16,7 @@ def test_seed_variant_reaches_every_stage_and_typos_are_refused():
 def test_rl_stage_runs_rlcs_as_measured():
     rl = demo.get_config().stages[2].rl
     assert rl.offline_difficulty == "measure" and rl.pilot
-    assert rl.curriculum.fill_quota and rl.curriculum.pool_tiers and rl.curriculum.domain_expansion
+    assert rl.curriculum.fill_quota and rl.curriculum.pool_tiers and not rl.curriculum.domain_expansion
     assert rl.grpo.signal_rows_only
     assert rl.max_new_tokens >= 43 and demo.get_config().stages[1].eval.max_new_tokens >= 43   # gui's longest
 

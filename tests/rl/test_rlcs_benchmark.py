@@ -72,9 +72,16 @@ def test_json_has_every_sampler_with_consistent_counts(report):
             assert x["rollouts"] == x["prompts_rolled_out"] * g
             assert 0 <= x["trained_groups"] <= b and x["updated"] == int(x["trained_groups"] > 0)
             assert 0.0 <= x["informative_share"] <= 1.0 and 0.0 <= x["kept_informative_share"] <= 1.0
-        assert [x["cumulative_rollouts"] for x in h] == list(np.cumsum([x["rollouts"] for x in h]))
+        offline = h[0]["offline_rollouts"]                 # RLCS's pass@k on the pool, billed up front
+        assert [x["cumulative_rollouts"] for x in h] == list(offline + np.cumsum([x["rollouts"] for x in h]))
+        assert [x["cumulative_rollouts"] for x in h] == [x["rollouts_total"] for x in h]
+        assert all(x["expansion"] == x["prompts_rolled_out"] / b and x["verifier_errors"] >= 0 for x in h)
+        assert all(0.0 <= x["reward_rolled"] <= 1.0 for x in h)
         spent[name] = h[-1]["cumulative_rollouts"]
         assert data["summary"][name]["rollouts"]["mean"] == spent[name]
+        assert data["summary"][name]["offline_rollouts"]["mean"] == offline
+        assert (offline > 0) == (name == "rlcs")
+        assert "greedy_delta" in data["summary"][name]["vs_sft"]
         assert set(run["eval"]["accuracy"]) == set(data["sft_eval"]["accuracy"])
         assert run["eval"]["mean"] == pytest.approx(np.mean(list(run["eval"]["accuracy"].values())))
     assert spent["uniform"] == ITERATIONS * b * g

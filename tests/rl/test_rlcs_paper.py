@@ -1,15 +1,21 @@
 """RLCS as the paper describes it, on constructed pools and histories: pooled (domain, tier) estimates,
-per-domain expansion, the pilot's domain mix, and the loss normaliser that counts only rows with signal."""
+per-domain expansion, the pilot's domain mix, the offline pass's subset, spread and cache, and the loss
+normaliser that counts only rows with signal."""
+import types
+
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from glmv_jax.rl.curriculum import CurriculumConfig, RLCSCurriculum
 from glmv_jax.rl.difficulty import DifficultyRecord
 from glmv_jax.rl.grpo import GRPOConfig, grpo_loss
-from glmv_jax.rl.pilot import pilot_ratios
+from glmv_jax.rl import pilot
+from glmv_jax.rl.pilot import offline_subset, pilot_ratios, spread_difficulty
 from glmv_jax.rl.samplers import PromptPool
+from glmv_jax.rl.stage import expansion_entries
 
 
 def pool(per_domain=20, domains=("a", "b")):
@@ -46,6 +52,9 @@ def test_per_domain_expansion_follows_each_domains_zero_variance_share():
     rlcs.observe(indices, rewards)
     np.testing.assert_allclose(rlcs.domain_ema, [0.5 * 1 + 0.5 * 4, 1.0])
     assert rlcs.rollout_counts().tolist() == [5, 2]               # ceil(2 * 2.5), 2
+    assert expansion_entries(rlcs) == {"expansion/a": 2.5, "expansion/b": 1.0}   # the history's per-domain EMAs
+    one_ema = RLCSCurriculum(p, CurriculumConfig(batch_size=4, group_size=2, domain_expansion=False))
+    assert expansion_entries(one_ema) == {}
 
 
 def measured(rates):
@@ -78,3 +87,48 @@ def test_signal_rows_only_keeps_the_step_independent_of_zero_advantage_rows():
     np.testing.assert_allclose(with_zero, alone)
     diluted = grad(GRPOConfig(signal_rows_only=False), adv_two, 4)
     np.testing.assert_allclose(diluted, alone / 2)
+
+
+def test_the_offline_pass_measures_a_per_domain_subset_and_spreads_it_by_cell():
+    records = [{"id": f"{d}{i}", "domain": d, "tier": i % 2, "difficulty": 0.1} for d in ("a", "b", "c")
+               for i in range(6)]
+    subset = offline_subset(records, 2)
+    assert [r["id"] for r in subset] == ["a0", "a1", "b0", "b1", "c0", "c1"]
+    assert offline_subset(records, 0) == records
+    m = measured({"a": [0.25, 1.0], "b": [0.5]})          # a0 (tier 0), a1 (tier 1), b0 (tier 0); c unmeasured
+    d = dict(zip([r["id"] for r in records], spread_difficulty(records, m)))
+    assert d["a0"] == 0.75 and d["a1"] == 0.0               # measured: their own
+    assert d["a2"] == 0.75 and d["a3"] == 0.0               # unmeasured: their (domain, tier) cell's mean
+    assert d["b1"] == 0.5                                   # no measured prompt in the cell: the domain's mean
+    assert d["c0"] == 0.1                                   # domain never measured: its own label
+    ratios, notes = pilot_ratios(records, m, group_size=4)  # pool sizes weigh, measured rates decide
+    informative = lambda p: 1 - p ** 4 - (1 - p) ** 4
+    share_a = (informative(0.25) + informative(1.0)) / 2
+    assert ratios["a"] / ratios["b"] == pytest.approx(share_a / informative(0.5))
+    assert ratios["c"] / ratios["b"] == pytest.approx((share_a + informative(0.5)) / 2 / informative(0.5))
+    assert any(n.startswith("c: not measured") for n in notes)
+
+
+def test_the_offline_cache_is_keyed_by_the_starting_checkpoint(tmp_path, monkeypatch):
+    sft = tmp_path / "sft"
+    (sft / "checkpoints" / "100").mkdir(parents=True)
+    cfg = ml_collections.ConfigDict({"seed": 0, "train": {"init_from": str(sft)}, "model": {"hf_checkpoint": ""},
+                                     "rl": {"max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0,
+                                            "style": "glm41v", "batch_size": 2, "group_size": 2}})
+    exp = types.SimpleNamespace(cfg=cfg)
+    records = [{"id": "a0", "domain": "a", "answer": "1"}]
+    passes = []                                              # one entry per measurement actually run
+
+    def fake_measure(prompts, generate_fn, reward_fn, *, k, batch_size):
+        passes.append(k)
+        return [DifficultyRecord("a0", "a", 0.5, 0.5, k, k // 2, 0.5)]
+
+    monkeypatch.setattr(pilot, "measure_difficulty", fake_measure)
+    measure = lambda k: pilot.measure_pool(exp, lambda: None, records, k=k, cache_dir=str(tmp_path / "stage"))
+    assert measure(2)["a0"].pass_rate == 0.5 and passes == [2]
+    assert measure(2)["a0"].num_pass == 1 and passes == [2]             # the rerun reads the cache
+    (sft / "checkpoints" / "200").mkdir()                                # the starting checkpoint changed
+    measure(2)
+    assert passes == [2, 2]
+    measure(4)                                                           # so did k
+    assert passes == [2, 2, 4]

@@ -1,8 +1,11 @@
-"""rl/stage.py pieces that need no model: verifier rewards of trajectories and the count of verifier errors."""
+"""rl/stage.py pieces that need no model: verifier rewards of trajectories and the count of verifier errors,
+honest metrics, the RL prompt stream, and the answer-budget checks made before anything compiles."""
 import ml_collections
 import numpy as np
 import pytest
 
+from experiments.configs import demo
+from experiments.configs import rl as rl_config
 from glmv_jax.data import synthetic
 from glmv_jax.data.tokenizer import suite_tokenizer
 from glmv_jax.evaluation.evaluate import check_answer_budget, longest_gold_response
@@ -10,6 +13,7 @@ from glmv_jax.rewards import RewardResult
 from glmv_jax.rl import stage
 from glmv_jax.rl.rollout import Trajectories
 from glmv_jax.rl.samplers import Iteration
+from glmv_jax.train.experiment import setup
 
 
 def text_trajectories(prompt_index, texts, group_size=2) -> Trajectories:
@@ -74,3 +78,21 @@ def test_max_new_tokens_must_hold_the_longest_gold_response():
     check_answer_budget(cfg, tok, "rl", 16, 0, None, longest["gui"], "rl")          # exactly enough: fine
     with pytest.raises(ValueError, match=rf"rl.max_new_tokens = {longest['gui'] - 1} .*gui needs {longest['gui']}"):
         check_answer_budget(cfg, tok, "rl", 16, 0, None, longest["gui"] - 1, "rl")
+
+
+def test_the_stage_refuses_an_eval_budget_shorter_than_a_gold_response_before_compiling(tmp_path):
+    cfg = demo.get_config("smoke").stages[2]
+    cfg.eval.max_new_tokens = 5
+    with pytest.raises(ValueError, match=r"eval.max_new_tokens = 5 .*'heldout'.*gui needs \d+"):
+        stage.run_rl(setup(cfg, str(tmp_path)))
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "offline_difficulty.json").exists()
+
+
+def test_the_rl_config_budgets_hold_every_gold_response(tmp_path):
+    """rl.py's laptop settings (runlocal / tiny presets) pass the checks run_rl makes before it compiles."""
+    cfg = rl_config.get_config("runlocal")
+    exp = setup(cfg, str(tmp_path))
+    check_answer_budget(cfg, exp.tokenizer, "rl", cfg.rl.prompts_per_domain, cfg.seed, cfg.rl.prompt_tiers,
+                        cfg.rl.max_new_tokens, "rl")
+    check_answer_budget(cfg, exp.tokenizer, "heldout", cfg.eval.per_domain, cfg.eval.seed, cfg.eval.tiers,
+                        cfg.eval.max_new_tokens, "eval")

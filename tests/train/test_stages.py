@@ -201,7 +201,7 @@ def test_derived_defaults_agree_with_the_dataclasses():
 def test_rl_block_is_the_dataclasses_defaults_plus_named_overrides():
     block = rl_block()
     overrides = {"grpo": {"num_minibatches": 4, "signal_rows_only": True},
-                 "curriculum": {"ema_decay": 0.5, "fill_quota": True, "pool_tiers": True, "domain_expansion": True}}
+                 "curriculum": {"ema_decay": 0.5, "fill_quota": True, "pool_tiers": True}}
     for name, cls in (("grpo", GRPOConfig), ("curriculum", CurriculumConfig)):
         fields = [f for f in dataclasses.fields(cls) if f.name not in CURRICULUM_SET_BY_RL]
         assert set(block[name]) == {f.name for f in fields}
