@@ -179,14 +179,18 @@ def prompt_rewards(records: Sequence[dict], texts: Sequence[str], style: str) ->
 
 
 def score(records: Sequence[dict], texts: Sequence[str], style: str) -> dict[str, Any]:
-    rewards, formats = prompt_rewards(records, texts, style)
+    return summarize_rewards(records, *prompt_rewards(records, texts, style))
+
+
+def summarize_rewards(records: Sequence[dict], rewards: Sequence[float], formats: Sequence[bool]) -> dict[str, Any]:
+    """Accuracy per domain and tier, format rate and count from per-record rewards and format flags."""
     by_domain, by_tier = defaultdict(list), defaultdict(lambda: defaultdict(list))
     for rec, reward in zip(records, rewards):
         by_domain[rec["domain"]].append(reward)
         by_tier[rec["domain"]][str(rec.get("tier", "all"))].append(reward)
     return {"accuracy": {d: float(np.mean(v)) for d, v in sorted(by_domain.items())},
             "by_tier": {d: {t: float(np.mean(v)) for t, v in sorted(ts.items())} for d, ts in sorted(by_tier.items())},
-            "format_rate": float(np.mean(formats)) if formats else 0.0, "n": len(texts)}
+            "format_rate": float(np.mean(formats)) if len(formats) else 0.0, "n": len(rewards)}
 
 
 def evaluate(exp, params, *, split: str = "heldout", per_domain: int | None = None) -> dict[str, Any]:
@@ -200,8 +204,8 @@ def evaluate(exp, params, *, split: str = "heldout", per_domain: int | None = No
     check_answer_budget(exp.cfg, exp.tokenizer, split, per_domain, seed, tiers, ev.get("max_new_tokens", 48), "eval")
     options = dict(max_new_tokens=ev.get("max_new_tokens", 48), batch_size=ev.get("batch_size", 32), style=style)
     texts = generate_answers(exp, params, records, **options)
-    result = score(records, texts, style)
-    greedy, _ = prompt_rewards(records, texts, style)
+    greedy, formats = prompt_rewards(records, texts, style)     # the verifiers run once per response
+    result = summarize_rewards(records, greedy, formats)
     rows = [{"id": str(rec["id"]), "domain": rec["domain"], "tier": rec.get("tier"), "greedy": g}
             for rec, g in zip(records, greedy)]
     k = int(ev.get("samples", 0) or 0)
