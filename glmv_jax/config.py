@@ -19,6 +19,10 @@ MODEL_TYPES = ("glm4v", "glm4v_moe", "glm46v")
 # glmv_jax/models/attention.py ACCEPTED (kept here so config.py imports nothing from models): "xla" is the
 # earlier name of "einsum".
 ATTENTION_IMPLS = ("auto", "einsum", "xla_sdpa", "cudnn", "splash", "xla")
+REMAT_NAMES = ("none", "full", "minimal", "save_dots_except_mlp")    # "none" + models/layers.py REMAT_POLICIES
+
+
+RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention")   # the experiment's model block sets
 
 
 class ConfigError(ValueError):
@@ -165,8 +169,8 @@ class ModelConfig:
         for name, value in ids.items():
             if not 0 <= value < self.text.vocab_size:
                 raise ConfigError(f"{name} {value} outside the vocabulary of size {self.text.vocab_size}")
-        if self.remat not in ("none", "full", "minimal", "save_dots_except_mlp"):
-            raise ConfigError(f"unknown remat policy {self.remat!r}")
+        if self.remat not in REMAT_NAMES:
+            raise ConfigError(f"unknown remat policy {self.remat!r}; expected one of {REMAT_NAMES}")
         if self.attention not in ATTENTION_IMPLS:
             raise ConfigError(f"unknown attention implementation {self.attention!r}; expected one of {ATTENTION_IMPLS}")
         return self

@@ -1,11 +1,14 @@
 """Start-up validation (experiments/run.py, before the first stage compiles) of an experiment config (ml-collections): every error names its key, before
 anything is compiled.
 
-Blocks that a dataclass implements are checked against that dataclass's own fields (a typo gets the
-valid names and the closest match) and then constructed, so the dataclass's checks run too:
+Every block's keys are checked against the code that reads them (a typo gets the valid names and the
+closest match); blocks that a dataclass implements are then constructed, so its own checks run too:
 
-    model.text -> config.TextConfig       rl.grpo       -> rl.grpo.GRPOConfig
-    model.vision -> config.VisionConfig   rl.curriculum -> rl.curriculum.CurriculumConfig
+    model        -> config.RUNTIME_FIELDS + preset, hf_checkpoint, text, vision
+    model.text   -> config.TextConfig          data          -> data.pipeline.DataConfig (less DATA_FILLED)
+    model.vision -> config.VisionConfig        optimizer     -> train.optimizer.DEFAULTS
+    rl.grpo      -> rl.grpo.GRPOConfig         train         -> train.supervised.TRAIN_DEFAULTS
+    rl.curriculum -> rl.curriculum.CurriculumConfig          mesh -> MESH_KEYS
 
 Names owned by an implementation are read from it: presets (config.PRESETS), attention implementations
 (models.attention.ACCEPTED), remat policies (models.layers.REMAT_POLICIES), samplers (rl.stage.SAMPLERS).
@@ -17,17 +20,23 @@ import dataclasses
 import difflib
 from typing import Iterable, Mapping
 
-from glmv_jax.config import PRESETS, TextConfig, VisionConfig
+from glmv_jax.config import PRESETS, RUNTIME_FIELDS, TextConfig, VisionConfig
+from glmv_jax.data.pipeline import DataConfig, data_config
 from glmv_jax.models.attention import ACCEPTED as ATTENTION_IMPLEMENTATIONS
 from glmv_jax.models.layers import REMAT_POLICIES
 from glmv_jax.rl.curriculum import CurriculumConfig
 from glmv_jax.rl.grpo import GRPOConfig
 from glmv_jax.rl.stage import SAMPLERS
+from glmv_jax.train.optimizer import DEFAULTS as OPTIMIZER_DEFAULTS
 from glmv_jax.train.optimizer import build_optimizer
+from glmv_jax.train.supervised import TRAIN_DEFAULTS
 
 STAGES = ("pretrain", "long_context", "sft", "rl", "eval")
 DTYPES = ("float32", "bfloat16", "float16")
 CURRICULUM_FROM_RL = ("batch_size", "group_size", "seed")    # CurriculumConfig fields the rl block sets
+DATA_FILLED = ("seed", "micro_batches")     # DataConfig fields the stage fills (its seed, train.grad_accum_steps)
+MODEL_KEYS = ("preset", "hf_checkpoint", "text", "vision") + RUNTIME_FIELDS
+MESH_KEYS = ("ici", "dcn", "devices", "rules", "max_replicated_fraction")   # train/experiment.py, train/aot.py
 
 
 class ConfigError(ValueError):
@@ -62,6 +71,7 @@ def _construct(cls, values: Mapping, where: str, **fixed):
 
 
 def validate_model(model) -> None:
+    check_keys(model, MODEL_KEYS, "model")
     check_choice(model.preset, sorted(PRESETS), "model.preset")
     check_choice(model.dtype, DTYPES, "model.dtype")
     check_choice(model.param_dtype, DTYPES, "model.param_dtype")
@@ -87,6 +97,13 @@ def validate(c) -> None:
     """Config errors reported before anything is compiled (ConfigError, a ValueError, naming the key)."""
     check_choice(c.stage, STAGES, "stage")
     validate_model(c.model)
+    check_keys(c.mesh, MESH_KEYS, "mesh")
+    check_keys(c.train, TRAIN_DEFAULTS, "train")
+    check_keys(c.data, set(field_names(DataConfig)) - set(DATA_FILLED), "data")
+    try:
+        data_config(c.data)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"data: {e}") from None
     if c.train.steps < 0 or c.train.grad_accum_steps < 1:
         raise ConfigError("train.steps must be >= 0 and train.grad_accum_steps >= 1")
     if c.data.batch_size % c.train.grad_accum_steps:
@@ -98,6 +115,7 @@ def validate(c) -> None:
         raise ConfigError("an rl stage needs an `rl` config block (experiments/configs/rl.py: rl_block())")
     if "rl" in c:
         validate_rl(c.rl)
-    build_optimizer(c.optimizer)          # raises on a bad optimizer block
+    check_keys(c.optimizer, OPTIMIZER_DEFAULTS, "optimizer")
+    build_optimizer(c.optimizer)          # raises on a bad value
     if c.data.source == "jsonl" and not c.data.manifests:
         raise ConfigError("data.source='jsonl' needs data.manifests")

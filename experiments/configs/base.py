@@ -3,14 +3,26 @@
 A stage config file is `get_config(arg)` returning `base_config(arg, stage=...)` with its own values.
 `arg` is the text after the colon in `--config=experiments/configs/sft.py:model=glm41v_9b,mesh=fsdp8`:
 comma-separated `key=value` variants, plus bare flags (`runlocal`: tiny sizes for a laptop).
+
+The blocks are derived from the code that reads them, so defaults live in one place: `model` from
+ModelConfig's runtime fields, `data` from DataConfig, `optimizer` from train/optimizer.DEFAULTS, `train`
+from train/supervised.TRAIN_DEFAULTS (and rl.py's `rl.grpo` / `rl.curriculum` from their dataclasses);
+glmv_jax/config_schema.py checks every key against the same sources.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import typing
 
 import ml_collections
 from ml_collections import config_dict
 
 from glmv_jax import config_schema
+from glmv_jax.config import RUNTIME_FIELDS, ModelConfig
+from glmv_jax.data.pipeline import DataConfig
+from glmv_jax.train.optimizer import DEFAULTS as OPTIMIZER_DEFAULTS
+from glmv_jax.train.supervised import TRAIN_DEFAULTS
 
 MESHES = {  # name -> ICI axis sizes (-1: all remaining devices)
     "auto": {"fsdp": -1},
@@ -33,6 +45,37 @@ def parse_variants(arg: str | None) -> dict[str, str]:
     return out
 
 
+def dataclass_defaults(cls, skip=(), **overrides) -> dict:
+    """A config block from a dataclass: every field's default (the one source of truth), then `overrides`.
+    Tuples become lists; a None default of an `int | None` field becomes a typed placeholder, so that
+    `--config.data.frames=4` parses as an int."""
+    hints = typing.get_type_hints(cls)
+    block = {f.name: _block_value(f.default, hints.get(f.name)) for f in dataclasses.fields(cls)
+             if f.name not in skip and f.default is not dataclasses.MISSING}
+    unknown = set(overrides) - set(block)
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no fields {sorted(unknown)}")
+    return {**block, **overrides}
+
+
+def _block_value(value, hint):
+    if isinstance(value, tuple):
+        return list(value)
+    if value is None:
+        types = [t for t in typing.get_args(hint) if t is not type(None)]
+        if len(types) == 1 and types[0] in (int, float, str, bool):
+            return config_dict.placeholder(types[0])
+    return value
+
+
+def defaults_with(defaults: dict, **overrides) -> dict:
+    """`defaults` (a module's table of keys and defaults) with `overrides`, which must be among its keys."""
+    unknown = set(overrides) - set(defaults)
+    if unknown:
+        raise ValueError(f"no keys {sorted(unknown)} in {sorted(defaults)}")
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in {**defaults, **overrides}.items()}
+
+
 def base_config(arg: str | None, stage: str) -> ml_collections.ConfigDict:
     variants = parse_variants(arg)
     known = {"model", "mesh", "rules", "runlocal"}
@@ -44,14 +87,11 @@ def base_config(arg: str | None, stage: str) -> ml_collections.ConfigDict:
     c.seed = 0
     c.runlocal = "runlocal" in variants
 
+    model = {name: getattr(ModelConfig, name) for name in RUNTIME_FIELDS}   # dtype "bfloat16" on accelerators
     c.model = ml_collections.ConfigDict(dict(
         preset=variants.get("model", "tiny"),
-        dtype="float32",          # compute dtype; "bfloat16" on accelerators
-        param_dtype="float32",
-        scan_layers=True,
-        remat="none",             # none | full | minimal | save_dots_except_mlp
-        attention="auto",         # auto | einsum | xla_sdpa | cudnn | splash
         hf_checkpoint="",         # a local HF directory to start from (load_pretrained)
+        **model,
     ))
     c.mesh = ml_collections.ConfigDict(dict(
         ici=MESHES.get(variants.get("mesh", "auto"), None) or _bad("mesh", variants.get("mesh"), MESHES),
@@ -60,32 +100,12 @@ def base_config(arg: str | None, stage: str) -> ml_collections.ConfigDict:
         rules=variants.get("rules", "default"),
         max_replicated_fraction=0.05,
     ))
-    c.data = ml_collections.ConfigDict(dict(
-        source="synthetic",       # synthetic | jsonl
-        manifests=[],             # JSONL manifests for source=jsonl
-        domains=["counting", "math", "ocr", "chart", "grounding", "gui", "choice"],
-        kind="caption",           # caption | sft | rl
-        seq_len=256,
-        batch_size=8,
-        patch_budget=512,         # Np: patch rows per batch
-        frame_len=config_dict.placeholder(int),  # patch_frames [F, L] (ViT per-frame attention): None = the
-        frames=config_dict.placeholder(int),     # longest frame of image_size / derived F; frame_len=0: none
-        on_bad_record="skip",     # skip (counted) | raise
-        num_workers=0,
-        image_size=56,
-    ))
-    c.optimizer = ml_collections.ConfigDict(dict(
-        lr=1e-3, warmup_steps=10, total_steps=100, final_lr_fraction=0.1, b1=0.9, b2=0.98, eps=1e-8,
-        weight_decay=0.01, clip_norm=1.0, freeze=[],
-    ))
-    c.train = ml_collections.ConfigDict(dict(
-        steps=100, grad_accum_steps=1, log_every=10, save_every=50, keep=3, nonfinite="skip", z_loss=0.0,
-        loss_chunk=1024,          # cross-entropy over this many positions at a time (no whole [B, T, V] logits); 0 = off
-        moe_bias_rate=1e-3,       # aux-loss-free router bias update speed (MoE decoders; 0 = off)
-        moe_seq_aux_coef=0.0,     # sequence-level balance loss coefficient (1e-4 in the paper; 0 = off)
-        init_from="",             # a previous stage's work directory: params only
-        export_hf="",             # write the final params as an HF checkpoint here
-    ))
+    # seed and micro_batches come from the stage (its seed, train.grad_accum_steps): not data keys
+    c.data = ml_collections.ConfigDict(dataclass_defaults(DataConfig, skip=config_schema.DATA_FILLED,
+                                                          kind="caption"))
+    c.optimizer = ml_collections.ConfigDict(defaults_with(
+        OPTIMIZER_DEFAULTS, lr=1e-3, warmup_steps=10, total_steps=100, b2=0.98, weight_decay=0.01))
+    c.train = ml_collections.ConfigDict(dict(TRAIN_DEFAULTS))
     return c
 
 

@@ -4,25 +4,13 @@ Paper recipe (docs/rl.md): GRPO without KL and entropy terms, clip-higher, per-s
 rollout top-p 1.0, forced answering at the thinking budget, RLCS tiers with ratio-EMA expansion.
 Unpublished numbers (group size, batch, lr, lengths) are set to common values; override them.
 """
-import dataclasses
-
 import ml_collections
 
-from experiments.configs.base import base_config
+from experiments.configs.base import base_config, dataclass_defaults
 from glmv_jax.rl.curriculum import CurriculumConfig
 from glmv_jax.rl.grpo import GRPOConfig
 
 CURRICULUM_SET_BY_RL = ("batch_size", "group_size", "seed")   # the rl block's own keys fill these
-
-
-def dataclass_defaults(cls, skip=(), **overrides) -> dict:
-    """A config block from a dataclass: every field's default (the one source of truth), then `overrides`."""
-    block = {f.name: f.default for f in dataclasses.fields(cls) if f.name not in skip
-             and f.default is not dataclasses.MISSING}
-    unknown = set(overrides) - set(block)
-    if unknown:
-        raise ValueError(f"{cls.__name__} has no fields {sorted(unknown)}")
-    return {**block, **overrides}
 
 
 def rl_block(**kw) -> ml_collections.ConfigDict:

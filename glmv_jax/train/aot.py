@@ -204,7 +204,7 @@ def compile_train_step(plan: AotPlan, compiler_options: dict | None = None):
                            split_fn=presplit if k > 1 else None, state_shardings=jax.tree.map(
                                lambda s: s.sharding, plan.abstract_state),
                            batch_shardings={key: s.sharding for key, s in plan.abstract_batch.items()},
-                           rules=plan.rules, post_update=make_bias_rule(exp, cfg.train.get("moe_bias_rate", 1e-3)),
+                           rules=plan.rules, post_update=make_bias_rule(exp, cfg.train.moe_bias_rate),
                            compiler_options=compiler_options)
     return step.lower(plan.abstract_state, plan.abstract_batch).compile()
 

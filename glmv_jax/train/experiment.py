@@ -15,7 +15,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
-from glmv_jax.config import ModelConfig, get_preset
+from glmv_jax.config import RUNTIME_FIELDS, ModelConfig, get_preset
 from glmv_jax.sharding import rules as rules_lib
 from glmv_jax.sharding.mesh import mesh_from_config
 
@@ -48,8 +48,7 @@ def model_config_for(cfg, tokenizer) -> ModelConfig:
         base = get_preset(cfg.model.preset)
     vision = replace(base.vision, **dict(cfg.model.get("vision", {}) or {}))
     text = replace(base.text, **dict(cfg.model.get("text", {}) or {}))
-    config = replace(base, vision=vision, text=text, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                     scan_layers=cfg.model.scan_layers, remat=cfg.model.remat, attention=cfg.model.attention)
+    config = replace(base, vision=vision, text=text, **{name: cfg.model[name] for name in RUNTIME_FIELDS})
     if not cfg.model.hf_checkpoint:
         ids = tokenizer.special_ids
         text = replace(config.text, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id,

@@ -27,6 +27,17 @@ from glmv_jax.train.optimizer import build_optimizer
 from glmv_jax.train.state import abstract_train_state, init_train_state, state_shardings, train_state_from_params
 from glmv_jax.train.step import make_train_step, presplit
 
+TRAIN_DEFAULTS = dict(            # the experiment config's `train` block: its keys and defaults
+    steps=100, grad_accum_steps=1, log_every=10, save_every=50, keep=3,
+    nonfinite="skip",             # skip | raise: a step whose loss or gradients are not finite
+    z_loss=0.0,
+    loss_chunk=1024,              # cross-entropy over this many positions at a time (no whole [B, T, V] logits); 0 = off
+    moe_bias_rate=1e-3,           # aux-loss-free router bias update speed (MoE decoders; 0 = off)
+    moe_seq_aux_coef=0.0,         # sequence-level balance loss coefficient (1e-4 in the paper; 0 = off)
+    init_from="",                 # a previous stage's work directory: params only
+    export_hf="",                 # write the final params as an HF checkpoint here
+)
+
 
 def make_loss_fn(exp: Experiment, z_loss: float = 0.0, moe_seq_aux_coef: float = 0.0, loss_chunk: int = 0):
     """loss_fn(params, batch, rng) -> (loss_sum, (token_count, aux)) over a BATCH.md batch. For MoE models
@@ -66,7 +77,7 @@ def make_loss_fn(exp: Experiment, z_loss: float = 0.0, moe_seq_aux_coef: float =
 def stage_loss_fn(exp: Experiment):
     """make_loss_fn with the stage config's train.z_loss, train.moe_seq_aux_coef and train.loss_chunk."""
     t = exp.cfg.train
-    return make_loss_fn(exp, t.z_loss, t.get("moe_seq_aux_coef", 0.0), t.get("loss_chunk", 0))
+    return make_loss_fn(exp, t.z_loss, t.moe_seq_aux_coef, t.loss_chunk)
 
 
 def make_bias_rule(exp: Experiment, rate: float):
@@ -111,7 +122,7 @@ def run_supervised(exp: Experiment, progress: bool = True) -> dict[str, Any]:
     loss_fn = stage_loss_fn(exp)
     step_fn = make_train_step(loss_fn, optimizer, grad_accum_steps=k, nonfinite=cfg.train.nonfinite,
                               split_fn=presplit if k > 1 else None, state_shardings=st_shardings, rules=exp.rules,
-                              post_update=make_bias_rule(exp, cfg.train.get("moe_bias_rate", 1e-3)))
+                              post_update=make_bias_rule(exp, cfg.train.moe_bias_rate))
     batches = make_pipeline(cfg.data, exp.tokenizer, exp.processor, micro_batches=k, seed=cfg.seed)
     rng = jax.random.key(cfg.seed)
 

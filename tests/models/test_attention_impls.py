@@ -12,8 +12,8 @@ import pytest
 from flax import nnx
 
 from glmv_jax.batch import frame_slots
-from glmv_jax.config import ATTENTION_IMPLS, ConfigError, tiny
-from glmv_jax.models import attention, glmv, vision
+from glmv_jax.config import ATTENTION_IMPLS, REMAT_NAMES, ConfigError, tiny
+from glmv_jax.models import attention, glmv, layers, vision
 from glmv_jax.models.layers import causal_segment_mask, dot_product_attention
 from glmv_jax.sharding.mesh import make_mesh
 from glmv_jax.sharding.rules import activation_sharding
@@ -128,6 +128,12 @@ def test_unknown_impl_raises():
     for impl in attention.ACCEPTED:
         tiny().replace(attention=impl).validate()
     assert tiny().attention == "auto"
+
+
+def test_config_remat_names_mirror_the_policy_table():
+    assert set(REMAT_NAMES) == {"none"} | set(layers.REMAT_POLICIES)
+    with pytest.raises(ConfigError, match="unknown remat policy 'ful'"):
+        tiny().replace(remat="ful").validate()
 
 
 def test_bad_shapes_raise():

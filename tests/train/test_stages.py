@@ -14,17 +14,20 @@ import numpy as np
 import pytest
 
 from experiments.configs import demo, long_context, pipeline, pretrain, sft
+from experiments.configs.base import base_config
 from experiments.configs.rl import CURRICULUM_SET_BY_RL, rl_block
-from glmv_jax.config_schema import ConfigError, validate
-from glmv_jax.data.pipeline import make_pipeline
+from glmv_jax.config import RUNTIME_FIELDS, ModelConfig
+from glmv_jax.config_schema import DATA_FILLED, MODEL_KEYS, ConfigError, validate
+from glmv_jax.data.pipeline import DataConfig, data_config, make_pipeline
 from glmv_jax.models.glmv import init_params
 from glmv_jax.rl.curriculum import CurriculumConfig
 from glmv_jax.rl.grpo import GRPOConfig
 from glmv_jax.train.experiment import _tokenizer, model_config_for, setup
+from glmv_jax.train.optimizer import DEFAULTS as OPTIMIZER_DEFAULTS
 from glmv_jax.train.optimizer import build_optimizer
 from glmv_jax.train.state import train_state_from_params
 from glmv_jax.train.step import make_train_step
-from glmv_jax.train.supervised import make_loss_fn
+from glmv_jax.train.supervised import TRAIN_DEFAULTS, make_loss_fn
 
 COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}    # same math, ~3x faster compile on this CPU
 SHAPES = dict(seq_len=128, batch_size=2, patch_budget=256, image_size=32, num_records=6)
@@ -167,7 +170,9 @@ def test_pipeline_config_errors_are_clear():
 
 @pytest.mark.parametrize("block, key, hint", [
     ("rl.grpo", "eps_hihg", "eps_high"), ("rl.curriculum", "fill_qouta", "fill_quota"),
-    ("model.text", "hidden_szie", "hidden_size"), ("model.vision", "dept", "depth")])
+    ("model.text", "hidden_szie", "hidden_size"), ("model.vision", "dept", "depth"),
+    ("model", "remmat", "remat"), ("data", "seq_lenn", "seq_len"), ("train", "log_evry", "log_every"),
+    ("optimizer", "warmup_step", "warmup_steps"), ("mesh", "icl", "ici")])
 def test_a_key_typo_in_a_dataclass_block_names_the_key_and_the_right_one(block, key, hint):
     cfg = demo.get_config().stages[2]
     target = cfg
@@ -196,6 +201,30 @@ def test_derived_defaults_agree_with_the_dataclasses():
     for f in dataclasses.fields(GRPOConfig):
         if f.name not in rl.grpo:
             assert getattr(grpo, f.name) == f.default
+
+
+def test_model_data_optimizer_train_blocks_are_their_sources_defaults():
+    """base_config's blocks hold exactly the keys of the code that reads them, with its defaults except
+    the overrides base.py names."""
+    c = base_config("", stage="sft")
+    assert set(c.model) == set(MODEL_KEYS) - {"text", "vision"}
+    assert all(c.model[name] == getattr(ModelConfig, name) for name in RUNTIME_FIELDS)
+    data_fields = [f for f in dataclasses.fields(DataConfig) if f.name not in DATA_FILLED]
+    assert set(c.data) == {f.name for f in data_fields}
+    for f in data_fields:
+        expected = "caption" if f.name == "kind" else f.default
+        value = c.data[f.name]
+        assert (tuple(value) if isinstance(value, list) else value) == expected, f.name
+    assert set(c.optimizer) == set(OPTIMIZER_DEFAULTS) and dict(c.train) == TRAIN_DEFAULTS
+    c.data.frames = 4                                   # a typed placeholder: settable from the command line
+    assert data_config(c.data).frames == 4
+
+
+def test_a_stage_filled_data_key_is_refused():
+    cfg = demo.get_config().stages[0]
+    cfg.data.seed = 3                                   # the stage's own seed would silently win
+    with pytest.raises(ConfigError, match="unknown key data.seed"):
+        validate(cfg)
 
 
 def test_rl_block_is_the_dataclasses_defaults_plus_named_overrides():
