@@ -117,13 +117,14 @@ def check_tokenizer(sft_dir: Path, stage_dir: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 # Runs
 
-def read_history(stage_dir: Path) -> list[dict]:
-    """Per-iteration rows of logs/metrics.jsonl (the last row of an iteration wins, as after a resume)."""
+def read_history(stage_dir: Path, keys=ROW_KEYS) -> list[dict]:
+    """Per-iteration rows of logs/metrics.jsonl (the last row of an iteration wins, as after a resume), with
+    `keys` only (None: every key)."""
     rows = {}
     with open(stage_dir / "logs" / "metrics.jsonl") as f:
         for line in f:
             row = json.loads(line)
-            rows[int(row["iteration"])] = {k: row[k] for k in ROW_KEYS if k in row}
+            rows[int(row["iteration"])] = dict(row) if keys is None else {k: row[k] for k in keys if k in row}
     history = [rows[i] for i in sorted(rows)]
     offline = history[0].get("offline_rollouts", 0) if history else 0     # RLCS's pass@k, billed up front
     cumulative = offline + np.cumsum([h["rollouts"] for h in history])

@@ -26,6 +26,7 @@ from glmv_jax.models.attention import ACCEPTED as ATTENTION_IMPLEMENTATIONS
 from glmv_jax.models.layers import REMAT_POLICIES
 from glmv_jax.rl.curriculum import CurriculumConfig
 from glmv_jax.rl.grpo import GRPOConfig
+from glmv_jax.rl.health import HealthConfig
 from glmv_jax.rl.stage import SAMPLERS
 from glmv_jax.train.optimizer import DEFAULTS as OPTIMIZER_DEFAULTS
 from glmv_jax.train.optimizer import build_optimizer
@@ -91,6 +92,9 @@ def validate_rl(rl) -> None:
     check_keys(curriculum, set(field_names(CurriculumConfig)) - set(CURRICULUM_FROM_RL), "rl.curriculum")
     _construct(CurriculumConfig, curriculum, "rl.curriculum", batch_size=rl.batch_size, group_size=rl.group_size)
     check_choice(rl.get("offline_difficulty", "labels"), ("labels", "measure"), "rl.offline_difficulty")
+    health = dict(rl.get("health", {}) or {})
+    check_keys(health, field_names(HealthConfig), "rl.health")
+    _construct(HealthConfig, health, "rl.health")
 
 
 def validate(c) -> None:

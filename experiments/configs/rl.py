@@ -9,6 +9,7 @@ import ml_collections
 from experiments.configs.base import base_config, dataclass_defaults
 from glmv_jax.rl.curriculum import CurriculumConfig
 from glmv_jax.rl.grpo import GRPOConfig
+from glmv_jax.rl.health import HealthConfig
 
 CURRICULUM_SET_BY_RL = ("batch_size", "group_size", "seed")   # the rl block's own keys fill these
 
@@ -55,6 +56,12 @@ def rl_block(**kw) -> ml_collections.ConfigDict:
         # signal_rows_only: the loss is normalised by the rows that carry an advantage, so samplers that
         # train different shares of zero-variance groups take the same effective step
         grpo=dataclass_defaults(GRPOConfig, num_minibatches=4, signal_rows_only=True),
+        domains=None,                 # the RL pool's domains (None: all of data.domains); one = single-domain RL
+        # {domain: weakened verifier} from glmv_jax/rewards/weak.py: the weak-verifier experiment only
+        reward_overrides={},
+        # the reward-health guard (rl/health.py): every N iterations compare each domain's training reward with
+        # its real-verifier reward on a fixed probe set; off (every=0) by default, it costs probe rollouts
+        health=dataclass_defaults(HealthConfig),
     ))
     r.update(kw)
     return r

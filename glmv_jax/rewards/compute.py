@@ -27,12 +27,15 @@ def compute_reward(domain: str, response: str | None, answer: Any, style: str = 
 
 
 def compute_rewards(domain: str, responses: Sequence[str | None], answer: Any, style: str = "glm41v",
-                    config: RewardConfig | None = None, context: dict | None = None) -> list[RewardResult]:
-    """compute_reward for a group of responses to one prompt (the reference is checked once)."""
+                    config: RewardConfig | None = None, context: dict | None = None,
+                    verifier_override: str | None = None) -> list[RewardResult]:
+    """compute_reward for a group of responses to one prompt (the reference is checked once).
+    verifier_override: the name of a weakened verifier (rewards/weak.py) to score with instead of the
+    domain's real one (the weak-verifier experiment only)."""
     registry.check_domain(domain)
     fmt.check_style(style)
     config = DEFAULT_CONFIG if config is None else config
-    verifier = registry.VERIFIERS.get(domain)
+    verifier = registry.verifier_for(domain, verifier_override)
     if verifier is not None:
         reference = verifier.reference(answer)
         return [_score_one(response, style, config,

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from glmv_jax.rewards import chart, choice, counting, grounding, gui, ocr
 from glmv_jax.rewards import math as math_verifier
+from glmv_jax.rewards.weak import WEAKENED
 
 Judge = Callable[[str, Any, dict], float]
 
@@ -71,6 +72,18 @@ def run_judge(domain: str, fn: Judge, answer_text: str, reference: Any, context:
             or not 0.0 <= value <= 1.0:
         raise ValueError(f"judge for {domain!r} returned {value!r}; expected a float in [0, 1]")
     return float(value)
+
+
+def verifier_for(domain: str, override: str | None = None) -> types.ModuleType | types.SimpleNamespace | None:
+    """The domain's verifier: the real one (None for a judged domain) or, where `override` names one, a
+    deliberately weakened verifier from rewards/weak.py (the weak-verifier experiment; never a default)."""
+    if override is None:
+        return VERIFIERS.get(domain)
+    if override not in WEAKENED:
+        raise ValueError(f"unknown weakened verifier {override!r} for {domain!r}; known: {', '.join(WEAKENED)}")
+    if domain not in VERIFIERS:
+        raise ValueError(f"a weakened verifier replaces a rule-based one; {domain!r} has none")
+    return WEAKENED[override]
 
 
 def domains() -> tuple[str, ...]:

@@ -161,9 +161,22 @@ class Sampler:
         if batch_size > len(pool):
             raise ValueError(f"batch_size {batch_size} exceeds the pool's {len(pool)} prompts")
         self.pool, self.batch_size, self.seed = pool, int(batch_size), int(seed)
-        self.ratios = resolve_domain_ratios(pool, domain_ratios)
+        self.base_ratios = resolve_domain_ratios(pool, domain_ratios)
+        self.ratios = self.base_ratios.copy()
+        self.domain_scale = np.ones(len(pool.domains))
         self.domain_sizes = np.bincount(pool.domain_index, minlength=len(pool.domains))
         self.num_tiers, self.eps, self.iteration = num_tiers, eps, 0
+
+    def scale_domains(self, scale: Mapping[str, float]) -> None:
+        """Multiply the named domains' shares of the rollout and of the kept groups by scale[d] (0 pauses a
+        domain: it is neither rolled out nor trained on while another domain has prompts); the reward-health
+        guard (rl/health.py) calls it. Not part of state_dict: the guard keeps and re-applies its own."""
+        for name, factor in scale.items():
+            if name not in self.pool.domains or not np.isfinite(factor) or factor < 0:
+                raise ValueError(f"scale_domains: need a pool domain and a finite factor >= 0, got {name!r}: {factor}")
+            self.domain_scale[self.pool.domains.index(name)] = float(factor)
+        ratios = self.base_ratios * self.domain_scale
+        self.ratios = ratios / ratios.sum() if ratios.sum() > 0 else self.base_ratios.copy()
 
     def group_stats(self, rewards: np.ndarray) -> GroupStats:
         """grpo.group_stats with this sampler's zero_var_eps (std: the population std)."""

@@ -9,7 +9,10 @@ Config block `rl` (experiments/configs/rl.py): sampler, batch_size (groups train
 group_size, iterations, max_new_tokens, temperature, top_p, thinking_budget, style, prompts_per_domain,
 prompt_tiers, curriculum (CurriculumConfig fields), grpo (GRPOConfig fields, all honoured: kl_coef > 0 takes
 the starting policy (train.init_from, the HF checkpoint or the seeded init) as the reference, entropy_coef > 0
-has the model's logp_fn return entropy, grad_accum_steps splits every minibatch into micro-batches), save_every.
+has the model's logp_fn return entropy, grad_accum_steps splits every minibatch into micro-batches), save_every,
+domains (None: every data domain; else the RL pool's domains, e.g. one for single-domain RL), reward_overrides
+({domain: weakened verifier name}, rewards/weak.py: the weak-verifier experiment), health (HealthConfig fields:
+the reward-health guard, rl/health.py; history rows of check iterations carry `health/<domain>/*`).
 
 Compiles: the jitted GRPO update is cached per (model config, sampling temperature, optimizer config, GRPO
 config, nonfinite policy) for the process (`grpo_update_for`), and its batches have one sequence length per
@@ -55,8 +58,10 @@ from glmv_jax.generate.prompts import prompt_dicts
 from glmv_jax.generate.sampler import answer_ids
 from glmv_jax.models.glmv import init_params
 from glmv_jax.rewards import compute_rewards
+from glmv_jax.rewards.registry import verifier_for
 from glmv_jax.rl.curriculum import CurriculumConfig, RLCSCurriculum
 from glmv_jax.rl.grpo import GRPOConfig, group_stats, make_grpo_update, make_model_logp_fn
+from glmv_jax.rl.health import HealthConfig, RewardHealthMonitor, window_reward
 from glmv_jax.rl.pilot import measure_pool, offline_subset, pilot_ratios, spread_difficulty
 from glmv_jax.rl.rollout import Trajectories, grpo_batch, rollout
 from glmv_jax.rl.samplers import DAPOSampler, Iteration, PromptPool, UniformSampler
@@ -124,14 +129,17 @@ def grpo_update_for(exp, grpo_cfg: GRPOConfig):
                           grpo_cfg, str(cfg.train.nonfinite), exp.mesh, repr(exp.rules))
 
 
-def score_groups(records: list[dict], traj: Trajectories, style: str) -> tuple[np.ndarray, int]:
+def score_groups(records: list[dict], traj: Trajectories, style: str,
+                 overrides: dict[str, str] | None = None) -> tuple[np.ndarray, int]:
     """Verifier rewards [num_groups, G] of trajectories with texts (group j answers records[prompt_index]) and
-    how many of them are verifier errors (RewardResult.info["reason"] == "verifier_error", reward 0)."""
-    g = traj.group_size
+    how many of them are verifier errors (RewardResult.info["reason"] == "verifier_error", reward 0).
+    overrides: {domain: weakened verifier name} scoring those domains instead of their real verifiers."""
+    g, overrides = traj.group_size, overrides or {}
     rewards, errors = np.zeros((traj.num_groups, g), np.float32), 0
     for j in range(traj.num_groups):
         rec = records[int(traj.prompt_index[j * g])]
-        results = compute_rewards(rec["domain"], list(traj.texts[j * g:(j + 1) * g]), rec["answer"], style=style)
+        results = compute_rewards(rec["domain"], list(traj.texts[j * g:(j + 1) * g]), rec["answer"], style=style,
+                                  verifier_override=overrides.get(rec["domain"]))
         rewards[j] = [x.reward for x in results]
         errors += sum(x.info.get("reason") == "verifier_error" for x in results)
     return rewards, errors
@@ -144,11 +152,15 @@ class Rollouts:
 
     The sampling key of call c (1, 2, ...) is rng folded with c. The prompt list is padded to
     padded_rollout_size(n, B, pad_steps) with copies of the pool's longest prompt, whose rows are dropped
-    before scoring; `padded` counts them."""
+    before scoring; `padded` counts them. num_samples: responses per prompt (default rl.group_size);
+    overrides: score_groups's weakened verifiers (None: the real ones)."""
 
-    def __init__(self, exp, prompts: list[dict], records: list[dict], params, rng, *, pad_steps: int = 0):
+    def __init__(self, exp, prompts: list[dict], records: list[dict], params, rng, *, pad_steps: int = 0,
+                 num_samples: int | None = None, overrides: dict[str, str] | None = None):
         self.exp, self.prompts, self.records, self.params, self.rng = exp, prompts, records, params, rng
         self.pad_steps, self.padded, self.verifier_errors = int(pad_steps), 0, 0
+        self.num_samples = int(num_samples or exp.cfg.rl.group_size)
+        self.overrides = dict(overrides or {})
         self.force, extra = answer_ids(exp.tokenizer, exp.cfg.rl.style)
         self.stops = tuple(exp.tokenizer.stop_ids) + tuple(extra)
         self.longest = int(np.argmax([len(p["input_ids"]) for p in prompts]))   # the padding prompt
@@ -163,13 +175,13 @@ class Rollouts:
         n = len(indices)
         size = padded_rollout_size(n, r.batch_size, self.pad_steps)
         rows = np.asarray([int(i) for i in indices] + [self.longest] * (size - n), int)
-        traj = rollout(self.exp.model_config, self.params, [self.prompts[i] for i in rows], num_samples=r.group_size,
+        traj = rollout(self.exp.model_config, self.params, [self.prompts[i] for i in rows], num_samples=self.num_samples,
                        max_new_tokens=r.max_new_tokens, stop_ids=self.stops,
                        rng=jax.random.fold_in(self.rng, self.calls + 1), temperature=r.temperature, top_p=r.top_p,
                        thinking_budget=r.get("thinking_budget"), force_answer_ids=self.force,
                        tokenizer=self.exp.tokenizer).groups(range(n))
         traj = dataclasses.replace(traj, prompt_index=rows[traj.prompt_index])
-        rewards, errors = score_groups(self.records, traj, r.style)
+        rewards, errors = score_groups(self.records, traj, r.style, self.overrides)
         self.parts.append(traj.scored(rewards))
         self.padded += size - n
         self.verifier_errors += errors
@@ -275,11 +287,84 @@ def offline_pass(exp, records: list[dict], fresh) -> tuple[list[dict], dict[str,
     return records, ratios, len(subset) * k
 
 
+def rl_domains(cfg) -> tuple[str, ...] | None:
+    """rl.domains (None: every domain of the data), checked against the data's domains."""
+    chosen = cfg.rl.get("domains")
+    if chosen is None:
+        return None
+    chosen = (chosen,) if isinstance(chosen, str) else tuple(chosen)
+    known = tuple(cfg.data.domains)
+    if not chosen or set(chosen) - set(known):
+        raise ValueError(f"rl.domains {list(chosen)} must be a non-empty subset of data.domains {list(known)}")
+    return chosen
+
+
+def pool_records(cfg, split: str, per_domain: int, tiers=None) -> list[dict]:
+    """prompt_records of the RL stage's domains (rl.domains)."""
+    records, chosen = prompt_records(cfg, split, per_domain, seed=cfg.seed, tiers=tiers), rl_domains(cfg)
+    return records if chosen is None else [rec for rec in records if rec["domain"] in chosen]
+
+
+def reward_overrides(cfg, domains: Sequence[str]) -> dict[str, str]:
+    """rl.reward_overrides {domain: weakened verifier}, each domain one of the pool's and each name known."""
+    overrides = dict(cfg.rl.get("reward_overrides", {}) or {})
+    for domain, name in overrides.items():
+        if domain not in domains:
+            raise ValueError(f"rl.reward_overrides names {domain!r}, not a domain of the RL pool {sorted(domains)}")
+        verifier_for(domain, name)                       # raises for an unknown name
+        logging.warning("RL rewards for %r come from the WEAKENED verifier %r (rl.reward_overrides); evaluation "
+                        "and the reward-health probe use the real one", domain, name)
+    return overrides
+
+
+def split_probe(cfg, records: list[dict], per_domain: int) -> tuple[list[dict], list[dict]]:
+    """(RL pool, reward-health probe set): the synthetic suite's own "probe" split (tiers of the RL pool), or,
+    from manifests, the last per_domain prompts of each domain, taken out of the pool."""
+    if cfg.data.source == "synthetic":
+        return records, pool_records(cfg, "probe", per_domain, cfg.rl.get("prompt_tiers"))
+    probe = [rec for d in sorted({x["domain"] for x in records})
+             for rec in [x for x in records if x["domain"] == d][-per_domain:]]
+    held = {id(x) for x in probe}
+    return [x for x in records if id(x) not in held], probe
+
+
+class HealthProbe:
+    """The reward-health guard's fixed probe set and its scores at given params: per domain the per-prompt
+    mean real-verifier reward of probe_samples responses at the rollout temperature."""
+
+    def __init__(self, exp, hc: HealthConfig, records: list[dict], pad_steps: int):
+        self.exp, self.hc, self.pad_steps, self.records = exp, hc, pad_steps, records
+        self.prompts = prompt_dicts(self.records, exp.tokenizer, exp.processor)
+        self.domains = np.asarray([rec["domain"] for rec in self.records])
+
+    def __call__(self, params, rng) -> tuple[dict[str, np.ndarray], int]:
+        """({domain: [n] per-prompt mean reward}, responses generated)."""
+        rollouts = Rollouts(self.exp, self.prompts, self.records, params, rng, pad_steps=self.pad_steps,
+                            num_samples=self.hc.probe_samples)
+        per_prompt = rollouts(np.arange(len(self.prompts))).mean(axis=1)
+        return {d: per_prompt[self.domains == d] for d in sorted(set(self.domains))}, per_prompt.size * self.hc.probe_samples
+
+
+def check_health(monitor: RewardHealthMonitor, probe: HealthProbe, sampler, params, rng, iteration: int,
+                 window: list[dict]) -> dict[str, float]:
+    """One reward-health check after `iteration` over the history rows of its window: probe, compare, log and
+    apply the flags (Sampler.scale_domains) -> the row's `health/*` entries."""
+    scores, spent = probe(params, rng)
+    train = {d: window_reward(window, d) for d in monitor.domains}
+    metrics, newly = monitor.check(iteration, train, scores)
+    for domain in newly:
+        logging.warning("%s", monitor.describe(domain))
+    sampler.scale_domains(monitor.scale)
+    return {**metrics, "health/probe_rollouts": spent}
+
+
 def run_rl(exp) -> dict[str, Any]:
     cfg, r = exp.cfg, exp.cfg.rl
     # RL prompts come from their own stream (split "rl"): disjoint from the SFT records and the held-out set
-    records = prompt_records(cfg, r.get("prompt_split", "rl"), r.prompts_per_domain, seed=cfg.seed,
-                             tiers=r.get("prompt_tiers"))
+    records = pool_records(cfg, r.get("prompt_split", "rl"), r.prompts_per_domain, r.get("prompt_tiers"))
+    hc = HealthConfig(**dict(r.get("health", {}) or {}))
+    records, probe_records = split_probe(cfg, records, hc.probe_per_domain) if hc.every else (records, [])
+    overrides = reward_overrides(cfg, sorted({rec["domain"] for rec in records}))
     check_answer_budget(cfg, exp.tokenizer, r.get("prompt_split", "rl"), r.prompts_per_domain, cfg.seed,
                         r.get("prompt_tiers"), r.max_new_tokens, "rl")
     ev = cfg.get("eval")
@@ -293,7 +378,7 @@ def run_rl(exp) -> dict[str, Any]:
     pad_steps = int(r.get("rollout_pad_steps", 0) or 0)
     abstract_params, shardings = param_shardings(exp)
     rng = jax.random.key(cfg.seed)
-    rollout_rng = jax.random.fold_in(rng, 7)
+    rollout_rng, probe_rng = jax.random.fold_in(rng, 7), jax.random.fold_in(rng, 11)
 
     def fresh():
         params = initial_params(exp, abstract_params, shardings)
@@ -303,6 +388,8 @@ def run_rl(exp) -> dict[str, Any]:
 
     records, domain_ratios, offline_rollouts = offline_pass(exp, records, fresh)
     sampler = make_sampler(cfg, PromptPool.from_records(records), domain_ratios)
+    monitor = RewardHealthMonitor(hc, sampler.pool.domains) if hc.every else None
+    probe = HealthProbe(exp, hc, probe_records, pad_steps) if hc.every else None
 
     with Checkpointer(os.path.join(exp.workdir, "checkpoints"), save_every=r.save_every, keep=cfg.train.keep) as ckpt:
         restored = ckpt.restore_latest(abstract_train_state(optimizer, abstract_params, None, rng))
@@ -310,7 +397,12 @@ def run_rl(exp) -> dict[str, Any]:
             state = fresh()
         else:
             state, sampler_state = restored
+            sampler_state = dict(sampler_state)
+            health_state = sampler_state.pop("reward_health", None)
             sampler.set_state(sampler_state)
+            if monitor is not None and health_state is not None:
+                monitor.load_state_dict(health_state)
+                sampler.scale_domains(monitor.scale)
         start = sampler.iteration
         history = read_metrics(os.path.join(exp.workdir, "logs"), start)   # the rows before a resume
         spent = offline_rollouts + int(sum(h.get("rollouts", 0) for h in history))
@@ -321,7 +413,7 @@ def run_rl(exp) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 expansion = expansion_entries(sampler)          # the EMAs that size this iteration's rollout
                 rollouts = Rollouts(exp, prompts, records, state.params, jax.random.fold_in(rollout_rng, it),
-                                    pad_steps=pad_steps)
+                                    pad_steps=pad_steps, overrides=overrides)
                 iteration = sampler.run_iteration(rollouts)
                 state, entries, metrics = train_iteration(exp, grpo_cfg, update, state, iteration,
                                                           rollouts.trajectories(), prompts, seq_len, reference,
@@ -335,9 +427,14 @@ def run_rl(exp) -> dict[str, Any]:
                        **{f"grpo/{k}": v for k, v in metrics.items()},
                        **{f"sampler/{k}": float(v) for k, v in iteration.metrics.items() if np.ndim(v) == 0}}
                 history.append(row)
+                if monitor is not None and (it + 1) % hc.every == 0:
+                    row.update(check_health(monitor, probe, sampler, state.params,
+                                            jax.random.fold_in(probe_rng, it + 1), it + 1, history[-hc.every:]))
                 writer.write(it + 1, row)
                 if (it + 1) % r.save_every == 0 or it + 1 == r.iterations:
-                    ckpt.save(state, sampler.get_state(), it + 1)
+                    health = {"reward_health": monitor.state_dict()} if monitor is not None else {}
+                    ckpt.save(state, {**sampler.get_state(), **health}, it + 1)
     return {"stage": "rl", "start_step": start, "steps": r.iterations, "state": state, "history": history,
+            "reward_health": monitor.state_dict() if monitor is not None else None,
             "first_reward": history[0]["reward"] if history else float("nan"),
             "last_reward": float(np.mean([h["reward"] for h in history[-5:]])) if history else float("nan")}

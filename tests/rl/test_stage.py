@@ -27,7 +27,8 @@ def test_score_groups_rewards_each_group_by_its_record_and_counts_verifier_error
     records = [{"domain": "math", "answer": "1"}, {"domain": "ocr", "answer": "b"}, {"domain": "math", "answer": "2"}]
     calls = []
 
-    def fake_rewards(domain, responses, answer, style):
+    def fake_rewards(domain, responses, answer, style, verifier_override=None):
+        assert verifier_override is None
         calls.append((domain, list(responses), answer, style))
         return [RewardResult(0.0, True, None, {"reason": "verifier_error"}) if t == "boom" else
                 RewardResult(float(t == answer), True, t, {}) for t in responses]

@@ -11,7 +11,8 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-SPLITS = ("train", "rl", "heldout")   # SFT records, RL prompts, held-out evaluation: disjoint streams
+SPLITS = ("train", "rl", "heldout", "probe")   # SFT records, RL prompts, held-out evaluation, the RL
+                                                # stage's reward-health probe (rl/health.py): disjoint streams
 COLORS = {  # name -> RGB, far apart so a 2-layer ViT can tell them apart
     "red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215),
     "orange": (240, 145, 25), "purple": (135, 55, 185),

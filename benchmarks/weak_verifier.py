@@ -1,0 +1,260 @@
+"""The weak-verifier collapse (the paper's Sec. 5.2) at micro scale, and the reward-health guard against it.
+
+Three RL runs of the demo's RL stage (run_rl) from one SFT checkpoint, same seed, same settings:
+- "real": every domain rewarded by its real verifier;
+- "weak": one domain (--domain, default counting) rewarded by a weakened verifier (--verifier, default
+  counting_upper_bound: an over-count is paid, rewards/weak.py), the guard watching but not acting
+  (rl.health.action = "flag");
+- "weak+guard": the same with the guard acting (--action, default "pause": a flagged domain leaves the
+  curriculum).
+Every run has the reward-health monitor on (rl/health.py): each --every iterations a fixed probe set of
+--probe-per-domain prompts per domain (split "probe", --probe-samples responses each) is scored by the real
+verifiers. Recorded per run: per domain the training reward (over all rolled-out groups) and the probe
+reward at every check, the divergence of the hacked domain with its SE, which domains were flagged and when,
+and the paired greedy held-out reward per domain against the SFT start (real verifiers; 150 prompts per
+domain by default). The comparison the guard has to win: the other domains' paired held-out mean in
+"weak+guard" against "real" (paired over the same prompts). Writes weak_verifier.json and weak_verifier.png
+(one panel per domain: training reward and probe reward of each run) to --out and appends to
+benchmarks/RESULTS.md.
+
+    python -m benchmarks.weak_verifier --sft runs/demo-<date>/1_sft
+    python -m benchmarks.weak_verifier                       # trains the demo's pretrain + SFT first
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.rlcs import (PLOTS, RESULTS, check_tokenizer, demo_stages, held_out, load_average,  # noqa: E402
+                             prepare_sft, read_history)
+
+RUNS = ("real", "weak", "weak+guard")
+COLORS = {"real": "tab:blue", "weak": "tab:red", "weak+guard": "tab:green"}
+
+
+def rl_config(args, run: str, sft_dir: Path):
+    """The demo's RL stage for one of RUNS."""
+    cfg = demo_stages(args.smoke)[2]
+    cfg.seed = args.seed
+    cfg.train.init_from = str(sft_dir)
+    cfg.rl.update(iterations=args.iterations, save_every=args.iterations)
+    if args.lr:
+        cfg.optimizer.lr = args.lr
+    cfg.rl.health.update(every=args.every, probe_per_domain=args.probe_per_domain, probe_samples=args.probe_samples,
+                         action=args.action if run == "weak+guard" else "flag")
+    if run != "real":
+        cfg.rl.reward_overrides = {args.domain: args.verifier}
+    cfg.eval.update(samples=0, per_domain=args.eval_per_domain or cfg.eval.per_domain)
+    return cfg
+
+
+def run_one(args, run: str, sft_dir: Path, out: Path) -> dict:
+    from experiments.run import run_stage
+    cfg = rl_config(args, run, sft_dir)
+    stage_dir = out / "runs" / f"{run.replace('+', '_')}_seed{args.seed}_it{args.iterations}"
+    done = stage_dir / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    t0 = time.perf_counter()
+    summary = run_stage(cfg, str(stage_dir))
+    rl_seconds, t0 = time.perf_counter() - t0, time.perf_counter()
+    result = {"run": run, "history": read_history(stage_dir, keys=None), "health": summary["reward_health"],
+              "eval": held_out(cfg, stage_dir, summary["state"].params), "rl_seconds": rl_seconds,
+              "eval_seconds": time.perf_counter() - t0}
+    done.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def evaluate_sft(args, sft_dir: Path, out: Path) -> dict:
+    from glmv_jax.train.experiment import initial_params, param_shardings, setup
+    cfg = rl_config(args, "real", sft_dir)
+    stage_dir = out / f"sft_eval_pd{cfg.eval.per_domain}"
+    exp = setup(cfg, str(stage_dir))
+    check_tokenizer(sft_dir, stage_dir)
+    return held_out(cfg, stage_dir, initial_params(exp, *param_shardings(exp)))
+
+
+def paired_subset(earlier: list[dict], later: list[dict], domains) -> dict:
+    """evaluation/stats.paired over the prompts of `domains` only (greedy)."""
+    from glmv_jax.evaluation.stats import paired
+    keep = lambda rows: [r for r in rows if r["domain"] in domains]
+    return paired(keep(earlier), keep(later), ("greedy",))
+
+
+def hack_summary(run: dict, domain: str) -> dict:
+    """The hacked domain at the run's last check: training and probe reward rise since the first check, the
+    divergence and its SE (rl/health.py), and the flags."""
+    checks = run["health"]["checks"]
+    first, last = checks[0], checks[-1]
+    row = next(h for h in reversed(run["history"]) if f"health/{domain}/divergence" in h)
+    flagged = run["health"]["flagged"]
+    return {"train_first": first["train"][domain][0], "train_last": last["train"][domain][0],
+            "probe_first": float(np.mean(first["probe"][domain])), "probe_last": float(np.mean(last["probe"][domain])),
+            "divergence": row[f"health/{domain}/divergence"], "divergence_se": row[f"health/{domain}/divergence_se"],
+            "checks": [c["iteration"] for c in checks], "flagged": flagged,
+            "first_check_flagging": (sorted(c["iteration"] for c in checks).index(flagged[domain]) + 1
+                                     if domain in flagged else None)}
+
+
+def summarize(args, runs: dict, sft_eval: dict) -> dict:
+    domains = sorted(sft_eval["accuracy"])
+    others = [d for d in domains if d != args.domain]
+    sft_prompts = sft_eval["prompts"]
+    out = {}
+    for name, run in runs.items():
+        vs_sft = paired_subset(sft_prompts, run["eval"]["prompts"], domains)
+        out[name] = {"hacked_domain": hack_summary(run, args.domain), "vs_sft": vs_sft,
+                     "others_vs_sft": paired_subset(sft_prompts, run["eval"]["prompts"], others),
+                     "others_vs_real": (paired_subset(runs["real"]["eval"]["prompts"], run["eval"]["prompts"], others)
+                                        if name != "real" else None),
+                     "flagged": run["health"]["flagged"], "rl_seconds": run["rl_seconds"]}
+    return out
+
+
+def smooth(values, width: int = 5) -> np.ndarray:
+    v = np.asarray(values, np.float64)
+    out = np.full(len(v), np.nan)
+    for i in range(len(v)):
+        window = v[max(0, i - width + 1):i + 1]
+        window = window[np.isfinite(window)]
+        out[i] = window.mean() if len(window) else np.nan
+    return out
+
+
+def plot(args, runs: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    domains = sorted(runs["real"]["health"]["checks"][0]["train"])
+    fig, axes = plt.subplots(1, len(domains), figsize=(3.1 * len(domains), 3.4), sharey=True)
+    for ax, d in zip(np.atleast_1d(axes), domains):
+        for name, run in runs.items():
+            h = run["history"]
+            ax.plot([x["iteration"] for x in h], smooth([x.get(f"reward_rolled/{d}", np.nan) for x in h]),
+                    color=COLORS[name], lw=1.2, label=f"{name}: training reward")
+            checks = run["health"]["checks"]
+            ax.plot([c["iteration"] for c in checks], [np.mean(c["probe"][d]) for c in checks], "o--",
+                    color=COLORS[name], ms=3, lw=0.8, label=f"{name}: strict probe")
+            if d in run["health"]["flagged"]:
+                ax.axvline(run["health"]["flagged"][d], color=COLORS[name], ls=":", lw=1)
+        ax.set_title(d + (f" ({args.verifier})" if d == args.domain else ""), fontsize=9)
+        ax.set_xlabel("iteration")
+    np.atleast_1d(axes)[0].set_ylabel("reward")
+    np.atleast_1d(axes)[0].legend(fontsize=6, loc="lower left")
+    fig.suptitle("Weak-verifier experiment: training reward (solid, 5-iteration mean) vs real-verifier probe "
+                 "reward (dashed); dotted: guard flag", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def table(args, summary: dict) -> str:
+    fmt = lambda d, k="greedy": f"{d[k + '_delta']:+.3f} ± {d[k + '_se']:.3f}"
+    lines = [f"| run | {args.domain} training reward first → last check | {args.domain} strict probe first → last | "
+             f"divergence ± SE (last check) | flagged (iteration; check #) | {args.domain} held-out vs SFT | "
+             f"other domains held-out vs SFT | other domains vs real run |", "|---" * 8 + "|"]
+    for name, s in summary.items():
+        h = s["hacked_domain"]
+        flags = ", ".join(f"{d} @ {i}" for d, i in sorted(s["flagged"].items())) or "none"
+        if h["first_check_flagging"]:
+            flags += f" (check {h['first_check_flagging']})"
+        hacked = s["vs_sft"]["domains"][args.domain]
+        lines.append(f"| {name} | {h['train_first']:.3f} → {h['train_last']:.3f} | {h['probe_first']:.3f} → "
+                     f"{h['probe_last']:.3f} | {h['divergence']:+.3f} ± {h['divergence_se']:.3f} | {flags} | "
+                     f"{fmt(hacked)} | {fmt(s['others_vs_sft'])} | "
+                     f"{fmt(s['others_vs_real']) if s['others_vs_real'] else '-'} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    from glmv_jax.rewards.weak import WEAKENED
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sft", help="SFT stage directory or demo work directory (default: train one)")
+    ap.add_argument("--out", help="output directory (default runs/weak_verifier-<date-time>)")
+    ap.add_argument("--domain", default="counting", help="the domain whose verifier is weakened")
+    ap.add_argument("--verifier", default="counting_upper_bound", choices=sorted(WEAKENED))
+    ap.add_argument("--action", default="pause", choices=("downweight", "pause"), help="the guard's action")
+    ap.add_argument("--iterations", type=int, default=60)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=0.0, help="RL learning rate (default: the demo's)")
+    ap.add_argument("--every", type=int, default=5, help="iterations between reward-health checks")
+    ap.add_argument("--probe-per-domain", type=int, default=16)
+    ap.add_argument("--probe-samples", type=int, default=8)
+    ap.add_argument("--eval-per-domain", type=int, default=0, help="held-out prompts per domain (default: the demo's)")
+    ap.add_argument("--smoke", action="store_true", help="the demo's seconds-long smoke settings (tests)")
+    ap.add_argument("--no-results", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    args = ap.parse_args(argv)
+    domains = list(demo_stages(args.smoke)[2].data.domains)
+    if args.domain not in domains:
+        ap.error(f"--domain must be one of {domains}")
+    if args.iterations < 2 * args.every or args.every < 1:
+        ap.error("need --every >= 1 and --iterations >= 2 * --every (the guard compares checks)")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    out = Path(args.out or f"runs/weak_verifier-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    out.mkdir(parents=True, exist_ok=True)
+    start, load_start = time.perf_counter(), load_average()
+    sft_dir = prepare_sft(args, out)
+    sft_eval = evaluate_sft(args, sft_dir, out)
+    runs = {name: run_one(args, name, sft_dir, out) for name in RUNS}
+    summary = summarize(args, runs, sft_eval)
+    cfg = rl_config(args, "weak+guard", sft_dir)
+    settings = {"domain": args.domain, "verifier": args.verifier, "action": args.action, "seed": args.seed,
+                "iterations": args.iterations, "lr": cfg.optimizer.lr, "health": cfg.rl.health.to_dict(),
+                "batch_size": cfg.rl.batch_size, "group_size": cfg.rl.group_size, "temperature": cfg.rl.temperature,
+                "eval_per_domain": cfg.eval.per_domain,
+                "sft": str(Path(args.sft).resolve()) if args.sft else str(sft_dir)}
+    report = {"settings": settings, "summary": summary, "sft_accuracy": sft_eval["accuracy"],
+              "heldout": {n: r["eval"]["accuracy"] for n, r in runs.items()},
+              "wall_seconds": time.perf_counter() - start, "load_start": load_start, "load_end": load_average(),
+              "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"}
+    (out / "weak_verifier.json").write_text(json.dumps(report, indent=1))
+    plot(args, runs, out / "weak_verifier.png")
+    text = table(args, summary)
+    print(text)
+    print(f"json: {out / 'weak_verifier.json'}  plot: {out / 'weak_verifier.png'}")
+    if not args.no_results:
+        append_results(report, text, out / "weak_verifier.png")
+    return report
+
+
+def append_results(report: dict, text: str, png: Path) -> None:
+    import jax
+    s = report["settings"]
+    PLOTS.mkdir(exist_ok=True)
+    stamp = f"{datetime.datetime.now():%Y%m%d-%H%M}"
+    shutil.copy(png, PLOTS / f"weak_verifier-{stamp}.png")
+    (PLOTS / f"weak_verifier-{stamp}.json").write_text(json.dumps(report, separators=(",", ":")))
+    section = (f"\n## Weak verifier and the reward-health guard (benchmarks/weak_verifier.py, the paper's Sec. 5.2), "
+               f"{report['date']}\n{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} (cpu); uptime "
+               f"at start: `{report['load_start']}`, at end: `{report['load_end']}`; {report['wall_seconds']:.0f} s\n\n"
+               f"From one SFT checkpoint ({s['sft']}), seed {s['seed']}, {s['iterations']} GRPO updates of "
+               f"B={s['batch_size']} x G={s['group_size']} at lr {s['lr']}, temperature {s['temperature']}; "
+               f"{s['domain']} rewarded by `{s['verifier']}` in the weak runs; guard every {s['health']['every']} "
+               f"iterations on {s['health']['probe_per_domain']} probe prompts per domain x "
+               f"{s['health']['probe_samples']} samples, action `{s['action']}` in weak+guard. Held-out: greedy, "
+               f"{s['eval_per_domain']} prompts per domain, real verifiers, paired.\n\n{text}\n\n"
+               f"Plot: plots/weak_verifier-{stamp}.png\n")
+    with open(RESULTS, "a") as f:
+        f.write(section)
+
+
+if __name__ == "__main__":
+    from experiments.run import enable_compilation_cache
+    enable_compilation_cache()
+    main()
