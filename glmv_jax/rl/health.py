@@ -1,18 +1,26 @@
 """Reward health: a guard against one bad reward signal taking over a multi-domain RL run (the paper's Sec. 5.2
 and Open Question 3; docs/rl.md "Reward health").
 
-Every `every` iterations the RL stage hands the monitor, per domain, the training reward over the iterations
-since the last check (mean and standard error of the per-iteration `reward_rolled/<domain>`: the reward the
-run's verifiers paid on what it rolled out) and the per-prompt scores of a small fixed probe set (split
-"probe", `probe_samples` responses each at the rollout temperature) scored by the real verifiers. A reward
-that the policy earns by hacking its verifier climbs while the probe does not; a healthy one moves both. At
-check k, against the first check:
+Every `every` iterations the stage samples a small fixed probe set (split "probe", `probe_samples` responses
+per prompt at the rollout temperature) and scores the same responses twice: with the run's own training
+verifiers (t: what the policy is paid) and with the real verifiers (s: what it should be paid). It hands the
+monitor, per domain, those per-prompt means and the training reward on the pool since the last check (mean
+and standard error of the per-iteration `reward_rolled/<domain>`). A reward the policy earns by hacking its
+verifier climbs while the real one does not; a healthy one moves both. At check k, against the first check:
 
-    divergence_k = (train_k - train_1) - (probe_k - probe_1)
-    se_k         = sqrt(se(train_k)^2 + se(train_1)^2 + se(paired probe_k - probe_1)^2)
+    signal "probe" (default):  divergence_k = mean_i [(t_ik - s_ik) - (t_i1 - s_i1)],  se_k = sd_i(...) / sqrt(n)
+                               rise_k = mean_i (t_ik - t_i1)
+    signal "pool":             divergence_k = (train_k - train_1) - mean_i (s_ik - s_i1)
+                               se_k = sqrt(se(train_k)^2 + se(train_1)^2 + se(paired s_k - s_1)^2)
+                               rise_k = train_k - train_1
 
-A domain strikes when divergence_k > max(min_gap, z * se_k) and its training reward rose; `patience`
-consecutive strikes flag it, once, with a log line naming it; `action` then leaves the curriculum alone
+"pool" compares the pool's training reward with the probe directly; it also moves when the curriculum draws
+easier prompts or the policy memorises the pool (measured on the demo with real verifiers only: choice +0.18
+on the pool, -0.06 on the probe: a false flag), so "probe", which holds prompts and responses fixed and
+differs only in the verifier, is the default; both divergences are logged.
+
+A domain strikes when divergence_k > max(min_gap, z * se_k) and rise_k > 0; `patience` consecutive strikes
+flag it, once, with a log line naming it; `action` then leaves the curriculum alone
 ("flag"), scales the domain's share of rollouts and kept groups by `downweight` ("downweight") or removes it
 ("pause") through Sampler.scale_domains. The monitor's state (checks, strikes, flags, scales) is JSON-able
 and checkpointed with the sampler's.
@@ -26,6 +34,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 ACTIONS = ("flag", "downweight", "pause")
+SIGNALS = ("probe", "pool")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,12 +46,15 @@ class HealthConfig:
     z: float = 2.0                  # ... and above z standard errors
     patience: int = 2               # consecutive strikes that flag a domain
     action: str = "flag"            # flag | downweight | pause
+    signal: str = "probe"           # probe | pool (module docstring)
     downweight: float = 0.25        # share multiplier of a flagged domain under "downweight"
 
     def __post_init__(self):
         if self.every < 0 or self.probe_per_domain < 2 or self.probe_samples < 1 or self.patience < 1:
             raise ValueError(f"rl.health needs every >= 0, probe_per_domain >= 2, probe_samples >= 1 and "
                              f"patience >= 1, got {self}")
+        if self.signal not in SIGNALS:
+            raise ValueError(f"rl.health.signal {self.signal!r} is not one of {SIGNALS}")
         if self.action not in ACTIONS:
             raise ValueError(f"rl.health.action {self.action!r} is not one of {ACTIONS}")
         if not 0.0 <= self.downweight <= 1.0 or self.min_gap < 0 or self.z < 0:
@@ -70,48 +82,64 @@ class RewardHealthMonitor:
         self.flagged: dict[str, int] = {}     # domain -> iteration flagged
         self.scale = {d: 1.0 for d in self.domains}
 
-    def check(self, iteration: int, train: Mapping[str, tuple[float, float]],
-              probe: Mapping[str, Sequence[float]]) -> tuple[dict[str, float], list[str]]:
-        """Record one check -> (metrics `health/<domain>/...`, the domains newly flagged)."""
+    def check(self, iteration: int, train: Mapping[str, tuple[float, float]], probe: Mapping[str, Sequence[float]],
+              probe_trained: Mapping[str, Sequence[float]] | None = None) -> tuple[dict[str, float], list[str]]:
+        """Record one check -> (metrics `health/<domain>/...`, the domains newly flagged). train: {domain: (mean,
+        se)} on the pool since the last check; probe / probe_trained: {domain: per-prompt mean reward} of the
+        probe responses under the real / the training verifiers (None: the same, no override)."""
+        probe_trained = probe if probe_trained is None else probe_trained
         self.checks.append({"iteration": int(iteration), "train": {d: list(map(float, train[d])) for d in self.domains},
-                            "probe": {d: [float(x) for x in probe[d]] for d in self.domains}})
-        first, metrics, newly = self.checks[0], {}, []
+                            "probe": {d: [float(x) for x in probe[d]] for d in self.domains},
+                            "probe_trained": {d: [float(x) for x in probe_trained[d]] for d in self.domains}})
+        metrics, newly = {}, []
         for d in self.domains:
-            (t, t_se), (t0, t0_se) = self.checks[-1]["train"][d], first["train"][d]
-            p, p0 = np.asarray(self.checks[-1]["probe"][d]), np.asarray(first["probe"][d])
-            probe_rise = float(np.mean(p - p0))
-            probe_se = float(np.std(p - p0, ddof=1) / math.sqrt(len(p))) if len(p) > 1 else 0.0
-            train_rise = t - t0
-            divergence = train_rise - probe_rise
-            se = math.sqrt(t_se ** 2 + t0_se ** 2 + probe_se ** 2)
-            strike = bool(np.isfinite(divergence) and train_rise > 0
-                          and divergence > max(self.cfg.min_gap, self.cfg.z * se))
+            signals = self.divergences(d)
+            divergence, se, rise = signals[self.cfg.signal]
+            strike = bool(np.isfinite(divergence) and rise > 0 and divergence > max(self.cfg.min_gap, self.cfg.z * se))
             self.strikes[d] = self.strikes[d] + 1 if strike else 0
             if self.strikes[d] >= self.cfg.patience and d not in self.flagged:
                 self.flagged[d] = int(iteration)
                 newly.append(d)
                 if self.cfg.action != "flag":
                     self.scale[d] = 0.0 if self.cfg.action == "pause" else self.cfg.downweight
-            metrics.update({f"health/{d}/train": t, f"health/{d}/probe": float(p.mean()),
+            last = self.checks[-1]
+            metrics.update({f"health/{d}/train": last["train"][d][0], f"health/{d}/probe": float(np.mean(last["probe"][d])),
+                            f"health/{d}/probe_trained": float(np.mean(last["probe_trained"][d])),
                             f"health/{d}/divergence": divergence, f"health/{d}/divergence_se": se,
+                            f"health/{d}/pool_divergence": signals["pool"][0],
+                            f"health/{d}/probe_divergence": signals["probe"][0],
                             f"health/{d}/flagged": float(d in self.flagged), f"health/{d}/scale": self.scale[d]})
         return metrics, newly
+
+    def divergences(self, domain: str) -> dict[str, tuple[float, float, float]]:
+        """{signal: (divergence, se, rise)} of the last check against the first (module docstring)."""
+        first, last = self.checks[0], self.checks[-1]
+        s, s1 = np.asarray(last["probe"][domain]), np.asarray(first["probe"][domain])
+        t, t1 = np.asarray(last["probe_trained"][domain]), np.asarray(first["probe_trained"][domain])
+        sd = lambda x: float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
+        change = (t - s) - (t1 - s1)
+        (pool, pool_se), (pool1, pool1_se) = last["train"][domain], first["train"][domain]
+        return {"probe": (float(change.mean()), sd(change), float(np.mean(t - t1))),
+                "pool": ((pool - pool1) - float(np.mean(s - s1)), math.sqrt(pool_se ** 2 + pool1_se ** 2 + sd(s - s1) ** 2),
+                         pool - pool1)}
 
     def describe(self, domain: str) -> str:
         """The log line of a flagged domain."""
         first, last = self.checks[0], self.checks[-1]
-        rise = last["train"][domain][0] - first["train"][domain][0]
+        divergence, se, rise = self.divergences(domain)[self.cfg.signal]
         probe = float(np.mean(last["probe"][domain]) - np.mean(first["probe"][domain]))
+        where = "on the probe set" if self.cfg.signal == "probe" else "on the pool"
         what = {"flag": "flagged only (rl.health.action = 'flag')", "pause": "paused in the curriculum",
                 "downweight": f"its curriculum share scaled by {self.cfg.downweight}"}[self.cfg.action]
-        return (f"reward health: domain {domain!r} training reward {rise:+.3f} since iteration {first['iteration']} "
-                f"while its strict probe reward moved {probe:+.3f} ({self.strikes[domain]} checks in a row): {what}")
+        return (f"reward health: domain {domain!r} training reward {rise:+.3f} {where} since iteration "
+                f"{first['iteration']} while its real-verifier probe reward moved {probe:+.3f} (divergence "
+                f"{divergence:+.3f} +- {se:.3f}, {self.strikes[domain]} checks in a row): {what}")
 
     def state_dict(self) -> dict:
         return {"checks": self.checks, "strikes": self.strikes, "flagged": self.flagged, "scale": self.scale}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.checks = list(state["checks"])
+        self.checks = [{**c, "probe_trained": c.get("probe_trained", c["probe"])} for c in state["checks"]]
         self.strikes = {d: int(state["strikes"].get(d, 0)) for d in self.domains}
         self.flagged = {d: int(i) for d, i in state["flagged"].items()}
         self.scale = {d: float(state["scale"].get(d, 1.0)) for d in self.domains}

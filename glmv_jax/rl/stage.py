@@ -330,28 +330,32 @@ def split_probe(cfg, records: list[dict], per_domain: int) -> tuple[list[dict], 
 
 class HealthProbe:
     """The reward-health guard's fixed probe set and its scores at given params: per domain the per-prompt
-    mean real-verifier reward of probe_samples responses at the rollout temperature."""
+    mean reward of probe_samples responses at the rollout temperature, under the real verifiers and under the
+    run's training verifiers (rl.reward_overrides) on the same responses."""
 
-    def __init__(self, exp, hc: HealthConfig, records: list[dict], pad_steps: int):
-        self.exp, self.hc, self.pad_steps, self.records = exp, hc, pad_steps, records
+    def __init__(self, exp, hc: HealthConfig, records: list[dict], pad_steps: int, overrides: dict[str, str]):
+        self.exp, self.hc, self.pad_steps, self.records, self.overrides = exp, hc, pad_steps, records, overrides
         self.prompts = prompt_dicts(self.records, exp.tokenizer, exp.processor)
         self.domains = np.asarray([rec["domain"] for rec in self.records])
 
-    def __call__(self, params, rng) -> tuple[dict[str, np.ndarray], int]:
-        """({domain: [n] per-prompt mean reward}, responses generated)."""
+    def __call__(self, params, rng) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
+        """({domain: [n] per-prompt mean real reward}, the same under the training verifiers, responses made)."""
         rollouts = Rollouts(self.exp, self.prompts, self.records, params, rng, pad_steps=self.pad_steps,
                             num_samples=self.hc.probe_samples)
-        per_prompt = rollouts(np.arange(len(self.prompts))).mean(axis=1)
-        return {d: per_prompt[self.domains == d] for d in sorted(set(self.domains))}, per_prompt.size * self.hc.probe_samples
+        real = rollouts(np.arange(len(self.prompts)))
+        trained = score_groups(self.records, rollouts.trajectories(), self.exp.cfg.rl.style,
+                               self.overrides)[0] if self.overrides else real
+        by_domain = lambda x: {d: x.mean(axis=1)[self.domains == d] for d in sorted(set(self.domains))}
+        return by_domain(real), by_domain(trained), real.size
 
 
 def check_health(monitor: RewardHealthMonitor, probe: HealthProbe, sampler, params, rng, iteration: int,
                  window: list[dict]) -> dict[str, float]:
     """One reward-health check after `iteration` over the history rows of its window: probe, compare, log and
     apply the flags (Sampler.scale_domains) -> the row's `health/*` entries."""
-    scores, spent = probe(params, rng)
+    real, trained, spent = probe(params, rng)
     train = {d: window_reward(window, d) for d in monitor.domains}
-    metrics, newly = monitor.check(iteration, train, scores)
+    metrics, newly = monitor.check(iteration, train, real, trained)
     for domain in newly:
         logging.warning("%s", monitor.describe(domain))
     sampler.scale_domains(monitor.scale)
@@ -389,7 +393,7 @@ def run_rl(exp) -> dict[str, Any]:
     records, domain_ratios, offline_rollouts = offline_pass(exp, records, fresh)
     sampler = make_sampler(cfg, PromptPool.from_records(records), domain_ratios)
     monitor = RewardHealthMonitor(hc, sampler.pool.domains) if hc.every else None
-    probe = HealthProbe(exp, hc, probe_records, pad_steps) if hc.every else None
+    probe = HealthProbe(exp, hc, probe_records, pad_steps, overrides) if hc.every else None
 
     with Checkpointer(os.path.join(exp.workdir, "checkpoints"), save_every=r.save_every, keep=cfg.train.keep) as ckpt:
         restored = ckpt.restore_latest(abstract_train_state(optimizer, abstract_params, None, rng))

@@ -11,54 +11,67 @@ from glmv_jax.rl.samplers import DAPOSampler, PromptPool, UniformSampler
 DOMAINS = ("chart", "counting")
 
 
-def probe_scores(rng, mean, n=32):
-    return (rng.random(n) < mean).astype(float)
-
-
-def run_checks(monitor, train_means, probe_means, seed=0):
-    """Feed one check per entry: train (mean, se 0.02) and probe scores of 32 fixed prompts, where a rising
-    probe mean turns the same prompts' scores on in a fixed order (paired across checks)."""
-    rng = np.random.default_rng(seed)
-    order = {d: rng.permutation(32) for d in DOMAINS}
+def run_checks(monitor, train_means, probe_means, trained_means=None, seed=0):
+    """Feed one check per entry: pool training reward (mean, se 0.02) and the per-prompt scores of 32 fixed
+    probe prompts under the real and the training verifiers, where a rising mean turns the same prompts'
+    scores on in a fixed order (paired across checks). trained_means None: the training verifiers are the
+    real ones."""
+    order = {d: np.random.default_rng(seed).permutation(32) for d in DOMAINS}
+    scores = lambda means, d: (np.argsort(order[d]) < round(means[d] * 32)).astype(float)
     flagged_at = {}
     for k, (train, probe) in enumerate(zip(train_means, probe_means)):
-        scores = {d: (np.argsort(order[d]) < round(probe[d] * 32)).astype(float) for d in DOMAINS}
-        _, newly = monitor.check(10 * (k + 1), {d: (train[d], 0.02) for d in DOMAINS}, scores)
+        trained = None if trained_means is None else {d: scores(trained_means[k], d) for d in DOMAINS}
+        _, newly = monitor.check(10 * (k + 1), {d: (train[d], 0.02) for d in DOMAINS},
+                                 {d: scores(probe, d) for d in DOMAINS}, trained)
         for d in newly:
             flagged_at[d] = 10 * (k + 1)
     return flagged_at
 
 
-def test_monitor_flags_a_diverging_domain_and_not_a_healthy_one():
-    monitor = RewardHealthMonitor(HealthConfig(every=10, patience=2, action="pause"), DOMAINS)
-    # counting: training reward climbs 0.5 -> 0.9 while its probe falls 0.5 -> 0.4 (a hacked verifier);
-    # chart: both climb together (real learning)
-    train = [{"counting": 0.5 + 0.1 * k, "chart": 0.4 + 0.05 * k} for k in range(5)]
-    probe = [{"counting": 0.5 - 0.025 * k, "chart": 0.4 + 0.05 * k} for k in range(5)]
-    flagged = run_checks(monitor, train, probe)
+# counting: the training verifier's reward climbs 0.5 -> 0.9 while the real one falls 0.5 -> 0.4 (a hacked
+# verifier); chart: both climb together (real learning)
+HACKED_TRAIN = [{"counting": 0.5 + 0.1 * k, "chart": 0.4 + 0.05 * k} for k in range(5)]
+HACKED_REAL = [{"counting": 0.5 - 0.025 * k, "chart": 0.4 + 0.05 * k} for k in range(5)]
+
+
+@pytest.mark.parametrize("signal", ["probe", "pool"])
+def test_monitor_flags_a_diverging_domain_and_not_a_healthy_one(signal):
+    monitor = RewardHealthMonitor(HealthConfig(every=10, patience=2, action="pause", signal=signal), DOMAINS)
+    flagged = run_checks(monitor, HACKED_TRAIN, HACKED_REAL, HACKED_TRAIN)
     assert flagged == {"counting": 30}                   # strikes at checks 2 (gap 0.13) and 3: patience 2
     assert monitor.scale == {"chart": 1.0, "counting": 0.0}
     assert "'counting'" in monitor.describe("counting") and "paused" in monitor.describe("counting")
+
+
+def test_the_probe_signal_ignores_pool_drift_that_the_real_verifier_shares():
+    # the pool's reward climbs (the curriculum drew easier prompts, or the policy memorised the pool) while the
+    # probe stays flat under both verifiers: "pool" flags it, "probe" does not
+    pool = [{"counting": 0.5 + 0.1 * k, "chart": 0.5} for k in range(5)]
+    flat = [{"counting": 0.5, "chart": 0.5}] * 5
+    assert run_checks(RewardHealthMonitor(HealthConfig(every=10, signal="pool"), DOMAINS), pool, flat) == {
+        "counting": 40}                                  # a rise of 0.1 at check 2 is not above min_gap
+    assert run_checks(RewardHealthMonitor(HealthConfig(every=10, signal="probe"), DOMAINS), pool, flat) == {}
 
 
 def test_monitor_leaves_noise_and_falling_rewards_alone():
     monitor = RewardHealthMonitor(HealthConfig(every=10, patience=2), DOMAINS)
     train = [{"counting": 0.5 + 0.02 * (-1) ** k, "chart": 0.6 - 0.1 * k} for k in range(6)]  # flat / falling
     probe = [{"counting": 0.5, "chart": 0.6} for _ in range(6)]
-    assert run_checks(monitor, train, probe) == {}
+    trained = [{"counting": 0.5 + 0.03 * (-1) ** k, "chart": 0.6 - 0.1 * k} for k in range(6)]
+    assert run_checks(monitor, train, probe, trained) == {}
     assert monitor.scale == {"chart": 1.0, "counting": 1.0}
 
 
 def test_a_single_strike_is_not_a_flag_and_the_state_round_trips():
     cfg = HealthConfig(every=5, patience=3, action="downweight", downweight=0.25)
     monitor = RewardHealthMonitor(cfg, DOMAINS)
-    train = [{"counting": 0.5, "chart": 0.5}, {"counting": 0.9, "chart": 0.5}, {"counting": 0.5, "chart": 0.5}]
-    probe = [{"counting": 0.5, "chart": 0.5}] * 3
-    assert run_checks(monitor, train, probe) == {}
+    flat = [{"counting": 0.5, "chart": 0.5}] * 3
+    trained = [{"counting": 0.5, "chart": 0.5}, {"counting": 0.9, "chart": 0.5}, {"counting": 0.5, "chart": 0.5}]
+    assert run_checks(monitor, flat, flat, trained) == {}
     again = RewardHealthMonitor(cfg, DOMAINS)
     again.load_state_dict(monitor.state_dict())
     assert again.state_dict() == monitor.state_dict()
-    flagged = run_checks(again, [{"counting": 0.9, "chart": 0.5}] * 3, [{"counting": 0.5, "chart": 0.5}] * 3)
+    flagged = run_checks(again, flat, flat, [{"counting": 0.9, "chart": 0.5}] * 3)
     assert flagged == {"counting": 30} and again.scale["counting"] == 0.25      # 3 strikes after the resume
 
 
@@ -70,7 +83,8 @@ def test_window_reward_skips_iterations_without_the_domain():
 
 
 def test_bad_health_settings_are_refused():
-    for bad in (dict(action="stop"), dict(every=-1), dict(downweight=2.0), dict(probe_per_domain=1)):
+    for bad in (dict(action="stop"), dict(every=-1), dict(downweight=2.0), dict(probe_per_domain=1),
+                dict(signal="vibes")):
         with pytest.raises(ValueError, match="rl.health"):
             HealthConfig(**bad)
 
