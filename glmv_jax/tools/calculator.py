@@ -80,7 +80,8 @@ def run(arguments: dict, images) -> str:
 TOOL = Tool(
     name="calculator",
     description="Evaluate an arithmetic expression: numbers, + - * / // % ** and parentheses.",
-    parameters={"type": "object", "properties": {"expression": {"type": "string", "description": "e.g. (12.5 + 3) * 4 / 2"}},
+    parameters={"type": "object",
+                "properties": {"expression": {"type": "string", "description": "e.g. (12.5 + 3) * 4 / 2"}},
                 "required": ["expression"], "additionalProperties": False},
     fn=run,
     time_limit_s=1.0,

@@ -415,10 +415,10 @@ def test_tool_doc_example_glm46v():
              "tool_calls": [ToolCall("crop", {"box": [10, 20, 300, 400]})]},
             {"role": "tool", "content": [{"type": "text", "text": "Cropped:"}, {"type": "image"}]}]
     tools = [{"name": "calculator"}]
-    expected = (f"[gMASK]<sop>{TOOLS_HEADER}{{\"name\": \"calculator\"}}\n{TOOLS_FOOTER}<|user|>\n{IMG}What does the sign "
-                "say?<|assistant|>\n<think>Too small; zoom in.</think>\n<tool_call>crop\n<arg_key>box</arg_key>\n"
-                f"<arg_value>[10, 20, 300, 400]</arg_value>\n</tool_call><|observation|>\n<tool_response>\nCropped:{IMG}\n"
-                "</tool_response><|assistant|>\n")
+    expected = (f"[gMASK]<sop>{TOOLS_HEADER}{{\"name\": \"calculator\"}}\n{TOOLS_FOOTER}<|user|>\n{IMG}What does "
+                "the sign say?<|assistant|>\n<think>Too small; zoom in.</think>\n<tool_call>crop\n<arg_key>box"
+                "</arg_key>\n<arg_value>[10, 20, 300, 400]</arg_value>\n</tool_call><|observation|>\n<tool_response>\n"
+                f"Cropped:{IMG}\n</tool_response><|assistant|>\n")
     assert ct.render(msgs, "glm46v", add_generation_prompt=True, tools=tools) == expected
     assert jinja_render(msgs, "glm46v", True, tools=tools) == expected
     segments = ct.render_segments(msgs, "glm46v", tools=tools)
@@ -459,7 +459,8 @@ def test_tool_render_errors():
 def test_training_example_with_tool_calls(tok):
     """The calls are trained with their turn, then `<|observation|>` (which ends it); the results are not."""
     msgs = [{"role": "user", "content": "<image>Sign?"},
-            {"role": "assistant", "content": "<think>zoom</think>", "tool_calls": [ToolCall("crop", {"box": [1, 2, 3, 4]})]},
+            {"role": "assistant", "content": "<think>zoom</think>",
+             "tool_calls": [ToolCall("crop", {"box": [1, 2, 3, 4]})]},
             {"role": "tool", "content": [{"type": "image"}]},
             {"role": "assistant", "content": "<think>reads STOP</think>\n<|begin_of_box|>STOP<|end_of_box|>"}]
     record = {"id": "t", "images": ["a.png", "crop.png"], "messages": msgs}

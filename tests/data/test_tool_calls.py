@@ -27,10 +27,11 @@ def test_render_parse_round_trip():
     for _ in range(200):
         calls = []
         for _ in range(int(rng.integers(1, 4))):
-            keys = rng.choice(["box", "expression", "q", "k-2", "ключ"], size=int(rng.integers(0, 4)), replace=False)
+            keys = rng.choice(["box", "expression", "q", "k-2", "ключ"], int(rng.integers(0, 4)), replace=False)
             calls.append(ToolCall(str(rng.choice(["crop", "calculator", "web.search"])),
                                   {str(k): VALUES[rng.integers(len(VALUES))] for k in keys}))
-        msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>t</think>ok", "tool_calls": calls}]
+        msgs = [{"role": "user", "content": "q"},
+                {"role": "assistant", "content": "<think>t</think>ok", "tool_calls": calls}]
         for template in ("glm45v", "glm46v"):
             (output,) = [text for text, is_output in ct.render_segments(msgs, template) if is_output]
             parsed = parse_tool_calls(output)

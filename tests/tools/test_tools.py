@@ -91,7 +91,8 @@ def test_crop_refuses(arguments, reason):
 # -- execute and the registry ----------------------------------------------------------------------------------
 def test_execute_call_forms_and_bad_calls():
     assert execute({"name": "calculator", "arguments": {"expression": "2+2"}}).text == "4"
-    assert execute({"type": "function", "function": {"name": "calculator", "arguments": {"expression": "1"}}}).text == "1"
+    openai_style = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "1"}}}
+    assert execute(openai_style).text == "1"
     assert execute(ToolCall("search", {"q": "x"})).error == "unknown_tool"
     for bad in (None, 3, {"name": 5, "arguments": {}}, {"name": "crop", "arguments": "[1, 2, 3, 4]"},
                 ToolCall("crop", None)):
