@@ -278,7 +278,8 @@ def _assistant_45v(msg: dict, keep_reasoning: bool) -> str:
 # -- tokens ----------------------------------------------------------------------------------------
 def build_training_example(record: dict, tokenizer, template: str = "glm41v", *,
                            image_token_counts: int | Sequence[int] | None = None, max_length: int | None = None,
-                           end_of_turn: str = "<|user|>", enable_thinking: bool | None = None):
+                           end_of_turn: str = "<|user|>", enable_thinking: bool | None = None,
+                           tools: Sequence[dict] | None = None):
     """A data record (docs/data.md section 1) -> (input_ids [T] int32, loss_mask [T] int32).
 
     loss_mask[t] = 1 where input_ids[t] is a trained target: every assistant turn's content (not its
@@ -290,11 +291,12 @@ def build_training_example(record: dict, tokenizer, template: str = "glm41v", *,
     (what the model sees at inference); this equals tokenizing the whole text unless a BPE merge would
     cross a segment edge (e.g. content starting with a newline). `image_token_counts` expands each `<|image|>`
     to that many copies (int: the same for every image; list: per image, in order), as the processor does.
+    `tools`: function specs rendered as the tools block (GLM-4.5V / 4.6V).
     """
     messages = _record_messages(record)
     if not any(m["role"] == "assistant" for m in messages):
         raise ChatTemplateError(f"record {record.get('id')!r} has no assistant turn to train on")
-    segs = render_segments(messages, template, enable_thinking=enable_thinking)
+    segs = render_segments(messages, template, enable_thinking=enable_thinking, tools=tools)
     ids, mask = [], []
     for text, is_target in _merge_segments(segs):
         piece = tokenizer.encode(text)
@@ -314,14 +316,16 @@ def build_training_example(record: dict, tokenizer, template: str = "glm41v", *,
 
 
 def build_prompt(record: dict, tokenizer, template: str = "glm41v", *,
-                 image_token_counts: int | Sequence[int] | None = None, enable_thinking: bool | None = None):
+                 image_token_counts: int | Sequence[int] | None = None, enable_thinking: bool | None = None,
+                 tools: Sequence[dict] | None = None):
     """RL / eval prompt ids [T] int32: the messages up to the last user turn plus the generation prompt
-    (a record's trailing assistant turns are dropped)."""
+    (a record's trailing assistant turns are dropped); `tools` as in build_training_example."""
     messages = _record_messages(record)
     users = [i for i, m in enumerate(messages) if m["role"] == "user"]
     if not users:
         raise ChatTemplateError(f"record {record.get('id')!r} has no user turn")
-    text = render(messages[: users[-1] + 1], template, add_generation_prompt=True, enable_thinking=enable_thinking)
+    text = render(messages[: users[-1] + 1], template, add_generation_prompt=True, enable_thinking=enable_thinking,
+                  tools=tools)
     ids = tokenizer.encode(text)
     ids, _ = _expand_images(ids, [0] * len(ids), tokenizer.image_id, image_token_counts, record)
     return np.asarray(ids, np.int32)

@@ -469,6 +469,12 @@ def test_training_example_with_tool_calls(tok):
     assert first.endswith("</tool_call>")
     assert _targets(ids, mask, tok) == first + "<|observation|>" + second + "<|user|>"
     assert (ids == tok.image_id).sum() == 2 and not mask[ids == tok.image_id].any()
+    with_tools, tools_mask = ct.build_training_example(record, tok, "glm46v", tools=TOOLS)
+    assert with_tools.tolist() == tok.encode(ct.render(msgs, "glm46v", tools=TOOLS)) + [tok.token_to_id("<|user|>")]
+    assert _targets(with_tools, tools_mask, tok) == _targets(ids, mask, tok)
+    prompt = ct.build_prompt(record, tok, "glm46v", tools=TOOLS)
+    assert tok.decode(prompt).startswith("[gMASK]<sop>" + TOOLS_HEADER) and with_tools[:len(prompt)].tolist() == \
+        tok.encode(ct.render(msgs[:1], "glm46v", add_generation_prompt=True, tools=TOOLS))
 
 
 # -- tokens ----------------------------------------------------------------------------------------------
