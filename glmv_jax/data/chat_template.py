@@ -2,19 +2,27 @@
 (docs/data.md section 3: GLM-4.1V-Thinking and GLM-4.5V / GLM-4.6V styles), and the
 token-level training example (ids + loss mask) and RL prompt built from a data record (docs/data.md section 1).
 
-Messages are dicts {"role", "content"[, "reasoning_content", "metadata"]}. User/system content is a string
-or a list of items {"type": "text", "text"}, {"type": "image"}, {"type": "video"}; in a string, the record
-markers "<image>" / "<video>" stand for media items, so "<image>What?" renders like
+Messages are dicts {"role", "content"[, "reasoning_content", "metadata", "tool_calls"]}. User/system content
+is a string or a list of items {"type": "text", "text"}, {"type": "image"}, {"type": "video"}; in a string, the
+record markers "<image>" / "<video>" stand for media items, so "<image>What?" renders like
 [{"type": "image"}, {"type": "text", "text": "What?"}].
+
+Tools (GLM-4.5V / 4.6V only; docs/tools.md): `tools=[spec, ...]` renders the tools block before everything
+else, an assistant turn's `tool_calls` ([ToolCall | {"name", "arguments"} | {"function": {...}}]) follow its
+content, and `tool` turns render as `<|observation|>` + `<tool_response>` blocks. A tool turn's content is a
+string, or (glm46v) a list of text / image / video items whose media render as placeholders.
 """
 from __future__ import annotations
 
+import json
 import re
 from typing import Sequence
 
 import numpy as np
 
-TEMPLATES = ("glm41v", "glm45v", "glm46v")  # glm46v renders exactly as glm45v
+from glmv_jax.data.tool_calls import format_tool_calls, tools_block
+
+TEMPLATES = ("glm41v", "glm45v", "glm46v")  # glm46v renders as glm45v except tool results (media allowed)
 STYLES = ("glm41v", "glm45v")               # response styles (docs/data.md section 3)
 IMAGE_MARKER, VIDEO_MARKER = "<image>", "<video>"
 IMAGE_PLACEHOLDER = "<|begin_of_image|><|image|><|end_of_image|>"
@@ -54,17 +62,20 @@ def split_media_markers(text: str) -> list[dict]:
 
 
 def count_media(messages: Sequence[dict]) -> tuple[int, int]:
-    """(#images, #videos) in the user turns (markers in strings and media items), as the templates render them."""
+    """(#images, #videos) in the user turns (markers in strings and media items) and in tool results (media
+    items), as the templates render them."""
     images = videos = 0
     for msg in messages:
-        if msg.get("role") != "user":
-            continue
         content = msg.get("content")
-        items = split_media_markers(content) if isinstance(content, str) else (content or [])
-        for item in items:
-            kind = _user_item_kind(item)
-            images += kind == "image"
-            videos += kind == "video"
+        if msg.get("role") == "user":
+            kinds = [_user_item_kind(item) for item in
+                     (split_media_markers(content) if isinstance(content, str) else (content or []))]
+        elif msg.get("role") == "tool" and isinstance(content, list):
+            kinds = [_tool_item_kind(item) for item in content]
+        else:
+            continue
+        images += kinds.count("image")
+        videos += kinds.count("video")
     return images, videos
 
 
@@ -95,6 +106,23 @@ def _user_text(content) -> str:
     return "".join(out)
 
 
+def _tool_item_kind(item) -> str:
+    """Item kind as GLM-4.6V's tool branch tests it: typed mappings by `type` (lowercased), else `output`."""
+    if isinstance(item, str):
+        return "string"
+    if isinstance(item, dict) and isinstance(item.get("type"), str):
+        kind = item["type"].lower()
+        if kind == "text" and "text" in item:
+            if not isinstance(item["text"], str):
+                raise ChatTemplateError(f"tool result text item without a string 'text': {item!r}")
+            return "text"
+        return {"image": "image", "image_url": "image", "video": "video", "video_url": "video"}.get(kind, "json")
+    if isinstance(item, dict) and "type" not in item and isinstance(item.get("output"), str):
+        return "output"
+    raise ChatTemplateError(f"tool result items must be strings, {{'output': str}} or dicts with a string 'type' "
+                            f"(the template would print a Python repr), got {item!r}")
+
+
 def _visible_text(content) -> str:
     """GLM-4.5V's `visible_text` macro (text items first, then image, then video)."""
     if isinstance(content, str):
@@ -118,9 +146,10 @@ def _visible_text(content) -> str:
 
 # -- rendering -------------------------------------------------------------------------------------
 def render_segments(messages: Sequence[dict], template: str = "glm41v", add_generation_prompt: bool = False,
-                    enable_thinking: bool | None = None) -> list[tuple[str, bool]]:
+                    enable_thinking: bool | None = None, tools: Sequence[dict] | None = None
+                    ) -> list[tuple[str, bool]]:
     """The rendered conversation as (text, is_assistant_output) pieces; their concatenation is `render(...)`.
-    Assistant output is the turn's content after the `<|assistant|>\\n` header."""
+    Assistant output is the turn's content (and tool calls) after the `<|assistant|>\\n` header."""
     if template not in TEMPLATES:
         raise ChatTemplateError(f"unknown chat template {template!r}; expected one of {TEMPLATES}")
     if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
@@ -131,14 +160,18 @@ def render_segments(messages: Sequence[dict], template: str = "glm41v", add_gene
     if template == "glm41v":
         if enable_thinking is not None:
             raise ChatTemplateError("GLM-4.1V-Thinking has no enable_thinking switch")
+        if tools or any(m.get("tool_calls") for m in messages):
+            raise ChatTemplateError("GLM-4.1V-Thinking's template has no tools (it would drop them silently); "
+                                    "use glm45v / glm46v")
         return _segments_41v(messages, add_generation_prompt)
-    return _segments_45v(messages, add_generation_prompt, enable_thinking)
+    return _segments_45v(messages, add_generation_prompt, enable_thinking, tools, media_results=template == "glm46v")
 
 
 def render(messages: Sequence[dict], template: str = "glm41v", add_generation_prompt: bool = False,
-           enable_thinking: bool | None = None) -> str:
+           enable_thinking: bool | None = None, tools: Sequence[dict] | None = None) -> str:
     """The exact text the hub template renders (transformers' apply_chat_template(tokenize=False))."""
-    return "".join(text for text, _ in render_segments(messages, template, add_generation_prompt, enable_thinking))
+    return "".join(text for text, _ in render_segments(messages, template, add_generation_prompt, enable_thinking,
+                                                       tools))
 
 
 def _segments_41v(messages, add_generation_prompt):
@@ -163,33 +196,70 @@ def _segments_41v(messages, add_generation_prompt):
     return segs
 
 
-def _segments_45v(messages, add_generation_prompt, enable_thinking):
+def _segments_45v(messages, add_generation_prompt, enable_thinking, tools, media_results):
     no_think = enable_thinking is not None and not enable_thinking
     last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
     segs = [("[gMASK]<sop>", False)]
+    if tools:
+        segs.append((_checked(tools_block, tools), False))
     for index, msg in enumerate(messages):
         role, content = msg["role"], msg["content"]
         if role == "user":
             suffix = "/nothink" if no_think and not _visible_text(content).endswith("/nothink") else ""
             segs.append(("<|user|>\n" + _user_text(content) + suffix, False))
         elif role == "assistant":
-            if msg.get("tool_calls"):
-                raise ChatTemplateError("assistant tool_calls are not supported")
+            calls = _checked(format_tool_calls, msg.get("tool_calls") or [])
             segs.append(("<|assistant|>\n", False))
-            segs.append((_assistant_45v(msg, keep_reasoning=index > last_user), True))
+            segs.append((_assistant_45v(msg, keep_reasoning=index > last_user) + calls, True))
         elif role == "system":
             segs.append(("<|system|>\n" + _visible_text(content), False))
         elif role == "tool":
-            if not isinstance(content, str):
-                raise ChatTemplateError("only string tool results are supported")
             first = index == 0 or messages[index - 1]["role"] != "tool"
-            segs.append((("<|observation|>" if first else "") + f"\n<tool_response>\n{content}\n</tool_response>",
-                         False))
+            segs.append((_tool_result(content, first, media_results), False))
         else:
             raise ChatTemplateError(f"GLM-4.5V template has no role {role!r}")
     if add_generation_prompt:
         segs.append(("<|assistant|>\n" + ("<think></think>\n" if no_think else ""), False))
     return segs
+
+
+def _tool_result(content, first: bool, media_results: bool) -> str:
+    """A tool turn. String content: one `<tool_response>` block, `<|observation|>` only before the first of
+    consecutive tool turns (GLM-4.6V's template adds a newline after it). List content: GLM-4.6V puts the
+    items in one block (media as placeholders); GLM-4.5V opens `<|observation|>` and one block per item,
+    printing strings and `output` texts only."""
+    observation = "<|observation|>" if first else ""
+    if isinstance(content, str):
+        return f"{observation}\n<tool_response>\n{content}\n</tool_response>" + ("\n" if media_results else "")
+    if not isinstance(content, list):
+        raise ChatTemplateError(f"tool content must be a string or a list of items, got {type(content).__name__}")
+    kinds = [_tool_item_kind(item) for item in content]
+    if not media_results:
+        if any(kind not in ("string", "output") for kind in kinds):
+            raise ChatTemplateError("GLM-4.5V's template prints typed tool result items (text, images) as Python "
+                                    "reprs; use strings / {'output': str}, or glm46v for media")
+        return "<|observation|>" + "".join(f"\n<tool_response>\n{_tool_item_text(item, kind)}\n</tool_response>"
+                                           for item, kind in zip(content, kinds))
+    return f"{observation}\n<tool_response>\n" + "".join(
+        _tool_item_text(item, kind) for item, kind in zip(content, kinds)) + "\n</tool_response>"
+
+
+def _tool_item_text(item, kind: str) -> str:
+    if kind == "string":
+        return item
+    if kind in ("image", "video"):
+        return IMAGE_PLACEHOLDER if kind == "image" else VIDEO_PLACEHOLDER
+    if kind == "json":  # a typed item the template does not know: its JSON
+        return _checked(json.dumps, item, ensure_ascii=False)
+    return item[kind]  # "text" / "output"
+
+
+def _checked(fn, *args, **kwargs):
+    """fn(...) with its ValueError / TypeError (a malformed tools list or call) as a ChatTemplateError."""
+    try:
+        return fn(*args, **kwargs)
+    except (TypeError, ValueError) as error:
+        raise ChatTemplateError(str(error)) from None
 
 
 def _assistant_45v(msg: dict, keep_reasoning: bool) -> str:
@@ -208,7 +278,8 @@ def _assistant_45v(msg: dict, keep_reasoning: bool) -> str:
 # -- tokens ----------------------------------------------------------------------------------------
 def build_training_example(record: dict, tokenizer, template: str = "glm41v", *,
                            image_token_counts: int | Sequence[int] | None = None, max_length: int | None = None,
-                           end_of_turn: str = "<|user|>", enable_thinking: bool | None = None):
+                           end_of_turn: str = "<|user|>", enable_thinking: bool | None = None,
+                           tools: Sequence[dict] | None = None):
     """A data record (docs/data.md section 1) -> (input_ids [T] int32, loss_mask [T] int32).
 
     loss_mask[t] = 1 where input_ids[t] is a trained target: every assistant turn's content (not its
@@ -220,11 +291,12 @@ def build_training_example(record: dict, tokenizer, template: str = "glm41v", *,
     (what the model sees at inference); this equals tokenizing the whole text unless a BPE merge would
     cross a segment edge (e.g. content starting with a newline). `image_token_counts` expands each `<|image|>`
     to that many copies (int: the same for every image; list: per image, in order), as the processor does.
+    `tools`: function specs rendered as the tools block (GLM-4.5V / 4.6V).
     """
     messages = _record_messages(record)
     if not any(m["role"] == "assistant" for m in messages):
         raise ChatTemplateError(f"record {record.get('id')!r} has no assistant turn to train on")
-    segs = render_segments(messages, template, enable_thinking=enable_thinking)
+    segs = render_segments(messages, template, enable_thinking=enable_thinking, tools=tools)
     ids, mask = [], []
     for text, is_target in _merge_segments(segs):
         piece = tokenizer.encode(text)
@@ -244,14 +316,16 @@ def build_training_example(record: dict, tokenizer, template: str = "glm41v", *,
 
 
 def build_prompt(record: dict, tokenizer, template: str = "glm41v", *,
-                 image_token_counts: int | Sequence[int] | None = None, enable_thinking: bool | None = None):
+                 image_token_counts: int | Sequence[int] | None = None, enable_thinking: bool | None = None,
+                 tools: Sequence[dict] | None = None):
     """RL / eval prompt ids [T] int32: the messages up to the last user turn plus the generation prompt
-    (a record's trailing assistant turns are dropped)."""
+    (a record's trailing assistant turns are dropped); `tools` as in build_training_example."""
     messages = _record_messages(record)
     users = [i for i, m in enumerate(messages) if m["role"] == "user"]
     if not users:
         raise ChatTemplateError(f"record {record.get('id')!r} has no user turn")
-    text = render(messages[: users[-1] + 1], template, add_generation_prompt=True, enable_thinking=enable_thinking)
+    text = render(messages[: users[-1] + 1], template, add_generation_prompt=True, enable_thinking=enable_thinking,
+                  tools=tools)
     ids = tokenizer.encode(text)
     ids, _ = _expand_images(ids, [0] * len(ids), tokenizer.image_id, image_token_counts, record)
     return np.asarray(ids, np.int32)

@@ -1,4 +1,8 @@
-"""Boxes [x1, y1, x2, y2] on the 0-1000 grid: parsing from model text, validation, IoU, one-to-one matching."""
+"""Boxes [x1, y1, x2, y2] on the 0-1000 grid: parsing from model text, validation, IoU, one-to-one matching.
+
+Box text may use any of the bracket styles GLM-V writes ([], [[ ]], (), <>; GLM-V README, grounding): a box is
+four numbers inside one matching pair of (), [] or <>, and square brackets may also group boxes.
+"""
 from __future__ import annotations
 
 import re
@@ -8,29 +12,31 @@ from scipy.optimize import linear_sum_assignment
 
 GRID = 1000
 _NUMBER = r"\s*(-?\d+(?:\.\d+)?)\s*"
-_BOX = re.compile(r"\[" + ",".join([_NUMBER] * 4) + r"\]")
+_PAIRS = {"[": "]", "(": ")", "<": ">"}
+_BOX = re.compile(r"([\[(<])" + ",".join([_NUMBER] * 4) + r"([\])>])")
 _FILLER = re.compile(r"[\s,\[\]]*")
 
 
-def is_valid(box) -> bool:
-    """Four finite numbers with 0 <= x1 < x2 <= 1000 and 0 <= y1 < y2 <= 1000."""
+def is_valid(box, grid: float = GRID) -> bool:
+    """Four finite numbers with 0 <= x1 < x2 <= grid and 0 <= y1 < y2 <= grid."""
     if not isinstance(box, (list, tuple)) or len(box) != 4:
         return False
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in box):
         return False
     x1, y1, x2, y2 = box
-    return 0 <= x1 < x2 <= GRID and 0 <= y1 < y2 <= GRID
+    return 0 <= x1 < x2 <= grid and 0 <= y1 < y2 <= grid
 
 
 def parse_boxes(text: str, max_boxes: int) -> list[list[float]] | None:
-    """Every [a, b, c, d] in `text`, if the text is nothing but such boxes joined by commas, brackets and
-    whitespace ("[1,2,3,4]", "[[1,2,3,4], [5,6,7,8]]"); None if anything else is there or > max_boxes."""
+    """Every box in `text`, if the text is nothing but boxes joined by commas, square brackets and whitespace
+    ("[1,2,3,4]", "[[1,2,3,4], [5,6,7,8]]", "(1,2,3,4)", "<1,2,3,4>"); None if anything else is there, a box's
+    brackets do not match ("(1,2,3,4]"), or there are more than max_boxes."""
     boxes = []
     position = 0
     for match in _BOX.finditer(text):
-        if not _FILLER.fullmatch(text, position, match.start()):
+        if not _FILLER.fullmatch(text, position, match.start()) or _PAIRS[match[1]] != match[6]:
             return None
-        boxes.append([float(v) for v in match.groups()])
+        boxes.append([float(v) for v in match.groups()[1:5]])
         if len(boxes) > max_boxes:
             return None
         position = match.end()

@@ -1,8 +1,10 @@
-"""Chart QA: numbers within a relative tolerance (2%), years exactly, text answers by normalised exact match.
+"""Chart QA: numbers within a relative tolerance (RewardConfig.chart_rel_tol, 2%), years exactly, text answers
+by normalised exact match.
 
 A reference "looks like a year" when it is written as a 4-digit integer without separators ("2019", not
 "2,019" or "2019.0"): then the prediction must be that integer exactly. A trailing % (or \\%) is ignored
-on both sides (chart values are often percentages).
+on both sides (chart values are often percentages). GLM-V's glmv_reward uses 2.5% (its chart verifier's
+sympy_tolerance): RewardConfig(chart_rel_tol=GLMV_REL_TOL).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from fractions import Fraction
 from glmv_jax.rewards import numbers
 from glmv_jax.rewards.result import RewardConfig
 
+GLMV_REL_TOL = 0.025
 _YEAR = re.compile(r"[12]\d{3}")
 
 

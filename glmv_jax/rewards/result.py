@@ -38,7 +38,8 @@ class RewardConfig:
     math_max_chars: longer math answers score 0 without parsing (info["reason"] == "too_long").
     math_max_depth: deeper bracket nesting ((, [, {) scores 0 without parsing.
     math_rel_tol: relative tolerance when both sides are plain numbers.
-    chart_rel_tol: relative tolerance of the chart domain (years are compared exactly).
+    chart_rel_tol: relative tolerance of the chart domain (years are compared exactly); GLM-V's released reward
+      uses chart.GLMV_REL_TOL = 0.025.
     iou_threshold: grounding / gui box match threshold.
     max_boxes: grounding answers with more predicted boxes than this score 0 without matching.
     ocr_ignore_case: compare OCR text case-insensitively.

@@ -1,5 +1,7 @@
 """The Python chat templates against the hub Jinja templates rendered with jinja2 the way transformers does
-(trim_blocks, lstrip_blocks, loopcontrols), and the token-level training examples built from them."""
+(trim_blocks, lstrip_blocks, loopcontrols, its tojson), and the token-level training examples built from them."""
+import json
+
 import jinja2
 import jinja2.ext
 import jinja2.sandbox
@@ -8,6 +10,7 @@ import pytest
 
 from glmv_jax.data import chat_template as ct
 from glmv_jax.data.synthetic import DOMAINS, generate
+from glmv_jax.data.tool_calls import TOOLS_FOOTER, TOOLS_HEADER, ToolCall
 from glmv_jax.data.tokenizer import SPECIAL_TOKENS, HFTokenizer, SentencePieceTokenizer
 
 # The released GLM-4.1V-Thinking chat template (its Hugging Face hub repository), verbatim.
@@ -45,16 +48,86 @@ GLM41V_TEMPLATE = """[gMASK]<sop>
 {% if add_generation_prompt %}<|assistant|>
 {% endif %}"""
 
-# The released GLM-4.5V template (hub excerpt) completed with the lines it omits (tools header,
-# visible_text macro, last-user index, reasoning split, tool results, system, generation prompt) as in the
-# public copy of the GLM-4.5V-layout hub template (GLM-OCR's, whose non-tool branches are the same).
+# The released GLM-4.5V template (hub excerpt) completed with the lines it omits (tools block, visible_text
+# macro, last-user index, reasoning split, tool calls, tool results, system, generation prompt) as in the public
+# copies of the GLM-4.5V hub template (xinference's `glm-4.5v` entry, whose tools block lost its blank lines)
+# and of the GLM-4.5V-layout hub template of GLM-OCR (blank lines kept; its other branches are the same).
+GLM45V_TOOL_BRANCH = """{%- elif m.role == 'tool' -%}
+{%- if m.content is string -%}
+{%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+    {{- '<|observation|>' }}
+{%- endif %}
+{{- '\\n<tool_response>\\n' }}
+{{- m.content }}
+{{- '\\n</tool_response>' }}
+{%- else -%}
+<|observation|>{% for tr in m.content %}
+
+<tool_response>
+{{ tr.output if tr.output is defined else tr }}
+</tool_response>{% endfor -%}
+{% endif -%}"""
+# GLM-4.6V: the tool branch of GLM-OCR's hub template (a Glm46VProcessor checkpoint, docs: chat_template.md
+# section 4): list results in one block with media as placeholders; a newline after a string result.
+GLM46V_TOOL_BRANCH = """{%- elif m.role == 'tool' -%}
+{%- if m.content is string -%}
+{%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+    {{- '<|observation|>' }}
+{%- endif %}
+{{- '\\n<tool_response>\\n' }}
+{{- m.content }}
+{{- '\\n</tool_response>' }}
+{% elif m.content is iterable and m.content is not mapping %}
+{%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+{{- '<|observation|>' }}
+{%- endif %}
+{{- '\\n<tool_response>\\n' }}
+{%- for tr in m.content -%}
+  {%- if tr is mapping and tr.type is defined -%}
+    {%- set t = tr.type | lower -%}
+    {%- if t == 'text' and tr.text is defined -%}
+{{ tr.text }}
+    {%- elif t in ['image', 'image_url'] -%}
+<|begin_of_image|><|image|><|end_of_image|>
+    {%- elif t in ['video', 'video_url'] -%}
+<|begin_of_video|><|video|><|end_of_video|>
+    {%- else -%}
+{{ tr | tojson(ensure_ascii=False) }}
+    {%- endif -%}
+  {%- else -%}
+{{ tr.output if tr.output is defined else tr }}
+  {%- endif -%}
+{%- endfor -%}
+{{- '\\n</tool_response>' }}
+{%- else -%}
+<|observation|>{% for tr in m.content %}
+
+<tool_response>
+{{ tr.output if tr.output is defined else tr }}
+</tool_response>{% endfor -%}
+{% endif -%}"""
 GLM45V_TEMPLATE = """[gMASK]<sop>
 {%- if tools -%}
 <|system|>
 # Tools
 
 You may call one or more functions to assist with the user query.
-{%- endif -%}
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>
+{% for tool in tools %}
+{{ tool | tojson(ensure_ascii=False) }}
+{% endfor %}
+</tools>
+
+For each function call, output the function name and arguments within the following XML format:
+<tool_call>{function-name}
+<arg_key>{arg-key-1}</arg_key>
+<arg_value>{arg-value-1}</arg_value>
+<arg_key>{arg-key-2}</arg_key>
+<arg_value>{arg-value-2}</arg_value>
+...
+</tool_call>{%- endif -%}
 {%- macro visible_text(content) -%}
     {%- if content is string -%}
         {{- content }}
@@ -114,13 +187,20 @@ You may call one or more functions to assist with the user query.
 {%- if content.strip() -%}
 {{ '\\n' + content.strip() }}
 {%- endif -%}
-{%- elif m.role == 'tool' -%}
-{%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
-    {{- '<|observation|>' }}
+{% if m.tool_calls %}
+{% for tc in m.tool_calls %}
+{%- if tc.function %}
+    {%- set tc = tc.function %}
 {%- endif %}
-{{- '\\n<tool_response>\\n' }}
-{{- m.content }}
-{{- '\\n</tool_response>' }}
+{{ '\\n<tool_call>' + tc.name }}
+{% set _args = tc.arguments %}
+{% for k, v in _args.items() %}
+<arg_key>{{ k }}</arg_key>
+<arg_value>{{ v | tojson(ensure_ascii=False) if v is not string else v }}</arg_value>
+{% endfor %}
+</tool_call>{% endfor %}
+{% endif %}
+""" + GLM45V_TOOL_BRANCH + """
 {%- elif m.role == 'system' -%}
 <|system|>
 {{ visible_text(m.content) }}
@@ -131,20 +211,30 @@ You may call one or more functions to assist with the user query.
 {{'<think></think>\\n' if (enable_thinking is defined and not enable_thinking) else ''}}
 {%- endif -%}"""
 
+GLM46V_TEMPLATE = GLM45V_TEMPLATE.replace(GLM45V_TOOL_BRANCH, GLM46V_TOOL_BRANCH)
+assert GLM46V_TEMPLATE != GLM45V_TEMPLATE
+
+
+def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    """transformers' tojson filter (jinja's own escapes HTML characters and sorts keys)."""
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
 _ENV = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                     extensions=[jinja2.ext.loopcontrols])
-JINJA = {"glm41v": _ENV.from_string(GLM41V_TEMPLATE), "glm45v": _ENV.from_string(GLM45V_TEMPLATE)}
+_ENV.filters["tojson"] = tojson
+JINJA = {name: _ENV.from_string(t) for name, t in
+         (("glm41v", GLM41V_TEMPLATE), ("glm45v", GLM45V_TEMPLATE), ("glm46v", GLM46V_TEMPLATE))}
 
 
-def jinja_render(messages, template, add_generation_prompt=False, enable_thinking=None):
+def jinja_render(messages, template, add_generation_prompt=False, enable_thinking=None, tools=None):
     """The reference: user string content with <image>/<video> markers becomes media items first."""
     msgs = [dict(m, content=ct.split_media_markers(m["content"]))
             if m["role"] == "user" and isinstance(m["content"], str) and ("<image>" in m["content"] or
                                                                           "<video>" in m["content"]) else m
             for m in messages]
     kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-    return JINJA["glm45v" if template == "glm46v" else template].render(
-        messages=msgs, add_generation_prompt=add_generation_prompt, **kwargs)
+    return JINJA[template].render(messages=msgs, add_generation_prompt=add_generation_prompt, tools=tools, **kwargs)
 
 
 # -- worked examples of the released templates ---------------------------------------------------------------
@@ -257,6 +347,134 @@ def test_format_response():
     assert ct.format_response("t", "42") == "<think>t</think><answer><|begin_of_box|>42<|end_of_box|></answer>"
     assert ct.format_response("t", "42", "It is ", style="glm45v") == \
         "<think>t</think>\nIt is <|begin_of_box|>42<|end_of_box|>"
+
+
+# -- tools ---------------------------------------------------------------------------------------------------
+TOOLS = [{"type": "function", "function": {"name": "crop", "description": "Crop <box> & zoom in",
+                                           "parameters": {"type": "object", "properties": {
+                                               "box": {"type": "array", "items": {"type": "number"}}}}}},
+         {"name": "calculator", "description": "Évalue 2+2", "parameters": {"type": "object", "properties": {
+             "expression": {"type": "string"}}, "required": ["expression"]}}]
+ARG_KEYS = ["box", "expression", "image_index", "ключ"]
+ARG_VALUES = ["a b", "é ü 中", "", "42", "line\nbreak", '"quoted"', 3, -1.5, True, None, [1, 2, 3, 4],
+              {"a": [1, {"b": "c"}]}, 1e-7]
+RESULT_ITEMS = [{"type": "text", "text": "Cropped:"}, {"type": "image"}, {"type": "image", "image": "crop.png"},
+                {"type": "image_url", "image_url": {"url": "x"}}, {"type": "Video"}, "plain", {"output": "out"},
+                {"type": "json_blob", "v": [1, "é"]}, {"type": "text"}]
+
+
+def random_call(rng):
+    keys = [ARG_KEYS[i] for i in rng.choice(len(ARG_KEYS), size=int(rng.integers(0, 4)), replace=False)]
+    args = {k: ARG_VALUES[rng.integers(len(ARG_VALUES))] for k in keys}
+    name = ["crop", "calculator", "web.search"][rng.integers(3)]
+    style = rng.integers(3)
+    if style == 0:
+        return ToolCall(name, args)
+    return {"name": name, "arguments": args} if style == 1 else \
+        {"type": "function", "function": {"name": name, "arguments": args}}
+
+
+def random_result(rng, template):
+    if rng.random() < 0.5:
+        return ["result", "", " two\nlines ", "Cropped:<|begin_of_image|>"][rng.integers(4)]
+    items = RESULT_ITEMS if template == "glm46v" else ["plain", {"output": "out"}, ""]
+    return [items[i] for i in rng.integers(len(items), size=int(rng.integers(1, 4)))]
+
+
+def random_tool_conversation(rng, template):
+    """random_conversation's turns with tool calls on some assistant turns, each followed by tool results."""
+    msgs = []
+    for msg in random_conversation(rng, template):
+        if msg["role"] == "tool":
+            continue
+        msgs.append(msg)
+        if msg["role"] == "assistant" and rng.random() < 0.6:
+            msg["tool_calls"] = [random_call(rng) for _ in range(int(rng.integers(0, 3)))]
+            msgs += [{"role": "tool", "content": random_result(rng, template)} for _ in range(int(rng.integers(1, 3)))]
+    return msgs
+
+
+@pytest.mark.parametrize("template", ["glm45v", "glm46v"])
+def test_random_tool_conversations_match_jinja(template):
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        msgs = random_tool_conversation(rng, template)
+        tools = [TOOLS, TOOLS[1:], [], None][rng.integers(4)]
+        gen = bool(rng.random() < 0.5)
+        thinking = [None, True, False][rng.integers(3)]
+        expected = jinja_render(msgs, template, gen, thinking, tools=tools)
+        assert ct.render(msgs, template, gen, thinking, tools=tools) == expected, msgs
+        segments = ct.render_segments(msgs, template, gen, thinking, tools=tools)
+        assert "".join(text for text, _ in segments) == expected
+
+
+def test_tool_doc_example_glm46v():
+    """A crop call answered with an image: the call is assistant output, the result an observation turn."""
+    msgs = [{"role": "user", "content": "<image>What does the sign say?"},
+            {"role": "assistant", "content": "<think>Too small; zoom in.</think>",
+             "tool_calls": [ToolCall("crop", {"box": [10, 20, 300, 400]})]},
+            {"role": "tool", "content": [{"type": "text", "text": "Cropped:"}, {"type": "image"}]}]
+    tools = [{"name": "calculator"}]
+    expected = (f"[gMASK]<sop>{TOOLS_HEADER}{{\"name\": \"calculator\"}}\n{TOOLS_FOOTER}<|user|>\n{IMG}What does "
+                "the sign say?<|assistant|>\n<think>Too small; zoom in.</think>\n<tool_call>crop\n<arg_key>box"
+                "</arg_key>\n<arg_value>[10, 20, 300, 400]</arg_value>\n</tool_call><|observation|>\n<tool_response>\n"
+                f"Cropped:{IMG}\n</tool_response><|assistant|>\n")
+    assert ct.render(msgs, "glm46v", add_generation_prompt=True, tools=tools) == expected
+    assert jinja_render(msgs, "glm46v", True, tools=tools) == expected
+    segments = ct.render_segments(msgs, "glm46v", tools=tools)
+    assert [text for text, out in segments if out] == [
+        "<think>Too small; zoom in.</think>\n<tool_call>crop\n<arg_key>box</arg_key>\n<arg_value>[10, 20, 300, 400]"
+        "</arg_value>\n</tool_call>"]
+    assert ct.count_media(msgs) == (2, 0)
+
+
+def test_tool_render_errors():
+    calls = [{"role": "user", "content": "x"},
+             {"role": "assistant", "content": "", "tool_calls": [ToolCall("crop", {"box": [1, 2, 3, 4]})]}]
+    with pytest.raises(ct.ChatTemplateError, match="no tools"):
+        ct.render(calls, "glm41v")
+    with pytest.raises(ct.ChatTemplateError, match="no tools"):
+        ct.render(calls[:1], "glm41v", tools=TOOLS)
+    # ... because the released GLM-4.1V template drops them without a word
+    assert jinja_render(calls, "glm41v", tools=TOOLS) == "[gMASK]<sop><|user|>\nx<|assistant|>\n"
+    image_result = calls + [{"role": "tool", "content": [{"type": "image"}]}]
+    with pytest.raises(ct.ChatTemplateError, match="Python reprs"):
+        ct.render(image_result, "glm45v")
+    assert "{'type': 'image'}" in jinja_render(image_result, "glm45v")  # the repr the error spares us
+    for bad, match in [({"role": "tool", "content": [{"image": "a.png"}]}, "Python repr"),
+                       ({"role": "tool", "content": [3]}, "Python repr"),
+                       ({"role": "tool", "content": {"output": "x"}}, "string or a list"),
+                       ({"role": "tool", "content": [{"type": "text", "text": 3}]}, "string 'text'"),
+                       ({"role": "assistant", "content": "", "tool_calls": [{"name": "f", "arguments": '{"a": 1}'}]},
+                        "OpenAI-style"),
+                       ({"role": "assistant", "content": "", "tool_calls": [{"arguments": {}}]}, "name"),
+                       ({"role": "assistant", "content": "", "tool_calls": [ToolCall("f", {"a": {1, 2}})]},
+                        "JSON-serializable")]:
+        with pytest.raises(ct.ChatTemplateError, match=match):
+            ct.render(calls[:1] + [bad], "glm46v")
+    with pytest.raises(ct.ChatTemplateError, match="list of dicts"):
+        ct.render(calls[:1], "glm46v", tools=["crop"])
+
+
+def test_training_example_with_tool_calls(tok):
+    """The calls are trained with their turn, then `<|observation|>` (which ends it); the results are not."""
+    msgs = [{"role": "user", "content": "<image>Sign?"},
+            {"role": "assistant", "content": "<think>zoom</think>",
+             "tool_calls": [ToolCall("crop", {"box": [1, 2, 3, 4]})]},
+            {"role": "tool", "content": [{"type": "image"}]},
+            {"role": "assistant", "content": "<think>reads STOP</think>\n<|begin_of_box|>STOP<|end_of_box|>"}]
+    record = {"id": "t", "images": ["a.png", "crop.png"], "messages": msgs}
+    ids, mask = ct.build_training_example(record, tok, "glm46v")
+    first, second = [text for text, out in ct.render_segments(msgs, "glm46v") if out]
+    assert first.endswith("</tool_call>")
+    assert _targets(ids, mask, tok) == first + "<|observation|>" + second + "<|user|>"
+    assert (ids == tok.image_id).sum() == 2 and not mask[ids == tok.image_id].any()
+    with_tools, tools_mask = ct.build_training_example(record, tok, "glm46v", tools=TOOLS)
+    assert with_tools.tolist() == tok.encode(ct.render(msgs, "glm46v", tools=TOOLS)) + [tok.token_to_id("<|user|>")]
+    assert _targets(with_tools, tools_mask, tok) == _targets(ids, mask, tok)
+    prompt = ct.build_prompt(record, tok, "glm46v", tools=TOOLS)
+    assert tok.decode(prompt).startswith("[gMASK]<sop>" + TOOLS_HEADER) and with_tools[:len(prompt)].tolist() == \
+        tok.encode(ct.render(msgs[:1], "glm46v", add_generation_prompt=True, tools=TOOLS))
 
 
 # -- tokens ----------------------------------------------------------------------------------------------
