@@ -47,8 +47,10 @@ def parse_variants(arg: str | None) -> dict[str, str]:
 
 def dataclass_defaults(cls, skip=(), **overrides) -> dict:
     """A config block from a dataclass: every field's default (the one source of truth), then `overrides`.
-    Tuples become lists; a None default of an `int | None` field becomes a typed placeholder, so that
-    `--config.data.frames=4` parses as an int."""
+    Tuples stay tuples (ml_collections overrides those from the command line, lists not at all:
+    `--config.data.manifests=a.jsonl,b.jsonl` gives ("a.jsonl,b.jsonl",), which data_config splits); a None
+    default of an `int | None` field becomes a typed placeholder, so that `--config.data.frames=4` parses
+    as an int."""
     hints = typing.get_type_hints(cls)
     block = {f.name: _block_value(f.default, hints.get(f.name)) for f in dataclasses.fields(cls)
              if f.name not in skip and f.default is not dataclasses.MISSING}
@@ -59,8 +61,6 @@ def dataclass_defaults(cls, skip=(), **overrides) -> dict:
 
 
 def _block_value(value, hint):
-    if isinstance(value, tuple):
-        return list(value)
     if value is None:
         types = [t for t in typing.get_args(hint) if t is not type(None)]
         if len(types) == 1 and types[0] in (int, float, str, bool):
