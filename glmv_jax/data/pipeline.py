@@ -38,7 +38,7 @@ from glmv_jax.data.transforms import Processor, PromptTransform, TrainingExample
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     source: str = "synthetic"          # synthetic | jsonl | array_record | memory (pass sources=)
-    manifests: tuple = ()              # JSONL manifests / ArrayRecord files; "a.jsonl,b.jsonl" also accepted
+    manifests: tuple | str = ()        # JSONL manifests / ArrayRecord files, or "a.jsonl,b.jsonl" (manifest_list)
     data_root: str | None = None       # image paths must resolve inside it (None: each manifest's folder)
     max_image_pixels: int = MAX_IMAGE_PIXELS   # larger images are bad records (image_too_large), never decoded
     domains: tuple = ("counting", "math", "ocr", "chart", "grounding", "gui", "choice")
