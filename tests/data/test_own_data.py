@@ -173,12 +173,7 @@ def test_paths_outside_root_are_refused_and_never_opened(tok, proc, data, opened
     assert opened["open"] and secret not in opened["open"]
     with pytest.raises(BadRecordError, match=r"escape\.jsonl:2 \(id=dotdot\): path_outside_root"):
         run({"on_bad_record": "raise"}, tok, proc, manifest)
-
-
-def test_data_root_widens_the_allowed_folder(tok, proc, data):
-    root, outside = data
-    manifest = write_lines(root / "escape-root.jsonl", escape_lines(outside))
-    stats, _ = run({"data_root": str(root.parent)}, tok, proc, manifest)
+    stats, _ = run({"data_root": str(root.parent)}, tok, proc, manifest)     # a wider root allows them
     assert stats["skipped"] == {} and stats["samples"] == 4
 
 
