@@ -123,7 +123,8 @@ def validate(c) -> None:
 def validate_data_source(data: DataConfig) -> None:
     """Manifests (already split by data_config: "a.jsonl,b.jsonl" -> two) given exactly when they are read."""
     if data.source in ("jsonl", "array_record") and not data.manifests:
-        raise ConfigError(f"data.source={data.source!r} needs data.manifests (e.g. --config.data.manifests=a.jsonl,b.jsonl)")
+        raise ConfigError(f"data.source={data.source!r} needs data.manifests "
+                          f"(e.g. --config.data.manifests=a.jsonl,b.jsonl)")
     if data.source == "synthetic" and data.manifests:
         raise ConfigError(f"data.manifests={list(data.manifests)} is set but data.source='synthetic' ignores it: "
                           f"set --config.data.source=jsonl (or array_record)")
