@@ -105,9 +105,10 @@ def validate(c) -> None:
     check_keys(c.train, TRAIN_DEFAULTS, "train")
     check_keys(c.data, set(field_names(DataConfig)) - set(DATA_FILLED), "data")
     try:
-        data_config(c.data)
+        data = data_config(c.data)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"data: {e}") from None
+    validate_data_source(data)
     if c.train.steps < 0 or c.train.grad_accum_steps < 1:
         raise ConfigError("train.steps must be >= 0 and train.grad_accum_steps >= 1")
     if c.data.batch_size % c.train.grad_accum_steps:
@@ -121,5 +122,13 @@ def validate(c) -> None:
         validate_rl(c.rl)
     check_keys(c.optimizer, OPTIMIZER_DEFAULTS, "optimizer")
     build_optimizer(c.optimizer)          # raises on a bad value
-    if c.data.source == "jsonl" and not c.data.manifests:
-        raise ConfigError("data.source='jsonl' needs data.manifests")
+
+
+def validate_data_source(data: DataConfig) -> None:
+    """Manifests (already split by data_config: "a.jsonl,b.jsonl" -> two) given exactly when they are read."""
+    if data.source in ("jsonl", "array_record") and not data.manifests:
+        raise ConfigError(f"data.source={data.source!r} needs data.manifests "
+                          f"(e.g. --config.data.manifests=a.jsonl,b.jsonl)")
+    if data.source == "synthetic" and data.manifests:
+        raise ConfigError(f"data.manifests={list(data.manifests)} is set but data.source='synthetic' ignores it: "
+                          f"set --config.data.source=jsonl (or array_record)")

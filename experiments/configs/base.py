@@ -47,8 +47,10 @@ def parse_variants(arg: str | None) -> dict[str, str]:
 
 def dataclass_defaults(cls, skip=(), **overrides) -> dict:
     """A config block from a dataclass: every field's default (the one source of truth), then `overrides`.
-    Tuples become lists; a None default of an `int | None` field becomes a typed placeholder, so that
-    `--config.data.frames=4` parses as an int."""
+    Tuples become lists, except in a `tuple | str` field, which takes a list in a config file and any string
+    on the command line (`--config.data.manifests=a.jsonl,b.jsonl`; its reader splits the commas); a None
+    default of an `int | None` field becomes a typed placeholder, so that `--config.data.frames=4` parses
+    as an int."""
     hints = typing.get_type_hints(cls)
     block = {f.name: _block_value(f.default, hints.get(f.name)) for f in dataclasses.fields(cls)
              if f.name not in skip and f.default is not dataclasses.MISSING}
@@ -60,6 +62,8 @@ def dataclass_defaults(cls, skip=(), **overrides) -> dict:
 
 def _block_value(value, hint):
     if isinstance(value, tuple):
+        if str in typing.get_args(hint):      # untyped: ml_collections parses neither lists nor "/a,/b" tuples
+            return config_dict.FieldReference(value, field_type=object)
         return list(value)
     if value is None:
         types = [t for t in typing.get_args(hint) if t is not type(None)]

@@ -27,9 +27,10 @@ import jax
 import numpy as np
 from absl import flags
 
+from glmv_jax.data.image_files import MAX_IMAGE_PIXELS
 from glmv_jax.data.packing import PackIterDataset, default_frames
 from glmv_jax.data.records import BadRecord
-from glmv_jax.data.sources import open_sources
+from glmv_jax.data.sources import manifest_list, open_sources
 from glmv_jax.data.synthetic import generate
 from glmv_jax.data.transforms import Processor, PromptTransform, TrainingExampleTransform
 
@@ -37,7 +38,9 @@ from glmv_jax.data.transforms import Processor, PromptTransform, TrainingExample
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     source: str = "synthetic"          # synthetic | jsonl | array_record | memory (pass sources=)
-    manifests: tuple = ()              # JSONL manifests / ArrayRecord files
+    manifests: tuple | str = ()        # JSONL manifests / ArrayRecord files, or "a.jsonl,b.jsonl" (manifest_list)
+    data_root: str | None = None       # image paths must resolve inside it (None: each manifest's folder)
+    max_image_pixels: int = MAX_IMAGE_PIXELS   # larger images are bad records (image_too_large), never decoded
     domains: tuple = ("counting", "math", "ocr", "chart", "grounding", "gui", "choice")
     kind: str = "sft"                  # caption | sft | rl (synthetic records made; "rl" -> prompt pipeline)
     split: str = "train"
@@ -76,9 +79,10 @@ def data_config(cfg: Any = None, **overrides) -> DataConfig:
         values = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
     known = {f.name for f in dataclasses.fields(DataConfig)}
     values = {k: v for k, v in {**values, **overrides}.items() if k in known}
-    for key in ("manifests", "domains"):
-        if key in values and isinstance(values[key], (list, tuple)):
-            values[key] = tuple(values[key])
+    if "manifests" in values:
+        values["manifests"] = manifest_list(values["manifests"])
+    if isinstance(values.get("domains"), (list, tuple)):
+        values["domains"] = tuple(values["domains"])
     out = DataConfig(**values)
     if out.on_bad_record not in ("skip", "raise"):
         raise ValueError(f"data.on_bad_record must be 'skip' or 'raise', got {out.on_bad_record!r}")
@@ -93,7 +97,15 @@ def data_config(cfg: Any = None, **overrides) -> DataConfig:
                          f"got frame_len={out.frame_len}, frames={out.frames}")
     if (out.shard_index is None) != (out.shard_count is None):
         raise ValueError("give both data.shard_index and data.shard_count, or neither")
+    if out.max_image_pixels <= 0:
+        raise ValueError(f"data.max_image_pixels must be positive, got {out.max_image_pixels}")
     return out
+
+
+def image_checks(cfg: Any) -> dict[str, Any]:
+    """The transforms' file checks of a data config: {"data_root", "max_image_pixels"}."""
+    cfg = cfg if isinstance(cfg, DataConfig) else data_config(cfg)
+    return {"data_root": cfg.data_root, "max_image_pixels": cfg.max_image_pixels}
 
 
 def per_process(cfg: DataConfig, processes: int) -> DataConfig:
@@ -193,7 +205,8 @@ def make_pipeline(data_cfg: Any, tokenizer, processor: Processor, sources: Any =
     cfg = per_process(data_config(data_cfg, **overrides), jax.process_count())
     if cfg.kind == "rl":
         raise ValueError("data.kind='rl' makes prompts, not training batches: use make_prompt_pipeline")
-    ds = record_dataset(cfg, sources).map(TrainingExampleTransform(tokenizer, processor, cfg.loss_on))
+    ds = record_dataset(cfg, sources).map(TrainingExampleTransform(tokenizer, processor, cfg.loss_on,
+                                                                   **image_checks(cfg)))
     k = cfg.micro_batches
     frames, frame_len = frame_shape(cfg, processor, sources)
     packed = PackIterDataset(_to_iter(ds, cfg), batch_size=cfg.batch_size // k, seq_len=cfg.seq_len,
@@ -287,12 +300,12 @@ def prompt_dataset(data_cfg: Any, tokenizer, processor: Processor, sources: Any 
     """Random access to prompts (one per record of this shard, not shuffled or repeated): element i is a
     prompt dict (transforms.PromptTransform) or a BadRecord. For curriculum samplers that pick by index."""
     cfg = data_config(data_cfg, **{"shuffle": False, "num_epochs": 1, **overrides})
-    return record_dataset(cfg, sources).map(PromptTransform(tokenizer, processor))
+    return record_dataset(cfg, sources).map(PromptTransform(tokenizer, processor, **image_checks(cfg)))
 
 
 def make_prompt_pipeline(data_cfg: Any, tokenizer, processor: Processor, sources: Any = None, **overrides):
     """RL / eval prompts, one at a time (not packed): shuffled, repeated, sharded like make_pipeline;
     bad records skipped-and-counted or raised. -> iterator with get_state / set_state / stats()."""
     cfg = data_config(data_cfg, **overrides)
-    ds = record_dataset(cfg, sources).map(PromptTransform(tokenizer, processor))
+    ds = record_dataset(cfg, sources).map(PromptTransform(tokenizer, processor, **image_checks(cfg)))
     return iter(SkipBadIterDataset(_to_iter(ds, cfg), cfg.on_bad_record))

@@ -17,9 +17,14 @@ Normalized record: {"id", "kind", "domain", "images": [PIL image | absolute path
 "where", "meta": the record's other fields (e.g. "tier")}. Exactly one of "text" (pretraining) and
 "messages" (conversation) is set.
 
+Image paths: relative ones resolve against the manifest's directory (`base_dir`); every path must resolve
+(symlinks followed) inside the root, `data_root` when given, else `base_dir` (records without either, e.g.
+in-memory ones, are not checked).
+
 Bad records raise `BadRecordError(reason, where, message)`; the pipeline skips-and-counts them by `reason`
-or re-raises, per `on_bad_record`. Reasons: invalid_json, missing_field, invalid_field,
-placeholder_mismatch, missing_image, unreadable_image, too_long, too_many_patches.
+or re-raises, per `on_bad_record`. Reasons: invalid_utf8, invalid_json, missing_field, invalid_field,
+placeholder_mismatch, path_outside_root, missing_image, unreadable_image, image_too_large, too_long,
+too_many_patches (docs/data.md section 7).
 """
 
 from __future__ import annotations
@@ -64,9 +69,11 @@ class BadRecord:
 
 
 def decode_raw(raw: Any, where: str) -> dict:
-    """str/bytes JSON or an already-decoded dict -> dict."""
+    """str / UTF-8 bytes JSON or an already-decoded dict -> dict."""
     if isinstance(raw, dict):
         return raw
+    if isinstance(raw, (bytes, bytearray)):
+        raw = decode_utf8(bytes(raw), where)
     try:
         record = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -76,17 +83,41 @@ def decode_raw(raw: Any, where: str) -> dict:
     return record
 
 
-def parse_record(element: dict) -> dict:
-    """A raw source element {"raw", "where", "base_dir"} -> normalized record (see the module doc)."""
+def decode_utf8(raw: bytes, where: str) -> str:
+    """Strict UTF-8 (a leading BOM dropped); invalid bytes are a bad record, never silently replaced."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        where = _with_id(where, _id_hint(raw))
+        raise BadRecordError("invalid_utf8", where, f"invalid UTF-8 byte {raw[e.start]:#04x} at byte {e.start} "
+                                                     f"of the line") from None
+
+
+def _id_hint(raw: bytes) -> Any:
+    """The id of a line that is not valid UTF-8, if the rest of it parses (for the error message only)."""
+    try:
+        record = json.loads(raw.decode("utf-8", errors="replace"))
+    except ValueError:
+        return None
+    return record.get("id") if isinstance(record, dict) else None
+
+
+def _with_id(where: str, rid: Any) -> str:
+    return where if rid is None else f"{where} (id={rid})"
+
+
+def parse_record(element: dict, data_root: str | None = None) -> dict:
+    """A raw source element {"raw", "where", "base_dir"} -> normalized record (see the module doc).
+    data_root: the folder image paths must resolve inside (default: the element's base_dir)."""
     where = element.get("where", "?")
     record = decode_raw(element["raw"], where)
-    if "id" in record:
-        where = f"{where} (id={record['id']})"
+    where = _with_id(where, record.get("id"))
     _require(record, "id", where)
     kind = record.get("kind") or infer_kind(record)
     if kind not in KINDS:
         raise BadRecordError("invalid_field", where, f"unknown kind {kind!r}; expected one of {KINDS}")
-    images = [_image_ref(x, element.get("base_dir"), where) for x in _as_list(record.get("images", []), "images", where)]
+    paths = _Paths(element.get("base_dir"), data_root)
+    images = [paths.ref(x, where) for x in _as_list(record.get("images", []), "images", where)]
     out = {"id": str(record["id"]), "kind": kind, "domain": record.get("domain"), "images": images,
            "video": None, "text": None, "messages": None, "answer": record.get("answer"),
            "difficulty": record.get("difficulty"), "where": where,
@@ -111,7 +142,7 @@ def parse_record(element: dict) -> dict:
                            {"role": "assistant", "content": "<|begin_of_box|>" + json.dumps(boxes) + "<|end_of_box|>"}]
         out["answer"] = boxes
     elif kind == "video":
-        out["video"] = _video(record, element.get("base_dir"), where)
+        out["video"] = _video(record, paths, where)
         if "messages" in record:
             out["messages"] = _messages(record, where)
         else:
@@ -172,13 +203,30 @@ def _as_list(value: Any, name: str, where: str) -> list:
     return list(value)
 
 
-def _image_ref(value: Any, base_dir: str | None, where: str):
-    """PIL images pass through; string paths are resolved against the manifest directory."""
-    if isinstance(value, PIL.Image.Image):
-        return value
-    if isinstance(value, str) and value:
-        return value if os.path.isabs(value) or base_dir is None else os.path.join(base_dir, value)
-    raise BadRecordError("invalid_field", where, f"an image must be a path or a PIL image, got {value!r:.60}")
+@dataclasses.dataclass(frozen=True)
+class _Paths:
+    """Image references of one record: relative paths join base_dir (else data_root); every path must resolve,
+    symlinks followed, inside data_root (else base_dir). Nothing is opened here."""
+    base_dir: str | None
+    data_root: str | None
+
+    def ref(self, value: Any, where: str):
+        """PIL images pass through; a string path -> its resolved path, checked against the root."""
+        if isinstance(value, PIL.Image.Image):
+            return value
+        if not isinstance(value, str) or not value or "\0" in value:
+            raise BadRecordError("invalid_field", where, f"an image must be a path or a PIL image, got {value!r:.60}")
+        base = self.base_dir or self.data_root
+        path = value if os.path.isabs(value) or base is None else os.path.join(base, value)
+        root = self.data_root or self.base_dir
+        if root is None:
+            return path
+        real, real_root = os.path.realpath(path), os.path.realpath(root)
+        if os.path.commonpath([real, real_root]) != real_root:
+            raise BadRecordError("path_outside_root", where,
+                                 f"image path {value!r} resolves to {real}, outside {real_root} "
+                                 f"(paths must stay inside the manifest's folder or data.data_root)")
+        return real
 
 
 def _need_images(images: list, where: str, at_least: int = 0, exactly: int | None = None) -> None:
@@ -211,7 +259,7 @@ def _boxes(record: dict, where: str) -> list[list[float]]:
     return [list(b) for b in boxes]
 
 
-def _video(record: dict, base_dir: str | None, where: str) -> dict:
+def _video(record: dict, paths: _Paths, where: str) -> dict:
     video = record["video"]
     if not isinstance(video, dict):
         raise BadRecordError("invalid_field", where, "video must be {'frames': [...], 'timestamps': [...]}")
@@ -223,7 +271,7 @@ def _video(record: dict, base_dir: str | None, where: str) -> dict:
                              f"{len(stamps)} timestamps)")
     if not all(isinstance(t, (int, float)) for t in stamps) or list(stamps) != sorted(stamps):
         raise BadRecordError("invalid_field", where, "video timestamps must be increasing numbers (seconds)")
-    return {"frames": [_image_ref(f, base_dir, where) for f in frames], "timestamps": [float(t) for t in stamps]}
+    return {"frames": [paths.ref(f, where) for f in frames], "timestamps": [float(t) for t in stamps]}
 
 
 def _check_placeholders(out: dict, where: str) -> None:

@@ -1,8 +1,8 @@
 """Random-access record sources for grain: JSONL manifests, ArrayRecord files, in-memory lists.
 
 Every source yields *raw* elements, `{"raw": str | bytes | dict, "where": str, "base_dir": str | None}`:
-decoding (JSON) and validation happen later in `records.parse_record`, inside the grain map, so that
-a bad line is skipped-and-counted (or raised) like any other bad record. `where` names the record's
+decoding (UTF-8, JSON) and validation happen later in `records.parse_record`, inside the grain map, so that
+a bad line (invalid UTF-8 included) is skipped-and-counted (or raised) like any other bad record. `where` names the record's
 origin for error messages ("train.jsonl:17", "shard-0.array_record[3]", "memory[5]"); `base_dir`
 is the directory that relative image paths are resolved against (the manifest's directory).
 
@@ -44,7 +44,7 @@ class JsonlSource:
         with open(self.path, "rb") as f:
             f.seek(offset)
             line = f.readline()
-        return {"raw": line.decode("utf-8", errors="replace"),
+        return {"raw": line,            # bytes: records.decode_raw decodes strictly (invalid_utf8)
                 "where": f"{os.path.basename(self.path)}:{line_no}", "base_dir": self.base_dir}
 
     def __repr__(self) -> str:
@@ -109,6 +109,13 @@ def as_source(spec: Any):
     if hasattr(spec, "__len__") and hasattr(spec, "__getitem__"):
         return spec
     raise ValueError(f"unknown data source {type(spec).__name__}: {spec!r}")
+
+
+def manifest_list(value: Any) -> tuple[str, ...]:
+    """data.manifests as a tuple of paths: a list / tuple of paths, a comma-separated string, or a mix
+    (`--config.data.manifests=a.jsonl,b.jsonl` arrives as ("a.jsonl,b.jsonl",)). Blank items are dropped."""
+    items = [value] if isinstance(value, str) else list(value or ())
+    return tuple(part.strip() for item in items for part in str(item).split(",") if part.strip())
 
 
 def open_sources(specs: Any) -> grain.MapDataset:

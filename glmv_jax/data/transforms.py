@@ -19,10 +19,10 @@ from typing import Any
 
 import grain
 import numpy as np
-import PIL.Image
 
 from glmv_jax.batch import get_rope_index, patch_layout, rope_delta
 from glmv_jax.data import chat_template, placeholders
+from glmv_jax.data.image_files import MAX_IMAGE_PIXELS, load_image
 from glmv_jax.data.image_processing import ImageProcessorConfig, process_images
 from glmv_jax.data.records import BadRecord, BadRecordError, IMAGE_MARK, VIDEO_MARK, parse_record
 from glmv_jax.data.video_processing import VideoProcessorConfig, process_videos
@@ -62,31 +62,18 @@ class Processor:
 # --------------------------------------------------------------------------- images
 
 
-def load_image(ref: Any, where: str) -> PIL.Image.Image:
-    """A PIL image (passed through) or a file path -> fully decoded PIL image; BadRecordError if unusable."""
-    if isinstance(ref, PIL.Image.Image):
-        return ref
-    try:
-        with PIL.Image.open(ref) as im:
-            im.load()
-            return im.copy()
-    except FileNotFoundError:
-        raise BadRecordError("missing_image", where, f"image file not found: {ref}") from None
-    except (OSError, SyntaxError, ValueError) as e:   # PIL.UnidentifiedImageError is an OSError; truncation too
-        raise BadRecordError("unreadable_image", where, f"cannot decode image {ref}: {e}") from None
-
-
-def process_vision(record: dict, processor: Processor) -> dict:
-    """Load + process the record's images and video -> HF-processor-shaped arrays (rows in processor order)."""
+def process_vision(record: dict, processor: Processor, max_pixels: int = MAX_IMAGE_PIXELS) -> dict:
+    """Load (image_files.load_image: sizes checked before decoding) + process the record's images and video
+    -> HF-processor-shaped arrays (rows in processor order)."""
     out = {"pixel_values": None, "image_grid_thw": None, "pixel_values_videos": None, "video_grid_thw": None,
            "video_timestamps": None}
     where = record["where"]
     try:
         if record["images"]:
-            images = [load_image(ref, where) for ref in record["images"]]
+            images = [load_image(ref, where, max_pixels) for ref in record["images"]]
             out.update(process_images(images, processor.image))
         if record["video"] is not None:
-            frames = [load_image(ref, where) for ref in record["video"]["frames"]]
+            frames = [load_image(ref, where, max_pixels) for ref in record["video"]["frames"]]
             with warnings.catch_warnings():      # its fps-based timestamps are unused: the record has them
                 warnings.simplefilter("ignore")
                 video = process_videos(frames, config=processor.video, sample_frames=False)
@@ -183,12 +170,15 @@ def _bad(e: Exception, record: dict | None, element: dict) -> BadRecord:
 
 class _RecordTransform(grain.transforms.Map):
     """raw element -> parse_record -> `refuse(record)` (a reason string, or None) -> `build(record)`; any
-    record error becomes a BadRecord naming the record."""
+    record error becomes a BadRecord naming the record. Image paths must resolve inside `data_root` (default:
+    the manifest's folder); images of more than `max_image_pixels` pixels are refused before decoding."""
+    data_root: str | None = None
+    max_image_pixels: int = MAX_IMAGE_PIXELS
 
     def map(self, element: dict) -> dict | BadRecord:
         record = None
         try:
-            record = parse_record(element)
+            record = parse_record(element, self.data_root)
             reason = self.refuse(record)
             if reason:
                 raise BadRecordError("invalid_field", record["where"], reason)
@@ -203,10 +193,12 @@ class TrainingExampleTransform(_RecordTransform):
     loss_on: "auto" (conversations: assistant turns; pretraining text: all text) or "all" (every text token
     after the `[gMASK]<sop>` prefix, e.g. conversations used as pretraining data)."""
 
-    def __init__(self, tokenizer, processor: Processor, loss_on: str = "auto"):
+    def __init__(self, tokenizer, processor: Processor, loss_on: str = "auto", *, data_root: str | None = None,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS):
         if loss_on not in ("auto", "all"):
             raise ValueError(f"loss_on must be 'auto' or 'all', got {loss_on!r}")
         self.tokenizer, self.processor, self.loss_on = tokenizer, processor, loss_on
+        self.data_root, self.max_image_pixels = data_root, max_image_pixels
 
     def refuse(self, record: dict) -> str | None:
         return "an rl prompt has no target to train on" if record["kind"] == "rl" else None
@@ -216,7 +208,7 @@ class TrainingExampleTransform(_RecordTransform):
 
     def example(self, record: dict) -> dict:
         tok, proc = self.tokenizer, self.processor
-        vision = process_vision(record, proc)
+        vision = process_vision(record, proc, self.max_image_pixels)
         if record["messages"] is not None:
             ids, label = chat_template.build_training_example(
                 {"id": record["id"], "messages": record["messages"], "images": record["images"]}, tok,
@@ -248,8 +240,10 @@ class PromptTransform(_RecordTransform):
     rope_delta, patches in token order (as in samples) plus the HF-shaped pixel arrays and grids, and the
     record's id / domain / answer / difficulty / messages."""
 
-    def __init__(self, tokenizer, processor: Processor):
+    def __init__(self, tokenizer, processor: Processor, *, data_root: str | None = None,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS):
         self.tokenizer, self.processor = tokenizer, processor
+        self.data_root, self.max_image_pixels = data_root, max_image_pixels
 
     def refuse(self, record: dict) -> str | None:
         return "a prompt needs a conversation record" if record["messages"] is None else None
@@ -259,7 +253,7 @@ class PromptTransform(_RecordTransform):
 
     def prompt(self, record: dict) -> dict:
         tok, proc = self.tokenizer, self.processor
-        vision = process_vision(record, proc)
+        vision = process_vision(record, proc, self.max_image_pixels)
         ids = chat_template.build_prompt({"id": record["id"], "messages": record["messages"], "images": record["images"]},
                                          tok, proc.template, enable_thinking=proc.enable_thinking).tolist()
         ids, _ = expand_vision_tokens(ids, [0] * len(ids), tok, vision, proc)

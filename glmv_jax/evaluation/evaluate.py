@@ -17,7 +17,9 @@ import jax
 import numpy as np
 
 from glmv_jax.batch import bucket, frame_lengths, frame_rows, longest_frame, patch_segments
-from glmv_jax.data.pipeline import _tiers
+from glmv_jax.data.pipeline import _tiers, image_checks
+from glmv_jax.data.records import decode_raw
+from glmv_jax.data.sources import JsonlSource, manifest_list
 from glmv_jax.data import synthetic
 from glmv_jax.evaluation import stats
 from glmv_jax.evaluation.baselines import baselines
@@ -36,26 +38,22 @@ def prompt_records(cfg, split: str, per_domain: int, seed: int, tiers: Any = Non
             records += synthetic.generate(domain, per_domain, seed=seed, split=split, kind="rl", tiers=tiers,
                                 image_size=cfg.data.image_size)
         return records
-    return [record for manifest in cfg.data.manifests for record in read_manifest(manifest)]
+    return [record for manifest in manifest_list(cfg.data.manifests) for record in read_manifest(manifest)]
 
 
 def read_manifest(path: str, required: Sequence[str] = ()) -> list[dict]:
     """The prompt records of a JSONL manifest, each with base_dir (the manifest's directory: image paths are
-    relative to it); a record without one of the `required` keys raises."""
-    base_dir = os.path.dirname(os.path.abspath(path))
+    relative to it) and _where ("name.jsonl:line", for error messages); a line that is not UTF-8 JSON, or a
+    record without one of the `required` keys, raises."""
+    source = JsonlSource(path)
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: invalid JSON ({e})") from None
-            for key in required:
-                if key not in record:
-                    raise ValueError(f"{path}:{n}: prompt record has no {key!r}")
-            records.append({**record, "base_dir": base_dir})
+    for i in range(len(source)):
+        element = source[i]
+        record = decode_raw(element["raw"], element["where"])
+        for key in required:
+            if key not in record:
+                raise ValueError(f"{element['where']}: prompt record has no {key!r}")
+        records.append({**record, "base_dir": source.base_dir, "_where": element["where"]})
     return records
 
 
@@ -86,12 +84,13 @@ def check_answer_budget(cfg, tokenizer, split: str, per_domain: int, seed: int, 
 
 
 def generate_answers(exp, params, records: Sequence[dict], *, max_new_tokens: int, batch_size: int,
-                     temperature: float = 0.0, seed: int = 0, style: str = "glm41v") -> list[str]:
+                     temperature: float = 0.0, seed: int = 0, style: str = "glm41v",
+                     checks: dict | None = None) -> list[str]:
     """One response text per record (greedy when temperature is 0), generated batch_size prompts at a time
     through sample_answers (n=1): every batch of the evaluation has one shape, so it compiles once."""
     return [group[0] for group in sample_answers(exp, params, records, 1, max_new_tokens=max_new_tokens,
                                                  batch_size=batch_size, temperature=temperature, seed=seed,
-                                                 style=style)]
+                                                 style=style, checks=checks)]
 
 
 def _chunks(prompts: Sequence[dict], size: int) -> list[list[dict]]:
@@ -114,9 +113,10 @@ def batch_shape(prompts: Sequence[dict], batch_size: int, per_call: int, merge_a
 
 
 def sample_answers(exp, params, records: Sequence[dict], n: int, *, max_new_tokens: int, batch_size: int,
-                   temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, style: str = "glm41v"
-                   ) -> list[list[str]]:
+                   temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, style: str = "glm41v",
+                   checks: dict | None = None) -> list[list[str]]:
     """n response texts per record ([[str] * n] per record; n=1 with temperature 0 is greedy decoding).
+    checks: the prompts' file checks (pipeline.image_checks), default ones when None.
 
     Each generate call holds max(1, batch_size // n) prompts (each image encoded once for its n rows), and
     every call of an evaluation is padded to one shape (batch_shape), so the evaluation compiles once."""
@@ -126,7 +126,7 @@ def sample_answers(exp, params, records: Sequence[dict], n: int, *, max_new_toke
         raise ValueError("no records to answer")
     force, extra_stops = answer_ids(exp.tokenizer, style)
     stops = tuple(exp.tokenizer.stop_ids) + tuple(extra_stops)
-    prompts = prompt_dicts(records, exp.tokenizer, exp.processor)
+    prompts = prompt_dicts(records, exp.tokenizer, exp.processor, **(checks or {}))
     per_call = max(1, batch_size // n)
     shape = batch_shape(prompts, batch_size, per_call, exp.model_config.vision.spatial_merge_size ** 2,
                         exp.tokenizer.pad_id)
@@ -202,7 +202,8 @@ def evaluate(exp, params, *, split: str = "heldout", per_domain: int | None = No
     style, seed, tiers = ev.get("style", "glm41v"), ev.get("seed", 0), ev.get("tiers")
     records = prompt_records(exp.cfg, split, per_domain, seed=seed, tiers=tiers)
     check_answer_budget(exp.cfg, exp.tokenizer, split, per_domain, seed, tiers, ev.get("max_new_tokens", 48), "eval")
-    options = dict(max_new_tokens=ev.get("max_new_tokens", 48), batch_size=ev.get("batch_size", 32), style=style)
+    options = dict(max_new_tokens=ev.get("max_new_tokens", 48), batch_size=ev.get("batch_size", 32), style=style,
+                   checks=image_checks(exp.cfg.data))
     texts = generate_answers(exp, params, records, **options)
     greedy, formats = prompt_rewards(records, texts, style)     # the verifiers run once per response
     result = summarize_rewards(records, greedy, formats)

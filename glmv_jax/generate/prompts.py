@@ -16,13 +16,15 @@ from glmv_jax.batch import bucket, check_prompt, pack_patches, patch_frames, rop
 from glmv_jax.data.transforms import PromptTransform
 
 
-def prompt_dicts(records: Sequence[dict], tokenizer, processor) -> list[dict]:
-    """Record dicts (data.records; an optional "base_dir" resolves relative image paths) -> prompt dicts."""
-    transform = PromptTransform(tokenizer, processor)
+def prompt_dicts(records: Sequence[dict], tokenizer, processor, **checks) -> list[dict]:
+    """Record dicts (data.records; an optional "base_dir" resolves relative image paths, an optional "_where"
+    names the record's origin) -> prompt dicts; the first bad record raises. checks: PromptTransform's
+    data_root / max_image_pixels (pipeline.image_checks of the data config)."""
+    transform = PromptTransform(tokenizer, processor, **checks)
     out = []
     for i, rec in enumerate(records):
-        element = {"raw": {k: v for k, v in rec.items() if k != "base_dir"}, "where": f"prompt[{i}]",
-                   "base_dir": rec.get("base_dir")}
+        element = {"raw": {k: v for k, v in rec.items() if k not in ("base_dir", "_where")},
+                   "where": rec.get("_where", f"prompt[{i}]"), "base_dir": rec.get("base_dir")}
         prompt = transform.map(element)
         if not isinstance(prompt, dict):
             raise prompt.error()

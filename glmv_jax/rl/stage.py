@@ -53,6 +53,7 @@ import numpy as np
 from absl import logging
 
 from glmv_jax.batch import bucket
+from glmv_jax.data.pipeline import image_checks
 from glmv_jax.evaluation.evaluate import check_answer_budget, prompt_records
 from glmv_jax.generate.prompts import prompt_dicts
 from glmv_jax.generate.sampler import answer_ids
@@ -375,7 +376,7 @@ def run_rl(exp) -> dict[str, Any]:
     if ev:                    # the held-out evaluation after this stage: refuse now, not after the run
         check_answer_budget(cfg, exp.tokenizer, "heldout", ev.get("per_domain", 32), ev.get("seed", 0),
                             ev.get("tiers"), ev.get("max_new_tokens", 48), "eval")
-    prompts = prompt_dicts(records, exp.tokenizer, exp.processor)
+    prompts = prompt_dicts(records, exp.tokenizer, exp.processor, **image_checks(cfg.data))
     grpo_cfg = grpo_config(r)
     optimizer, update = grpo_update_for(exp, grpo_cfg)
     seq_len = update_seq_len(prompts, r.max_new_tokens)

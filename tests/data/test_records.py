@@ -93,8 +93,8 @@ def test_kinds_are_inferred_and_normalized():
     img = PIL.Image.new("RGB", (28, 28))
     cap = parse_record(element({"id": "c", "images": [img], "text": "a cat"}))
     assert cap["kind"] == "caption" and cap["text"] == "<image>a cat" and cap["messages"] is None
-    inter = parse_record(element({"id": "i", "images": ["a.png", "/abs/b.png"], "text": "x <image> y <image>"}, "/data"))
-    assert inter["kind"] == "interleaved" and inter["images"] == ["/data/a.png", "/abs/b.png"]
+    inter = parse_record(element({"id": "i", "images": ["a.png", "/data/sub/b.png"], "text": "x <image> y <image>"}, "/data"))
+    assert inter["kind"] == "interleaved" and inter["images"] == ["/data/a.png", "/data/sub/b.png"]
     ocr = parse_record(element({"id": "o", "kind": "ocr", "images": [img], "text": "HELLO"}))
     assert ocr["messages"][-1] == {"role": "assistant", "content": "HELLO"} and ocr["answer"] == "HELLO"
     gr = parse_record(element({"id": "g", "images": [img], "query": "the red circle", "boxes": [[1, 2, 30, 40]]}))
