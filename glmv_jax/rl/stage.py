@@ -305,12 +305,9 @@ def run_rl(exp) -> dict[str, Any]:
     sampler = make_sampler(cfg, PromptPool.from_records(records), domain_ratios)
 
     with Checkpointer(os.path.join(exp.workdir, "checkpoints"), save_every=r.save_every, keep=cfg.train.keep) as ckpt:
-        restored = ckpt.restore_latest(abstract_train_state(optimizer, abstract_params, None, rng))
-        if restored is None:
-            state = fresh()
-        else:
-            state, sampler_state = restored
-            sampler.set_state(sampler_state)
+        restored = ckpt.restore_latest(abstract_train_state(optimizer, abstract_params, None, rng), sampler.set_state,
+                                       fallback=cfg.train.restore_fallback)
+        state = fresh() if restored is None else restored[0]
         start = sampler.iteration
         history = read_metrics(os.path.join(exp.workdir, "logs"), start)   # the rows before a resume
         spent = offline_rollouts + int(sum(h.get("rollouts", 0) for h in history))
