@@ -22,7 +22,7 @@ from glmv_jax.generate.prompts import prompt_dicts
 from glmv_jax.generate.sampler import answer_ids, check_sampling, generate, response_text
 from glmv_jax.models.glmv import init_params
 from glmv_jax.train.checkpoint import Checkpointer
-from glmv_jax.train.experiment import _tokenizer, model_config_for, read_stage_config, stage_processor
+from glmv_jax.train.experiment import _tokenizer, data_processor, model_config_for, read_stage_config
 
 
 @dataclass
@@ -78,7 +78,7 @@ def load_model(path: str | Path, template: str | None = None) -> ModelBundle:
         cfg, stage_dir = _run_stage(path)
         tokenizer = _run_tokenizer(cfg, stage_dir)
         config = model_config_for(cfg, tokenizer)
-        processor = stage_processor(cfg, config, template)
+        processor = data_processor(cfg.data, config, template)
         abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
         with Checkpointer(stage_dir / "checkpoints", save_every=1) as ckpt:
             params = ckpt.restore_params(abstract)

@@ -78,11 +78,12 @@ def model_config_for(cfg, tokenizer) -> ModelConfig:
     return config.validate()
 
 
-def stage_processor(cfg, model_config: ModelConfig, template: str | None = None) -> Processor:
-    """The stage's processor: synthetic images at a fixed 2 * image_size^2 pixel budget, else HF's defaults."""
-    side = cfg.data.image_size
-    budget = dict(min_pixels=2 * side * side, max_pixels=2 * side * side) if cfg.data.source == "synthetic" else {}
-    return Processor.for_model(model_config, template=template or cfg.data.get("template", "glm41v"), **budget)
+def data_processor(data, model_config: ModelConfig, template: str | None = None) -> Processor:
+    """The processor of a `data` block: synthetic images at a fixed 2 * image_size^2 pixel budget, else HF's
+    defaults."""
+    side = data.image_size
+    budget = dict(min_pixels=2 * side * side, max_pixels=2 * side * side) if data.source == "synthetic" else {}
+    return Processor.for_model(model_config, template=template or data.get("template", "glm41v"), **budget)
 
 
 def check_directories(cfg) -> None:
@@ -123,7 +124,7 @@ def preflight(cfg) -> tuple[Mesh, rules_lib.Rules, Processor]:
     check_directories(cfg)
     mesh, rules = stage_mesh(cfg)
     check_batch_mesh(cfg, mesh, rules)
-    processor = stage_processor(cfg, base_model_config(cfg))
+    processor = data_processor(cfg.data, base_model_config(cfg))
     check_patch_budget(data_config(cfg.data, micro_batches=cfg.train.grad_accum_steps), processor)
     return mesh, rules, processor
 
