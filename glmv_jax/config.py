@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 MODEL_TYPES = ("glm4v", "glm4v_moe", "glm46v")
 # glmv_jax/models/attention.py ACCEPTED (kept here so config.py imports nothing from models): "xla" is the
@@ -26,7 +28,21 @@ RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention")  
 
 
 class ConfigError(ValueError):
-    """A model config that cannot describe a working model."""
+    """A config (a model config, or an experiment config's key) that cannot run; the message names it."""
+
+
+def restore_tuples(cls, values: Mapping) -> dict:
+    """`values` for dataclass `cls` with lists turned back into tuples where the field is a tuple: a saved
+    config.json (JSON has no tuples) and ConfigDict overrides hold lists, frozen configs must stay hashable."""
+    hints = typing.get_type_hints(cls)
+    return {k: tuple(v) if isinstance(v, list) and _is_tuple(hints.get(k)) else v for k, v in values.items()}
+
+
+def _is_tuple(hint) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_tuple(arg) for arg in typing.get_args(hint))
+    return hint is tuple or origin is tuple
 
 
 @dataclass(frozen=True)

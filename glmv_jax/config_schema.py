@@ -12,15 +12,20 @@ closest match); blocks that a dataclass implements are then constructed, so its 
 
 Names owned by an implementation are read from it: presets (config.PRESETS), attention implementations
 (models.attention.ACCEPTED), remat policies (models.layers.REMAT_POLICIES), samplers (rl.stage.SAMPLERS).
+
+`check_rerun` compares a stage config with the one saved in a stage directory that holds checkpoints:
+keys under RERUN_GUARDED (shapes, the data stream, prompt pools, sampler state) must not change; the
+others (steps, logging, checkpoint cadence, mesh, eval, ...) may.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 from typing import Iterable, Mapping
 
-from glmv_jax.config import PRESETS, RUNTIME_FIELDS, TextConfig, VisionConfig
+from glmv_jax.config import PRESETS, RUNTIME_FIELDS, ConfigError, TextConfig, VisionConfig
 from glmv_jax.data.pipeline import DataConfig, data_config
 from glmv_jax.models.attention import ACCEPTED as ATTENTION_IMPLEMENTATIONS
 from glmv_jax.models.layers import REMAT_POLICIES
@@ -38,10 +43,16 @@ CURRICULUM_FROM_RL = ("batch_size", "group_size", "seed")    # CurriculumConfig 
 DATA_FILLED = ("seed", "micro_batches")     # DataConfig fields the stage fills (its seed, train.grad_accum_steps)
 MODEL_KEYS = ("preset", "hf_checkpoint", "text", "vision") + RUNTIME_FIELDS
 MESH_KEYS = ("ici", "dcn", "devices", "rules", "max_replicated_fraction")   # train/experiment.py, train/aot.py
-
-
-class ConfigError(ValueError):
-    """A config key or value the experiment cannot run with."""
+# A rerun on a stage directory with checkpoints must keep these (a key, or a block: all of its keys) ...
+RERUN_GUARDED = ("stage", "seed", "model", "data", "train.grad_accum_steps", "optimizer.freeze", "rl.sampler",
+                 "rl.batch_size", "rl.group_size", "rl.prompts_per_domain", "rl.prompt_tiers", "rl.prompt_split",
+                 "rl.curriculum", "rl.offline_difficulty", "rl.offline_samples", "rl.offline_prompts", "rl.pilot",
+                 "rl.pilot_min_informative", "rl.domains", "rl.health.probe_per_domain")
+# ... except these, which change neither shapes nor what the data stream yields
+RERUN_FREE = ("model.remat", "model.attention", "data.on_bad_record", "data.max_consecutive_bad", "data.num_workers",
+              "data.read_threads", "data.prefetch", "data.check")
+RERUN_BLOCKS = ("model", "mesh", "data", "optimizer", "train", "rl", "rl.grpo", "rl.curriculum", "rl.health",
+                "eval")  # compared key by key
 
 
 def field_names(cls) -> tuple[str, ...]:
@@ -122,6 +133,42 @@ def validate(c) -> None:
         validate_rl(c.rl)
     check_keys(c.optimizer, OPTIMIZER_DEFAULTS, "optimizer")
     build_optimizer(c.optimizer)          # raises on a bad value
+
+
+def _flat(values, prefix: str = "") -> dict:
+    """{"data.seq_len": value} over the config blocks (RERUN_BLOCKS); other values (model.text overrides,
+    data.tiers, mesh.ici, ...) are compared whole. Values JSON-normalized (tuples as lists)."""
+    values = values.to_dict() if hasattr(values, "to_dict") else values
+    out = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if name in RERUN_BLOCKS and isinstance(value, Mapping):
+            out.update(_flat(value, name + "."))
+        else:
+            out[name] = json.loads(json.dumps(value, default=str))
+    return out
+
+
+def _under(key: str, prefixes: Iterable[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def rerun_conflicts(saved: Mapping, new: Mapping) -> list[str]:
+    """The RERUN_GUARDED keys (less RERUN_FREE) on which two stage configs differ, among the keys both have
+    (a key the code added since the saved run takes its default)."""
+    old, now = _flat(saved), _flat(new)
+    return sorted(k for k in old.keys() & now.keys()
+                  if old[k] != now[k] and _under(k, RERUN_GUARDED) and not _under(k, RERUN_FREE))
+
+
+def check_rerun(saved: Mapping, new: Mapping, stage_dir: str) -> None:
+    """ConfigError naming the keys where `new` differs from the config saved with stage_dir's checkpoints."""
+    keys = rerun_conflicts(saved, new)
+    if keys:
+        old, now = _flat(saved), _flat(new)
+        diffs = "; ".join(f"{k}: saved {old[k]!r}, now {now[k]!r}" for k in keys)
+        raise ConfigError(f"{stage_dir} holds checkpoints of a different config ({diffs}): resuming would not fit "
+                          f"them; use another --workdir or the saved values")
 
 
 def validate_data_source(data: DataConfig) -> None:

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from absl import flags
 
+from glmv_jax.config import ConfigError, restore_tuples
 from glmv_jax.data.image_files import MAX_IMAGE_PIXELS
 from glmv_jax.data.packing import PackIterDataset, default_frames
 from glmv_jax.data.records import BadRecord
@@ -81,9 +82,7 @@ def data_config(cfg: Any = None, **overrides) -> DataConfig:
     values = {k: v for k, v in {**values, **overrides}.items() if k in known}
     if "manifests" in values:
         values["manifests"] = manifest_list(values["manifests"])
-    if isinstance(values.get("domains"), (list, tuple)):
-        values["domains"] = tuple(values["domains"])
-    out = DataConfig(**values)
+    out = DataConfig(**restore_tuples(DataConfig, values))
     if out.on_bad_record not in ("skip", "raise"):
         raise ValueError(f"data.on_bad_record must be 'skip' or 'raise', got {out.on_bad_record!r}")
     if min(out.seq_len, out.batch_size, out.patch_budget) <= 0:
@@ -166,24 +165,42 @@ def record_dataset(cfg: DataConfig, sources: Any = None) -> grain.MapDataset:
 def frame_shape(cfg: DataConfig, processor: Processor, sources: Any = None) -> tuple[int | None, int | None]:
     """(F, L) of the batches' patch_frames for this config (per micro-batch), or (None, None) for none.
 
-    L: data.frame_len, else the longest frame the processor makes: for synthetic data the frame of an
-    image_size x image_size image (every synthetic image; not when `sources` replaces the config's
-    source), otherwise max(min_pixels, max_pixels) over
-    temporal_patch_size * patch_size^2 (a frame the processor's min_pixels rounding makes longer is a bad
-    record); never more than the micro-batch's Np. F: data.frames, else default_frames with the shortest
-    frame (synthetic: that same frame; otherwise one merge block)."""
+    L: data.frame_len, else the longest frame the processor makes (`frame_extent`; a frame the processor's
+    min_pixels rounding makes longer is a bad record), never more than the micro-batch's Np. F: data.frames,
+    else default_frames with the shortest frame."""
     if cfg.frame_len == 0:
         return None, None
-    image, budget = processor.image, cfg.patch_budget // cfg.micro_batches
-    if cfg.source == "synthetic" and sources is None:
-        h, w = image.target_size(cfg.image_size, cfg.image_size)
-        longest = shortest = (h // image.patch_size) * (w // image.patch_size)
-    else:
-        patch_area = image.temporal_patch_size * image.patch_size ** 2
-        shortest = image.merge_size ** 2
-        longest = max(shortest, max(image.min_pixels, image.max_pixels) // patch_area)
+    budget = cfg.patch_budget // cfg.micro_batches
+    longest, shortest = frame_extent(cfg, processor, sources)
     frame_len = cfg.frame_len or min(longest, budget)
     return cfg.frames or default_frames(budget, frame_len, min(shortest, frame_len)), frame_len
+
+
+def frame_extent(cfg: DataConfig, processor: Processor, sources: Any = None) -> tuple[int, int]:
+    """(longest, shortest) patch rows of one image/frame the processor makes: for synthetic data those of an
+    image_size x image_size image (every synthetic image), else max(min_pixels, max_pixels) over
+    temporal_patch_size * patch_size^2, and one merge block."""
+    image = processor.image
+    if cfg.source == "synthetic" and sources is None:
+        h, w = image.target_size(cfg.image_size, cfg.image_size)
+        longest = (h // image.patch_size) * (w // image.patch_size)
+        return longest, longest
+    patch_area = image.temporal_patch_size * image.patch_size ** 2
+    shortest = image.merge_size ** 2
+    return max(shortest, max(image.min_pixels, image.max_pixels) // patch_area), shortest
+
+
+def check_patch_budget(cfg: DataConfig, processor: Processor) -> None:
+    """ConfigError when a synthetic image cannot fit one host's micro-batch patch budget (every record would
+    be skipped as too_many_patches once training starts). Other sources are checked record by record when
+    packing: their largest image is bounded only by the processor's max_pixels."""
+    if cfg.kind == "rl" or cfg.source != "synthetic":
+        return
+    budget = cfg.patch_budget // jax.process_count() // cfg.micro_batches
+    longest, _ = frame_extent(cfg, processor)
+    if longest > budget:
+        raise ConfigError(f"data.patch_budget {cfg.patch_budget} ({budget} patch rows per micro-batch and host) is "
+                          f"smaller than one data.image_size={cfg.image_size} image: {longest} patch rows")
 
 
 def _to_iter(ds: grain.MapDataset, cfg: DataConfig) -> grain.IterDataset:

@@ -7,14 +7,12 @@
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import jax
-import ml_collections
 
 from glmv_jax.config import ModelConfig
 from glmv_jax.convert.hf import load_pretrained
@@ -24,7 +22,7 @@ from glmv_jax.generate.prompts import prompt_dicts
 from glmv_jax.generate.sampler import answer_ids, check_sampling, generate, response_text
 from glmv_jax.models.glmv import init_params
 from glmv_jax.train.checkpoint import Checkpointer
-from glmv_jax.train.experiment import _tokenizer, model_config_for
+from glmv_jax.train.experiment import _tokenizer, data_processor, model_config_for, read_stage_config
 
 
 @dataclass
@@ -52,13 +50,7 @@ def _run_stage(path: Path):
             raise FileNotFoundError(f"{path} is neither an HF checkpoint (model.safetensors) nor a run work "
                                     f"directory (checkpoints/ or <i>_<stage>/checkpoints/)")
         stage_dir = max(stages, key=lambda d: int(d.name.split("_")[0]))
-    for cfg_file in (stage_dir / "config.json", stage_dir.parent / "config.json"):
-        if cfg_file.is_file():
-            cfg = ml_collections.ConfigDict(json.loads(cfg_file.read_text()))
-            if "stages" in cfg:
-                cfg = ml_collections.ConfigDict(dict(cfg.stages[int(stage_dir.name.split("_")[0])]))
-            return cfg, stage_dir
-    raise FileNotFoundError(f"no config.json (written by experiments.run) in {stage_dir} or its parent")
+    return read_stage_config(stage_dir), stage_dir
 
 
 def _run_tokenizer(cfg, stage_dir: Path):
@@ -86,9 +78,7 @@ def load_model(path: str | Path, template: str | None = None) -> ModelBundle:
         cfg, stage_dir = _run_stage(path)
         tokenizer = _run_tokenizer(cfg, stage_dir)
         config = model_config_for(cfg, tokenizer)
-        side = cfg.data.image_size
-        budget = dict(min_pixels=2 * side * side, max_pixels=2 * side * side) if cfg.data.source == "synthetic" else {}
-        processor = Processor.for_model(config, template=template or cfg.data.get("template", "glm41v"), **budget)
+        processor = data_processor(cfg.data, config, template)
         abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
         with Checkpointer(stage_dir / "checkpoints", save_every=1) as ckpt:
             params = ckpt.restore_params(abstract)

@@ -397,17 +397,17 @@ def run_rl(exp) -> dict[str, Any]:
     probe = HealthProbe(exp, hc, probe_records, pad_steps, overrides) if hc.every else None
 
     with Checkpointer(os.path.join(exp.workdir, "checkpoints"), save_every=r.save_every, keep=cfg.train.keep) as ckpt:
-        restored = ckpt.restore_latest(abstract_train_state(optimizer, abstract_params, None, rng))
-        if restored is None:
-            state = fresh()
-        else:
-            state, sampler_state = restored
+        def set_sampler_state(sampler_state):
             sampler_state = dict(sampler_state)
             health_state = sampler_state.pop("reward_health", None)
             sampler.set_state(sampler_state)
             if monitor is not None and health_state is not None:
                 monitor.load_state_dict(health_state)
                 sampler.scale_domains(monitor.scale)
+
+        restored = ckpt.restore_latest(abstract_train_state(optimizer, abstract_params, None, rng), set_sampler_state,
+                                       fallback=cfg.train.restore_fallback)
+        state = fresh() if restored is None else restored[0]
         start = sampler.iteration
         history = read_metrics(os.path.join(exp.workdir, "logs"), start)   # the rows before a resume
         spent = offline_rollouts + int(sum(h.get("rollouts", 0) for h in history))

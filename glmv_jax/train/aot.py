@@ -28,7 +28,6 @@ import importlib.util
 import math
 import os
 import re
-from dataclasses import replace
 from typing import Any, Sequence
 
 import jax
@@ -37,14 +36,13 @@ from jax.experimental import mesh_utils, topologies
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from glmv_jax.batch import batch_shapes
-from glmv_jax.config import ModelConfig, from_hf_config, get_preset
+from glmv_jax.config import ModelConfig
 from glmv_jax.data.pipeline import data_config, frame_shape
-from glmv_jax.data.transforms import Processor
 from glmv_jax.models.glmv import init_params, logical_axes
 from glmv_jax.sharding import rules as rules_lib
 from glmv_jax.sharding.global_batch import batch_shardings
 from glmv_jax.sharding.mesh import AXES, MeshError, resolve_shape
-from glmv_jax.train.experiment import Experiment
+from glmv_jax.train.experiment import Experiment, base_model_config, data_processor
 from glmv_jax.train.optimizer import build_optimizer
 from glmv_jax.train.state import abstract_train_state, state_shardings
 from glmv_jax.train.step import make_train_step, presplit
@@ -128,23 +126,14 @@ class AotPlan:
 
 
 def model_config_from(cfg) -> ModelConfig:
-    """The stage's preset with its runtime knobs and `model.vision` / `model.text` overrides."""
-    if cfg.model.get("hf_checkpoint"):
-        base = from_hf_config(cfg.model.hf_checkpoint)
-    else:
-        base = get_preset(cfg.model.preset)
-    vision = replace(base.vision, **dict(cfg.model.get("vision", {}) or {}))
-    text = replace(base.text, **dict(cfg.model.get("text", {}) or {}))
-    return replace(base, vision=vision, text=text, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                   scan_layers=cfg.model.scan_layers, remat=cfg.model.remat, attention=cfg.model.attention).validate()
+    """The stage's preset (or HF config) with its runtime knobs and `model.vision` / `model.text` overrides."""
+    return base_model_config(cfg).validate()
 
 
 def frames_shape(data_cfg, model_config: ModelConfig, micro_batches: int = 1) -> tuple[int | None, int | None]:
     """(F, L) of the batches' `patch_frames` as the data pipeline makes them (data.pipeline.frame_shape, with
     the processor `train.experiment.setup` builds), or (None, None) when the config turns them off."""
-    side = data_cfg.image_size
-    budget = dict(min_pixels=2 * side * side, max_pixels=2 * side * side) if data_cfg.source == "synthetic" else {}
-    processor = Processor.for_model(model_config, template=data_cfg.get("template", "glm41v"), **budget)
+    processor = data_processor(data_cfg, model_config)
     return frame_shape(data_config(data_cfg, micro_batches=micro_batches), processor)
 
 

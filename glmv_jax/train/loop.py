@@ -27,17 +27,13 @@ class NonFiniteError(FloatingPointError):
 
 
 def restore_or_init(checkpointer: Checkpointer | None, abstract_state: TrainState,
-                    init_fn: Callable[[], TrainState], data_iterator: Any = None) -> TrainState:
-    """The latest checkpoint (also restoring the data iterator's position), else `init_fn()`."""
-    restored = checkpointer.restore_latest(abstract_state) if checkpointer is not None else None
-    if restored is None:
-        return init_fn()
-    state, data_state = restored
-    if data_iterator is not None:
-        if data_state is None:
-            raise ValueError(f"checkpoint step {int(state.step)} has no data iterator state to restore")
-        data_iterator.set_state(data_state)
-    return state
+                    init_fn: Callable[[], TrainState], data_iterator: Any = None, fallback: bool = False) -> TrainState:
+    """The latest checkpoint (also restoring the data iterator's position), else `init_fn()`. fallback: an
+    unreadable step (its data iterator state included) gives way to the step before it
+    (Checkpointer.restore_latest)."""
+    set_data_state = None if data_iterator is None else data_iterator.set_state
+    restored = checkpointer.restore_latest(abstract_state, set_data_state, fallback) if checkpointer is not None else None
+    return init_fn() if restored is None else restored[0]
 
 
 def _iterator_state(data_iterator: Any) -> Any:

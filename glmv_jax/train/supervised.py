@@ -35,6 +35,7 @@ TRAIN_DEFAULTS = dict(            # the experiment config's `train` block: its k
     moe_bias_rate=1e-3,           # aux-loss-free router bias update speed (MoE decoders; 0 = off)
     moe_seq_aux_coef=0.0,         # sequence-level balance loss coefficient (1e-4 in the paper; 0 = off)
     init_from="",                 # a previous stage's work directory: params only
+    restore_fallback=True,        # an unreadable checkpoint step: log it, keep it aside, restore the one before
     export_hf="",                 # write the final params as an HF checkpoint here
 )
 
@@ -135,7 +136,7 @@ def run_supervised(exp: Experiment, progress: bool = True) -> dict[str, Any]:
     ckpt_dir = os.path.join(exp.workdir, "checkpoints")
     with Checkpointer(ckpt_dir, save_every=cfg.train.save_every, keep=cfg.train.keep) as ckpt:
         state = restore_or_init(ckpt, abstract_train_state(optimizer, abstract_params, st_shardings, rng),
-                                fresh_state, batches)
+                                fresh_state, batches, fallback=cfg.train.restore_fallback)
         start = int(jax.device_get(state.step))
         with MetricsWriter(os.path.join(exp.workdir, "logs"), cfg.train.steps, initial_step=start,
                            flops_per_token=flops_per_token(exp), peak_flops=measure_peak_flops(1024),

@@ -1,8 +1,16 @@
-"""The demo config's variants and the settings issue 11's measurements rest on."""
+"""The demo config's variants and the settings issue 11's measurements rest on; every config file refuses an
+unknown variant; a saved pipeline config restores a stage's config with its tuples."""
+import importlib
+from pathlib import Path
+
 import pytest
 
 from experiments.configs import demo
 from experiments.run import default_workdir
+from glmv_jax.train.experiment import read_stage_config
+
+CONFIGS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "experiments" / "configs").glob("*.py")
+                 if p.stem not in ("__init__", "base"))
 
 
 def test_seed_variant_reaches_every_stage_and_typos_are_refused():
@@ -24,3 +32,19 @@ def test_rl_stage_runs_rlcs_as_measured():
 def test_each_variant_set_gets_its_own_default_workdir():
     assert default_workdir("experiments/configs/demo.py") != default_workdir("experiments/configs/demo.py:smoke")
     assert default_workdir("d.py:seed=1,smoke") == default_workdir("d.py:smoke,seed=1")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_file_refuses_an_unknown_variant(name):
+    module = importlib.import_module(f"experiments.configs.{name}")
+    with pytest.raises(ValueError, match="unknown .*variants"):
+        module.get_config("smoke,modle=tiny" if name == "demo" else "runlocal,modle=tiny")
+
+
+def test_a_stage_config_restores_from_the_pipeline_config_with_its_tuples(tmp_path):
+    """Stage directories of runs made before each had its own config.json read their stage's entry."""
+    (tmp_path / "config.json").write_text(demo.get_config("smoke").to_json_best_effort())
+    (tmp_path / "1_sft").mkdir()
+    cfg = read_stage_config(tmp_path / "1_sft")
+    assert cfg.stage == "sft" and cfg.model.text.mrope_section == (2, 3, 3)
+    assert cfg.data.domains == tuple(demo.get_config("smoke").stages[1].data.domains)     # DataConfig's type

@@ -1,6 +1,10 @@
-"""Checkpoint/resume: bitwise-exact resume in process and after a SIGKILL mid-commit, partial directories ignored."""
+"""Checkpoint/resume: bitwise-exact resume in process and after a SIGKILL mid-commit, partial directories ignored,
+unreadable steps (a truncated file, a corrupt data iterator state) named, or set aside for the step before."""
 
+import glob
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -9,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from glmv_jax.train.checkpoint import Checkpointer
+from glmv_jax.train.checkpoint import Checkpointer, CheckpointError
 from glmv_jax.train.loop import restore_or_init, run_steps
 from tests.train import toy
 from tests.train.resume_script import build
@@ -122,3 +126,73 @@ def test_data_state_as_bytes_and_errors(tmp_path, parts):
             ckpt.save(init(), [1, 2], step=2)
     with pytest.raises(ValueError, match="save_every"):
         Checkpointer(tmp_path / "other", save_every=0)
+
+
+def saved_steps(directory, parts, steps=(2, 4)):
+    """Checkpoints of the toy at `steps` (data state {"next_index": step})."""
+    _, _, init = parts
+    with Checkpointer(directory, save_every=1, async_save=False) as ckpt:
+        for step in steps:
+            ckpt.save(init(), {"next_index": step}, step=step)
+
+
+def truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def warnings_of(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_a_truncated_file_names_step_and_file_or_falls_back_to_the_step_before(tmp_path, parts, caplog):
+    _, abstract, _ = parts
+    saved_steps(tmp_path / "ckpt", parts)
+    step_dir = str(tmp_path / "ckpt" / "4")
+    bad = max(glob.glob(f"{step_dir}/state/ocdbt.process_*/d/*"), key=os.path.getsize)   # the largest array file
+    truncate(bad)
+    with Checkpointer(tmp_path / "ckpt", save_every=1) as ckpt:
+        with pytest.raises(CheckpointError, match=rf"step 4 \({re.escape(step_dir)}\) is unreadable: {re.escape(bad)}: "):
+            ckpt.restore_latest(abstract)
+        assert ckpt.all_steps() == [2, 4]                       # fallback off: nothing moved
+        with caplog.at_level(logging.WARNING):
+            _, data_state = ckpt.restore_latest(abstract, fallback=True)
+        assert data_state == {"next_index": 2}
+        [line] = warnings_of(caplog)
+        assert "\n" not in line and bad in line and "restored step 2 instead" in line
+        assert ckpt.all_steps() == [2] and os.path.isfile(bad.replace(step_dir, step_dir + ".unreadable"))   # kept
+        ckpt.save(parts[2](), {"next_index": 4}, step=4)      # the step number is free again
+        ckpt.wait()
+        assert ckpt.all_steps() == [2, 4]
+
+
+@pytest.mark.parametrize("stored", ['{"state": {"bogus": 1}}', '{"state": {"next_ind'])   # rejected; cut short
+def test_a_corrupt_data_iterator_state_falls_back_with_its_step(tmp_path, parts, caplog, stored):
+    step_fn, abstract, init = parts
+    data = toy.data_iterator(seed=0)
+    with Checkpointer(tmp_path / "ckpt", save_every=SAVE_EVERY) as ckpt:
+        run_steps(init(), data, step_fn, num_steps=4, checkpointer=ckpt)
+    bad = str(tmp_path / "ckpt" / "4" / "data" / "metadata")
+    with open(bad, "w") as f:
+        f.write(stored)
+    with Checkpointer(tmp_path / "ckpt", save_every=SAVE_EVERY) as ckpt:
+        with pytest.raises(CheckpointError, match=rf"step 4 .* is unreadable: {re.escape(bad)}: "):
+            restore_or_init(ckpt, abstract, init, toy.data_iterator(seed=0))
+        data = toy.data_iterator(seed=0)
+        with caplog.at_level(logging.WARNING):
+            state = restore_or_init(ckpt, abstract, init, data, fallback=True)
+    assert int(state.step) == 2 and data.get_state() == {"next_index": 2}
+    [line] = warnings_of(caplog)
+    assert bad in line and "restored step 2 instead" in line
+
+
+def test_every_step_unreadable_is_an_error_even_with_fallback(tmp_path, parts):
+    _, abstract, _ = parts
+    saved_steps(tmp_path / "ckpt", parts)
+    for step in (2, 4):
+        with open(tmp_path / "ckpt" / str(step) / "data" / "metadata", "w") as f:
+            f.write("{")
+    with Checkpointer(tmp_path / "ckpt", save_every=1) as ckpt:
+        with pytest.raises(CheckpointError, match="no restorable checkpoint .* step 4"):
+            ckpt.restore_latest(abstract, fallback=True)
+        assert ckpt.all_steps() == [2, 4]
