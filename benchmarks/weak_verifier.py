@@ -38,16 +38,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.rlcs import (PLOTS, RESULTS, check_tokenizer, demo_stages, held_out, load_average,  # noqa: E402
-                             prepare_sft, read_history)
+                             prepare_sft, read_history, seed_mean_prompts)
 
 RUNS = ("real", "weak", "weak+guard")
 COLORS = {"real": "tab:blue", "weak": "tab:red", "weak+guard": "tab:green"}
 
 
-def rl_config(args, run: str, sft_dir: Path):
+def rl_config(args, run: str, seed: int, sft_dir: Path):
     """The demo's RL stage for one of RUNS."""
     cfg = demo_stages(args.smoke)[2]
-    cfg.seed = args.seed
+    cfg.seed = seed
     cfg.train.init_from = str(sft_dir)
     cfg.rl.update(iterations=args.iterations, save_every=args.iterations)
     if args.lr:
@@ -60,17 +60,17 @@ def rl_config(args, run: str, sft_dir: Path):
     return cfg
 
 
-def run_one(args, run: str, sft_dir: Path, out: Path) -> dict:
+def run_one(args, run: str, seed: int, sft_dir: Path, out: Path) -> dict:
     from experiments.run import run_stage
-    cfg = rl_config(args, run, sft_dir)
-    stage_dir = out / "runs" / f"{run.replace('+', '_')}_seed{args.seed}_it{args.iterations}"
+    cfg = rl_config(args, run, seed, sft_dir)
+    stage_dir = out / "runs" / f"{run.replace('+', '_')}_seed{seed}_it{args.iterations}"
     done = stage_dir / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
     t0 = time.perf_counter()
     summary = run_stage(cfg, str(stage_dir))
     rl_seconds, t0 = time.perf_counter() - t0, time.perf_counter()
-    result = {"run": run, "history": read_history(stage_dir, keys=None), "health": summary["reward_health"],
+    result = {"run": run, "seed": seed, "history": read_history(stage_dir, keys=None), "health": summary["reward_health"],
               "eval": held_out(cfg, stage_dir, summary["state"].params), "rl_seconds": rl_seconds,
               "eval_seconds": time.perf_counter() - t0}
     done.write_text(json.dumps(result, indent=1))
@@ -79,7 +79,7 @@ def run_one(args, run: str, sft_dir: Path, out: Path) -> dict:
 
 def evaluate_sft(args, sft_dir: Path, out: Path) -> dict:
     from glmv_jax.train.experiment import initial_params, param_shardings, setup
-    cfg = rl_config(args, "real", sft_dir)
+    cfg = rl_config(args, "real", 0, sft_dir)
     stage_dir = out / f"sft_eval_pd{cfg.eval.per_domain}"
     exp = setup(cfg, str(stage_dir))
     check_tokenizer(sft_dir, stage_dir)
@@ -94,32 +94,39 @@ def paired_subset(earlier: list[dict], later: list[dict], domains) -> dict:
 
 
 def hack_summary(run: dict, domain: str) -> dict:
-    """The hacked domain at the run's last check: training and probe reward rise since the first check, the
-    divergence and its SE (rl/health.py), and the flags."""
+    """The hacked domain in one run: its probe reward under the training verifier and under the real one at
+    the baseline (the starting policy) and the last check, the last divergence with its SE (rl/health.py),
+    the flags and after how many checks the domain was flagged."""
     checks = run["health"]["checks"]
     first, last = checks[0], checks[-1]
     row = next(h for h in reversed(run["history"]) if f"health/{domain}/divergence" in h)
     flagged = run["health"]["flagged"]
-    return {"train_first": first["train"][domain][0], "train_last": last["train"][domain][0],
+    iterations = [c["iteration"] for c in checks]
+    return {"seed": run["seed"], "trained_first": float(np.mean(first["probe_trained"][domain])),
+            "trained_last": float(np.mean(last["probe_trained"][domain])),
             "probe_first": float(np.mean(first["probe"][domain])), "probe_last": float(np.mean(last["probe"][domain])),
             "divergence": row[f"health/{domain}/divergence"], "divergence_se": row[f"health/{domain}/divergence_se"],
-            "checks": [c["iteration"] for c in checks], "flagged": flagged,
-            "first_check_flagging": (sorted(c["iteration"] for c in checks).index(flagged[domain]) + 1
-                                     if domain in flagged else None)}
+            "checks": iterations, "flagged": flagged,
+            "checks_to_flag": iterations.index(flagged[domain]) if domain in flagged else None}
 
 
 def summarize(args, runs: dict, sft_eval: dict) -> dict:
+    """Per run name: per seed the hacked domain's summary and paired held-out deltas; over seeds the paired
+    deltas of the seed-averaged per-prompt scores (vs SFT, and the other domains vs the real run)."""
     domains = sorted(sft_eval["accuracy"])
     others = [d for d in domains if d != args.domain]
     sft_prompts = sft_eval["prompts"]
+    pooled = {name: seed_mean_prompts([r["eval"] for r in rs]) for name, rs in runs.items()}
     out = {}
-    for name, run in runs.items():
-        vs_sft = paired_subset(sft_prompts, run["eval"]["prompts"], domains)
-        out[name] = {"hacked_domain": hack_summary(run, args.domain), "vs_sft": vs_sft,
-                     "others_vs_sft": paired_subset(sft_prompts, run["eval"]["prompts"], others),
-                     "others_vs_real": (paired_subset(runs["real"]["eval"]["prompts"], run["eval"]["prompts"], others)
-                                        if name != "real" else None),
-                     "flagged": run["health"]["flagged"], "rl_seconds": run["rl_seconds"]}
+    for name, rs in runs.items():
+        per_seed = [{**hack_summary(r, args.domain),
+                     "vs_sft": paired_subset(sft_prompts, r["eval"]["prompts"], domains),
+                     "others_vs_real": paired_subset(real["eval"]["prompts"], r["eval"]["prompts"], others)
+                     if name != "real" else None, "rl_seconds": r["rl_seconds"]}
+                    for r, real in zip(rs, runs["real"])]
+        out[name] = {"per_seed": per_seed, "vs_sft": paired_subset(sft_prompts, pooled[name], domains),
+                     "others_vs_sft": paired_subset(sft_prompts, pooled[name], others),
+                     "others_vs_real": paired_subset(pooled["real"], pooled[name], others) if name != "real" else None}
     return out
 
 
@@ -137,18 +144,20 @@ def plot(args, runs: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    domains = sorted(runs["real"]["health"]["checks"][0]["train"])
+    domains = sorted(runs["real"][0]["health"]["checks"][0]["train"])
     fig, axes = plt.subplots(1, len(domains), figsize=(3.1 * len(domains), 3.4), sharey=True)
     for ax, d in zip(np.atleast_1d(axes), domains):
-        for name, run in runs.items():
-            h = run["history"]
-            ax.plot([x["iteration"] for x in h], smooth([x.get(f"reward_rolled/{d}", np.nan) for x in h]),
-                    color=COLORS[name], lw=1.2, label=f"{name}: training reward")
-            checks = run["health"]["checks"]
-            ax.plot([c["iteration"] for c in checks], [np.mean(c["probe"][d]) for c in checks], "o--",
-                    color=COLORS[name], ms=3, lw=0.8, label=f"{name}: strict probe")
-            if d in run["health"]["flagged"]:
-                ax.axvline(run["health"]["flagged"][d], color=COLORS[name], ls=":", lw=1)
+        for name, rs in runs.items():
+            for k, run in enumerate(rs):
+                label = (lambda text: text if k == 0 else None)
+                h = run["history"]
+                ax.plot([x["iteration"] for x in h], smooth([x.get(f"reward_rolled/{d}", np.nan) for x in h]),
+                        color=COLORS[name], lw=1.0, alpha=0.8, label=label(f"{name}: training reward (pool)"))
+                checks = run["health"]["checks"]
+                ax.plot([c["iteration"] for c in checks], [np.mean(c["probe"][d]) for c in checks], "o--",
+                        color=COLORS[name], ms=3, lw=0.8, label=label(f"{name}: real-verifier probe"))
+                if d in run["health"]["flagged"]:
+                    ax.axvline(run["health"]["flagged"][d], color=COLORS[name], ls=":", lw=1)
         ax.set_title(d + (f" ({args.verifier})" if d == args.domain else ""), fontsize=9)
         ax.set_xlabel("iteration")
     np.atleast_1d(axes)[0].set_ylabel("reward")
@@ -161,21 +170,31 @@ def plot(args, runs: dict, path: Path) -> None:
 
 
 def table(args, summary: dict) -> str:
-    fmt = lambda d, k="greedy": f"{d[k + '_delta']:+.3f} ± {d[k + '_se']:.3f}"
-    lines = [f"| run | {args.domain} training reward first → last check | {args.domain} strict probe first → last | "
-             f"divergence ± SE (last check) | flagged (iteration; check #) | {args.domain} held-out vs SFT | "
-             f"other domains held-out vs SFT | other domains vs real run |", "|---" * 8 + "|"]
+    fmt = lambda d: f"{d['greedy_delta']:+.3f} ± {d['greedy_se']:.3f}" if d else "-"
+    lines = [f"| run | seed | {args.domain} probe, training verifier: start → end | {args.domain} probe, real "
+             f"verifier: start → end | divergence ± SE (end) | flagged (iteration; checks after the start) | "
+             f"{args.domain} held-out vs SFT | other domains held-out vs SFT | other domains vs real run |",
+             "|---" * 9 + "|"]
     for name, s in summary.items():
-        h = s["hacked_domain"]
-        flags = ", ".join(f"{d} @ {i}" for d, i in sorted(s["flagged"].items())) or "none"
-        if h["first_check_flagging"]:
-            flags += f" (check {h['first_check_flagging']})"
-        hacked = s["vs_sft"]["domains"][args.domain]
-        lines.append(f"| {name} | {h['train_first']:.3f} → {h['train_last']:.3f} | {h['probe_first']:.3f} → "
-                     f"{h['probe_last']:.3f} | {h['divergence']:+.3f} ± {h['divergence_se']:.3f} | {flags} | "
-                     f"{fmt(hacked)} | {fmt(s['others_vs_sft'])} | "
-                     f"{fmt(s['others_vs_real']) if s['others_vs_real'] else '-'} |")
+        for h in s["per_seed"]:
+            flags = ", ".join(f"{d} @ {i}" for d, i in sorted(h["flagged"].items())) or "none"
+            if h["checks_to_flag"] is not None:
+                flags += f" ({h['checks_to_flag']})"
+            others = paired_others(h["vs_sft"], args.domain)
+            lines.append(f"| {name} | {h['seed']} | {h['trained_first']:.3f} → {h['trained_last']:.3f} | "
+                         f"{h['probe_first']:.3f} → {h['probe_last']:.3f} | {h['divergence']:+.3f} ± "
+                         f"{h['divergence_se']:.3f} | {flags} | {fmt(h['vs_sft']['domains'][args.domain])} | "
+                         f"{others} | {fmt(h['others_vs_real'])} |")
+        lines.append(f"| {name} | seed mean | | | | | {fmt(s['vs_sft']['domains'][args.domain])} | "
+                     f"{fmt(s['others_vs_sft'])} | {fmt(s['others_vs_real'])} |")
     return "\n".join(lines)
+
+
+def paired_others(vs_sft: dict, hacked: str) -> str:
+    """The unweighted mean of the other domains' paired deltas with its SE (evaluation/stats.combine)."""
+    from glmv_jax.evaluation.stats import combine
+    mean, se = combine({d: (e["greedy_delta"], e["greedy_se"]) for d, e in vs_sft["domains"].items() if d != hacked})
+    return f"{mean:+.3f} ± {se:.3f}"
 
 
 def parse_args(argv=None):
@@ -187,15 +206,16 @@ def parse_args(argv=None):
     ap.add_argument("--verifier", default="counting_upper_bound", choices=sorted(WEAKENED))
     ap.add_argument("--action", default="pause", choices=("downweight", "pause"), help="the guard's action")
     ap.add_argument("--iterations", type=int, default=60)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0,1", help="comma-separated seeds of the RL stage (same SFT start)")
     ap.add_argument("--lr", type=float, default=0.0, help="RL learning rate (default: the demo's)")
     ap.add_argument("--every", type=int, default=5, help="iterations between reward-health checks")
-    ap.add_argument("--probe-per-domain", type=int, default=16)
-    ap.add_argument("--probe-samples", type=int, default=8)
+    ap.add_argument("--probe-per-domain", type=int, default=24)
+    ap.add_argument("--probe-samples", type=int, default=6)
     ap.add_argument("--eval-per-domain", type=int, default=0, help="held-out prompts per domain (default: the demo's)")
     ap.add_argument("--smoke", action="store_true", help="the demo's seconds-long smoke settings (tests)")
     ap.add_argument("--no-results", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = ap.parse_args(argv)
+    args.seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     domains = list(demo_stages(args.smoke)[2].data.domains)
     if args.domain not in domains:
         ap.error(f"--domain must be one of {domains}")
@@ -211,16 +231,16 @@ def main(argv=None) -> dict:
     start, load_start = time.perf_counter(), load_average()
     sft_dir = prepare_sft(args, out)
     sft_eval = evaluate_sft(args, sft_dir, out)
-    runs = {name: run_one(args, name, sft_dir, out) for name in RUNS}
+    runs = {name: [run_one(args, name, seed, sft_dir, out) for seed in args.seeds] for name in RUNS}
     summary = summarize(args, runs, sft_eval)
-    cfg = rl_config(args, "weak+guard", sft_dir)
-    settings = {"domain": args.domain, "verifier": args.verifier, "action": args.action, "seed": args.seed,
+    cfg = rl_config(args, "weak+guard", args.seeds[0], sft_dir)
+    settings = {"domain": args.domain, "verifier": args.verifier, "action": args.action, "seeds": args.seeds,
                 "iterations": args.iterations, "lr": cfg.optimizer.lr, "health": cfg.rl.health.to_dict(),
                 "batch_size": cfg.rl.batch_size, "group_size": cfg.rl.group_size, "temperature": cfg.rl.temperature,
                 "eval_per_domain": cfg.eval.per_domain,
                 "sft": str(Path(args.sft).resolve()) if args.sft else str(sft_dir)}
     report = {"settings": settings, "summary": summary, "sft_accuracy": sft_eval["accuracy"],
-              "heldout": {n: r["eval"]["accuracy"] for n, r in runs.items()},
+              "heldout": {n: [r["eval"]["accuracy"] for r in rs] for n, rs in runs.items()},
               "wall_seconds": time.perf_counter() - start, "load_start": load_start, "load_end": load_average(),
               "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"}
     (out / "weak_verifier.json").write_text(json.dumps(report, indent=1))
@@ -243,7 +263,7 @@ def append_results(report: dict, text: str, png: Path) -> None:
     section = (f"\n## Weak verifier and the reward-health guard (benchmarks/weak_verifier.py, the paper's Sec. 5.2), "
                f"{report['date']}\n{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} (cpu); uptime "
                f"at start: `{report['load_start']}`, at end: `{report['load_end']}`; {report['wall_seconds']:.0f} s\n\n"
-               f"From one SFT checkpoint ({s['sft']}), seed {s['seed']}, {s['iterations']} GRPO updates of "
+               f"From one SFT checkpoint ({s['sft']}), RL seeds {s['seeds']}, {s['iterations']} GRPO updates of "
                f"B={s['batch_size']} x G={s['group_size']} at lr {s['lr']}, temperature {s['temperature']}; "
                f"{s['domain']} rewarded by `{s['verifier']}` in the weak runs; guard every {s['health']['every']} "
                f"iterations on {s['health']['probe_per_domain']} probe prompts per domain x "

@@ -1,12 +1,13 @@
 """Reward health: a guard against one bad reward signal taking over a multi-domain RL run (the paper's Sec. 5.2
 and Open Question 3; docs/rl.md "Reward health").
 
-Every `every` iterations the stage samples a small fixed probe set (split "probe", `probe_samples` responses
-per prompt at the rollout temperature) and scores the same responses twice: with the run's own training
+Before the first update (the baseline: the starting policy) and every `every` iterations the stage samples a
+small fixed probe set (split "probe", `probe_samples` responses per prompt at the rollout temperature) and scores the same responses twice: with the run's own training
 verifiers (t: what the policy is paid) and with the real verifiers (s: what it should be paid). It hands the
 monitor, per domain, those per-prompt means and the training reward on the pool since the last check (mean
 and standard error of the per-iteration `reward_rolled/<domain>`). A reward the policy earns by hacking its
-verifier climbs while the real one does not; a healthy one moves both. At check k, against the first check:
+verifier climbs while the real one does not; a healthy one moves both. At check k, against the baseline
+(for "pool", the first check with a pool reward):
 
     signal "probe" (default):  divergence_k = mean_i [(t_ik - s_ik) - (t_i1 - s_i1)],  se_k = sd_i(...) / sqrt(n)
                                rise_k = mean_i (t_ik - t_i1)
@@ -40,9 +41,9 @@ SIGNALS = ("probe", "pool")
 @dataclasses.dataclass(frozen=True)
 class HealthConfig:
     every: int = 0                  # iterations between checks; 0 = no monitor
-    probe_per_domain: int = 16      # fixed probe prompts per domain (split "probe", tiers of the RL pool)
-    probe_samples: int = 8          # responses per probe prompt (mean@k: less noise per prompt than greedy)
-    min_gap: float = 0.1            # a strike needs the divergence above this ...
+    probe_per_domain: int = 24      # fixed probe prompts per domain (split "probe", tiers of the RL pool)
+    probe_samples: int = 6          # responses per probe prompt (mean@k: less noise per prompt than greedy)
+    min_gap: float = 0.05           # a strike needs the divergence above this ...
     z: float = 2.0                  # ... and above z standard errors
     patience: int = 2               # consecutive strikes that flag a domain
     action: str = "flag"            # flag | downweight | pause
@@ -118,10 +119,12 @@ class RewardHealthMonitor:
         t, t1 = np.asarray(last["probe_trained"][domain]), np.asarray(first["probe_trained"][domain])
         sd = lambda x: float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
         change = (t - s) - (t1 - s1)
-        (pool, pool_se), (pool1, pool1_se) = last["train"][domain], first["train"][domain]
+        pool_first = next((c for c in self.checks if np.isfinite(c["train"][domain][0])), first)   # not the start
+        (pool, pool_se), (pool1, pool1_se) = last["train"][domain], pool_first["train"][domain]
+        probe_change = s - np.asarray(pool_first["probe"][domain])
         return {"probe": (float(change.mean()), sd(change), float(np.mean(t - t1))),
-                "pool": ((pool - pool1) - float(np.mean(s - s1)), math.sqrt(pool_se ** 2 + pool1_se ** 2 + sd(s - s1) ** 2),
-                         pool - pool1)}
+                "pool": ((pool - pool1) - float(probe_change.mean()),
+                         math.sqrt(pool_se ** 2 + pool1_se ** 2 + sd(probe_change) ** 2), pool - pool1)}
 
     def describe(self, domain: str) -> str:
         """The log line of a flagged domain."""

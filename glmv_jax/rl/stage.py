@@ -410,6 +410,8 @@ def run_rl(exp) -> dict[str, Any]:
         state = fresh() if restored is None else restored[0]
         start = sampler.iteration
         history = read_metrics(os.path.join(exp.workdir, "logs"), start)   # the rows before a resume
+        if monitor is not None and not monitor.checks:      # the guard's baseline: the starting policy
+            check_health(monitor, probe, sampler, state.params, jax.random.fold_in(probe_rng, start), start, [])
         spent = offline_rollouts + int(sum(h.get("rollouts", 0) for h in history))
         reference = fresh().params if grpo_cfg.kl_coef > 0 else None    # the KL reference: the starting policy
         with MetricsWriter(os.path.join(exp.workdir, "logs"), r.iterations, initial_step=start,

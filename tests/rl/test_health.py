@@ -49,7 +49,7 @@ def test_the_probe_signal_ignores_pool_drift_that_the_real_verifier_shares():
     pool = [{"counting": 0.5 + 0.1 * k, "chart": 0.5} for k in range(5)]
     flat = [{"counting": 0.5, "chart": 0.5}] * 5
     assert run_checks(RewardHealthMonitor(HealthConfig(every=10, signal="pool"), DOMAINS), pool, flat) == {
-        "counting": 40}                                  # a rise of 0.1 at check 2 is not above min_gap
+        "counting": 30}                                  # strikes at checks 2 and 3
     assert run_checks(RewardHealthMonitor(HealthConfig(every=10, signal="probe"), DOMAINS), pool, flat) == {}
 
 

@@ -64,7 +64,8 @@ def test_rl_domains_and_overrides_are_checked():
 def weak_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("weak")
     weak_verifier.main(["--smoke", "--iterations", "2", "--every", "1", "--probe-per-domain", "2",
-                        "--probe-samples", "2", "--eval-per-domain", "2", "--out", str(out), "--no-results"])
+                        "--probe-samples", "2", "--eval-per-domain", "2", "--seeds", "0", "--out", str(out),
+                        "--no-results"])
     return json.loads((out / "weak_verifier.json").read_text()), out
 
 
@@ -75,7 +76,7 @@ def test_weak_verifier_experiment_records_checks_flags_and_paired_results(weak_r
         result = json.loads(next((out / "runs").glob(f"{name.replace('+', '_')}_seed0_it2")).joinpath(
             "result.json").read_text())
         checks = result["health"]["checks"]
-        assert [c["iteration"] for c in checks] == [1, 2]
+        assert [c["iteration"] for c in checks] == [0, 1, 2]              # the baseline, then every iteration
         assert all(len(c["probe"][d]) == 2 for c in checks for d in c["probe"]) and len(checks[0]["probe"]) == 7
         assert all("health/counting/divergence" in row and "health/probe_rollouts" in row
                    for row in result["history"])
