@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,8 +39,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
-PLOTS = Path(__file__).with_name("plots")
+from benchmarks.rl_runs import (PLOTS, RESULTS, demo_stages, evaluate_start, load_average, plain,  # noqa: E402
+                                prepare_sft, read_history, run_cached, seed_mean_prompts)
+
 SAMPLERS = ("rlcs", "uniform", "dapo", "rlcs_labels")   # rlcs_labels: RLCS as before issue 11 (generator tier
                                                          # labels, fixed mix, one EMA, no pooling / fill_quota)
 DEFAULT_SAMPLERS = ("rlcs", "uniform", "dapo")
@@ -53,38 +53,6 @@ ROW_KEYS = ("iteration", "rollouts", "rollouts_total", "offline_rollouts", "prom
 
 # ----------------------------------------------------------------------------------------------
 # Configs and the SFT checkpoint
-
-def demo_stages(smoke: bool):
-    from experiments.configs import demo
-    return demo.get_config("smoke" if smoke else None).stages
-
-
-def find_sft_stage(path: Path) -> Path:
-    """A stage directory (holding checkpoints/) or a pipeline work directory (its `<i>_sft` stage)."""
-    if (path / "checkpoints").is_dir():
-        return path
-    stages = sorted(d for d in path.glob("*_sft") if (d / "checkpoints").is_dir()) if path.is_dir() else []
-    if not stages:
-        raise FileNotFoundError(f"--sft {path}: neither a stage directory with checkpoints/ nor a pipeline "
-                                f"work directory with an <i>_sft/checkpoints stage")
-    return stages[-1]
-
-
-def prepare_sft(args, out: Path) -> Path:
-    """The SFT stage directory every sampler starts from: a copy of --sft (the source is never written), or
-    the demo's pretrain + SFT stages trained into out/sft_run."""
-    if args.sft:
-        source = find_sft_stage(Path(args.sft))
-        target = out / "sft"
-        if not target.exists():
-            shutil.copytree(source, target)
-        return target
-    from experiments.run import run_pipeline
-    pretrain, sft, _ = demo_stages(args.smoke)
-    import ml_collections
-    cfg = ml_collections.ConfigDict(dict(stages=[pretrain, sft], eval_after=[], report=False))
-    run_pipeline(cfg, str(out / "sft_run"))
-    return out / "sft_run" / "1_sft"
 
 
 def rl_config(args, sampler: str, seed: int, sft_dir: Path):
@@ -106,80 +74,27 @@ def rl_config(args, sampler: str, seed: int, sft_dir: Path):
     return cfg
 
 
-def check_tokenizer(sft_dir: Path, stage_dir: Path) -> None:
-    """The SFT run's saved tokenizer must equal the suite tokenizer this code builds (same token ids)."""
-    saved, current = sft_dir / "tokenizer.model", stage_dir / "tokenizer.model"
-    if saved.is_file() and current.is_file() and saved.read_bytes() != current.read_bytes():
-        raise ValueError(f"{saved} differs from the suite tokenizer the current code builds ({current}): the SFT "
-                         f"checkpoint was trained with other token ids; retrain it (run without --sft)")
-
-
 # ----------------------------------------------------------------------------------------------
 # Runs
-
-def read_history(stage_dir: Path, keys=ROW_KEYS) -> list[dict]:
-    """Per-iteration rows of logs/metrics.jsonl (the last row of an iteration wins, as after a resume), with
-    `keys` only (None: every key)."""
-    rows = {}
-    with open(stage_dir / "logs" / "metrics.jsonl") as f:
-        for line in f:
-            row = json.loads(line)
-            rows[int(row["iteration"])] = dict(row) if keys is None else {k: row[k] for k in keys if k in row}
-    history = [rows[i] for i in sorted(rows)]
-    offline = history[0].get("offline_rollouts", 0) if history else 0     # RLCS's pass@k, billed up front
-    cumulative = offline + np.cumsum([h["rollouts"] for h in history])
-    for h, c in zip(history, cumulative):
-        h["cumulative_rollouts"] = int(c)
-    return history
-
-
-def held_out(cfg, stage_dir: Path, params) -> dict:
-    from experiments.run import evaluate_stage
-    result = evaluate_stage(cfg, str(stage_dir), params)
-    acc = result["accuracy"]
-    return {"accuracy": acc, "mean": float(np.mean(list(acc.values()))), "format_rate": result["format_rate"],
-            "n": result["n"], "se": result["summary"]["mean"].get("greedy_se", float("nan")),
-            "prompts": [{k: row.get(k) for k in ("id", "domain", "greedy", "sampled")} for row in result["prompts"]]}
 
 
 def evaluate_sft(args, sft_dir: Path, out: Path) -> dict:
     """Held-out reward of the starting point (the SFT params), on the same prompts as every run."""
-    from glmv_jax.train.experiment import initial_params, param_shardings, setup
-    cfg = rl_config(args, "uniform", 0, sft_dir)
-    stage_dir = out / f"sft_eval_pd{cfg.eval.per_domain}"
-    exp = setup(cfg, str(stage_dir))
-    check_tokenizer(sft_dir, stage_dir)
-    params = initial_params(exp, *param_shardings(exp))
-    return held_out(cfg, stage_dir, params)
+    return evaluate_start(rl_config(args, "uniform", 0, sft_dir), sft_dir, out)
 
 
 def run_one(args, sampler: str, seed: int, sft_dir: Path, out: Path) -> dict:
     """N RL iterations with one sampler and seed, then the held-out evaluation; cached in result.json."""
-    from experiments.run import run_stage
     cfg = rl_config(args, sampler, seed, sft_dir)
     r = cfg.rl
     stage_dir = out / "runs" / (f"{sampler}_seed{seed}_it{r.iterations}_b{r.batch_size}_g{r.group_size}"
                                 f"_pd{cfg.eval.per_domain}")
-    done = stage_dir / "result.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    t0 = time.perf_counter()
-    summary = run_stage(cfg, str(stage_dir))
-    rl_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    result = {"sampler": sampler, "seed": seed, "history": read_history(stage_dir),
-              "eval": held_out(cfg, stage_dir, summary["state"].params),
-              "rl_seconds": rl_seconds, "eval_seconds": time.perf_counter() - t0}
-    done.write_text(json.dumps(result, indent=1))
-    return result
+    return run_cached(cfg, stage_dir, lambda d, _: {"sampler": sampler, "seed": seed,
+                                                    "history": read_history(d, ROW_KEYS)})
 
 
 # ----------------------------------------------------------------------------------------------
 # Summary, plot, RESULTS.md
-
-def plain(value):
-    """ConfigDicts (and what they hold) as JSON-able dicts."""
-    return value.to_dict() if hasattr(value, "to_dict") else value
 
 
 def nanmean(values) -> float:
@@ -191,20 +106,6 @@ def spread(values) -> dict:
     v = np.asarray(values, np.float64)
     return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
             "min": float(np.min(v)), "max": float(np.max(v))}
-
-
-def seed_mean_prompts(evals: list[dict]) -> list[dict] | None:
-    """Per held-out prompt (by id) its greedy / sampled score averaged over evaluations (seeds); None when an
-    evaluation kept no per-prompt rows (result.json of older code)."""
-    if any("prompts" not in e for e in evals):
-        return None
-    rows: dict[str, list[dict]] = {}
-    for e in evals:
-        for row in e["prompts"]:
-            rows.setdefault(row["id"], []).append(row)
-    mean = lambda xs: float(np.mean(xs)) if all(x is not None for x in xs) else None
-    return [{"id": i, "domain": rs[0]["domain"], "greedy": mean([r["greedy"] for r in rs]),
-             "sampled": mean([r.get("sampled") for r in rs])} for i, rs in rows.items()]
 
 
 def paired_delta(earlier: list[dict] | None, later: list[dict] | None) -> dict:
@@ -331,13 +232,6 @@ def table(summary: dict, sft_eval: dict) -> str:
         lines.append(f"| {sampler} | " + " | ".join(f"{s['heldout_by_domain'][d]['mean']:.2f}" for d in domains)
                      + f" | {s['heldout_mean']['mean']:.3f} |")
     return "\n".join(lines)
-
-
-def load_average() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "load average " + " / ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -34,8 +34,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.rlcs import (PLOTS, RESULTS, check_tokenizer, demo_stages, held_out, load_average,  # noqa: E402
-                             prepare_sft, read_history, seed_mean_prompts)
+from benchmarks.rl_runs import (PLOTS, RESULTS, demo_stages, evaluate_start, load_average,  # noqa: E402
+                                prepare_sft, read_history, run_cached, seed_mean_prompts)
 
 MIX = "mix-all"
 
@@ -54,33 +54,21 @@ def rl_config(args, row: str, seed: int, sft_dir: Path):
 
 def run_row(args, row: str, seed: int, sft_dir: Path, out: Path) -> dict:
     """One RL run and its held-out evaluation, cached in its result.json."""
-    from experiments.run import run_stage
     cfg = rl_config(args, row, seed, sft_dir)
+
+    def describe(stage_dir: Path, _) -> dict:
+        history = read_history(stage_dir)
+        return {"row": row, "seed": seed, "rollouts": int(sum(h["rollouts"] for h in history)),
+                "updates": int(sum(h["updated"] for h in history)),
+                "informative_trained": float(np.mean([h["kept_informative_share"] for h in history]))}
+
     stage_dir = out / "runs" / f"{row}_seed{seed}_it{cfg.rl.iterations}_pd{cfg.eval.per_domain}"
-    done = stage_dir / "result.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    t0 = time.perf_counter()
-    summary = run_stage(cfg, str(stage_dir))
-    rl_seconds, t0 = time.perf_counter() - t0, time.perf_counter()
-    history = read_history(stage_dir)
-    result = {"row": row, "seed": seed, "rollouts": int(sum(h["rollouts"] for h in history)),
-              "updates": int(sum(h["updated"] for h in history)),
-              "informative_trained": float(np.mean([h["kept_informative_share"] for h in history])),
-              "eval": held_out(cfg, stage_dir, summary["state"].params),
-              "rl_seconds": rl_seconds, "eval_seconds": time.perf_counter() - t0}
-    done.write_text(json.dumps(result, indent=1))
-    return result
+    return run_cached(cfg, stage_dir, describe)
 
 
 def evaluate_sft(args, sft_dir: Path, out: Path) -> dict:
     """Greedy held-out reward of the SFT start on the prompts every row is evaluated on."""
-    from glmv_jax.train.experiment import initial_params, param_shardings, setup
-    cfg = rl_config(args, MIX, 0, sft_dir)
-    stage_dir = out / f"sft_eval_pd{cfg.eval.per_domain}"
-    exp = setup(cfg, str(stage_dir))
-    check_tokenizer(sft_dir, stage_dir)
-    return held_out(cfg, stage_dir, initial_params(exp, *param_shardings(exp)))
+    return evaluate_start(rl_config(args, MIX, 0, sft_dir), sft_dir, out)
 
 
 def transfer_matrix(sft_prompts: list[dict], runs: list[dict]) -> dict:

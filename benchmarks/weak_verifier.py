@@ -37,8 +37,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.rlcs import (PLOTS, RESULTS, check_tokenizer, demo_stages, held_out, load_average,  # noqa: E402
-                             prepare_sft, read_history, seed_mean_prompts)
+from benchmarks.rl_runs import (PLOTS, RESULTS, demo_stages, evaluate_start, load_average,  # noqa: E402
+                                prepare_sft, read_history, run_cached, seed_mean_prompts)
 
 RUNS = ("real", "weak", "weak+guard")
 COLORS = {"real": "tab:blue", "weak": "tab:red", "weak+guard": "tab:green"}
@@ -61,29 +61,15 @@ def rl_config(args, run: str, seed: int, sft_dir: Path):
 
 
 def run_one(args, run: str, seed: int, sft_dir: Path, out: Path) -> dict:
-    from experiments.run import run_stage
+    """One of RUNS with one seed and its held-out evaluation, cached in its result.json."""
     cfg = rl_config(args, run, seed, sft_dir)
     stage_dir = out / "runs" / f"{run.replace('+', '_')}_seed{seed}_it{args.iterations}"
-    done = stage_dir / "result.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    t0 = time.perf_counter()
-    summary = run_stage(cfg, str(stage_dir))
-    rl_seconds, t0 = time.perf_counter() - t0, time.perf_counter()
-    result = {"run": run, "seed": seed, "history": read_history(stage_dir, keys=None), "health": summary["reward_health"],
-              "eval": held_out(cfg, stage_dir, summary["state"].params), "rl_seconds": rl_seconds,
-              "eval_seconds": time.perf_counter() - t0}
-    done.write_text(json.dumps(result, indent=1))
-    return result
+    return run_cached(cfg, stage_dir, lambda d, summary: {"run": run, "seed": seed, "history": read_history(d),
+                                                          "health": summary["reward_health"]})
 
 
 def evaluate_sft(args, sft_dir: Path, out: Path) -> dict:
-    from glmv_jax.train.experiment import initial_params, param_shardings, setup
-    cfg = rl_config(args, "real", 0, sft_dir)
-    stage_dir = out / f"sft_eval_pd{cfg.eval.per_domain}"
-    exp = setup(cfg, str(stage_dir))
-    check_tokenizer(sft_dir, stage_dir)
-    return held_out(cfg, stage_dir, initial_params(exp, *param_shardings(exp)))
+    return evaluate_start(rl_config(args, "real", 0, sft_dir), sft_dir, out)
 
 
 def paired_subset(earlier: list[dict], later: list[dict], domains) -> dict:

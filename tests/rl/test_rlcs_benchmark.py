@@ -5,12 +5,13 @@ GRPO update shared by run_rl calls with the same settings; and a stage update wi
 grad_accum_steps on real rollouts."""
 import dataclasses
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-from benchmarks import rlcs
+from benchmarks import rl_runs, rlcs
 from experiments.configs import demo
 from glmv_jax.evaluation.evaluate import prompt_records
 from glmv_jax.generate.prompts import prompt_dicts
@@ -104,7 +105,7 @@ def test_bad_arguments_are_rejected():
         rlcs.parse_args(["--group-size", "1"])
     assert rlcs.parse_args(["--samplers", "rlcs_labels"]).samplers == ["rlcs_labels"]
     with pytest.raises(FileNotFoundError, match="neither a stage directory"):
-        rlcs.find_sft_stage(rlcs.Path("/nonexistent/sft"))
+        rl_runs.find_sft_stage(Path("/nonexistent/sft"))
 
 
 def test_padded_rollout_sizes_follow_the_ladder():
