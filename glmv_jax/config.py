@@ -280,6 +280,16 @@ def _rope_fields(text: dict[str, Any], default_partial: float | None) -> dict[st
     return dict(rope_theta=float(theta), partial_rotary_factor=float(partial), mrope_section=tuple(section))
 
 
+def _text_fields(hf: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The text decoder's fields: `text_config`, or the top level in the flat config.json of the July-2025
+    GLM-4.1V-9B releases, which put the text fields there next to vision_config (transformers passes top-level
+    keys to the text config when text_config is absent). Those flat files carry partial_rotary_factor 0.5,
+    rope_theta and rope_scaling.mrope_section at the top level, so nothing needs defaulting here."""
+    if hf.get("text_config") is not None:
+        return hf["text_config"]
+    return {k: v for k, v in hf.items() if k not in ("model_type", "vision_config")}
+
+
 def from_hf_config(hf: dict[str, Any] | str | Path) -> ModelConfig:
     """Builds a ModelConfig from a config.json dict (or its path, or the directory holding it)."""
     if not isinstance(hf, dict):
@@ -291,7 +301,7 @@ def from_hf_config(hf: dict[str, Any] | str | Path) -> ModelConfig:
     model_type = hf.get("model_type")
     if model_type not in MODEL_TYPES:
         raise ConfigError(f"unsupported model_type {model_type!r} in config.json; expected one of {MODEL_TYPES}")
-    text, vision = dict(hf.get("text_config") or {}), dict(hf.get("vision_config") or {})
+    text, vision = dict(_text_fields(hf)), dict(hf.get("vision_config") or {})
     text_type = text.get("model_type", "glm4v_moe_text" if model_type == "glm4v_moe" else "glm4v_text")
     if text_type not in ("glm4v_text", "glm4v_moe_text"):
         raise ConfigError(f"unsupported text_config.model_type {text_type!r}")

@@ -5,8 +5,10 @@
 
 Loading validates every key and shape from the file headers before reading data, allocates each
 parameter leaf once and fills it tensor by tensor (per-layer and per-expert tensors go into their slice
-of the stacked array), so the host never holds a second copy of the model. Saving computes each shard's
-header from shapes alone and then writes tensors one at a time. The key table lives in mapping.py.
+of the stacked array), so the host never holds a second copy of the model. Block-wise FP8 weights
+(GLM-4.5V-FP8 / GLM-4.6V-FP8) are dequantised to the requested dtype as they are read (fp8.py). MTP / next-n
+layers are skipped with one warning. Saving computes each shard's header from shapes alone and then writes
+tensors one at a time. The key table lives in mapping.py.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from glmv_jax.config import ConfigError, ModelConfig, from_hf_config, to_hf_config
-from glmv_jax.convert.mapping import ConversionError, Entry, key_table, lookup_table, mtp_layer, param_specs
+from glmv_jax.convert import fp8
+from glmv_jax.convert.mapping import ConversionError, Entry, is_mtp_key, key_table, listing, lookup_table, param_specs
 
 __all__ = ["ConversionError", "hf_state_dict_to_params", "params_to_hf_state_dict", "load_pretrained",
            "save_pretrained"]
@@ -33,6 +36,7 @@ log = logging.getLogger(__name__)
 _ST_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
               "BF16": np.dtype(ml_dtypes.bfloat16)}
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+_READ_DTYPES = {**_ST_DTYPES, fp8.ST_NAME: fp8.FP8}       # fp8 is read (and dequantised), never written
 INDEX_FILE, SINGLE_FILE = "model.safetensors.index.json", "model.safetensors"
 
 
@@ -41,11 +45,6 @@ def as_dtype(dtype) -> np.dtype | None:
     if dtype is None:
         return None
     return np.dtype(ml_dtypes.bfloat16) if str(dtype) == "bfloat16" else np.dtype(dtype)
-
-
-def _listing(items: list[str], limit: int = 12) -> str:
-    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
-    return "; ".join(items[:limit]) + more
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,7 +69,7 @@ class _Assembler:
         for key, shape in shapes.items():
             entry = self.table.get(key)
             if entry is None:
-                (self.skipped if mtp_layer(key, self.config) is not None else unexpected).append(key)
+                (self.skipped if is_mtp_key(key, self.config) else unexpected).append(key)
                 continue
             if tuple(shape) != entry.shape:
                 wrong.append(f"{key}: expected shape {entry.shape}, found {tuple(shape)}")
@@ -87,23 +86,26 @@ class _Assembler:
                    if not all(np.all(covered[t.path][t.index]) for t in e.targets)]
         problems = [(wrong, "tensors with the wrong shape"), (dupes, "duplicate tensors"),
                     (missing, "missing keys"), (unexpected, "unexpected keys")]
-        message = [f"{len(items)} {what}: {_listing(items)}" for items, what in problems if items]
+        message = [f"{len(items)} {what}: {listing(items)}" for items, what in problems if items]
         if message:
             raise ConversionError(f"checkpoint does not match the {self.config.model_type} config "
                                   f"(moe={self.config.text.moe}): " + " | ".join(message))
         if self.skipped:
-            layers = sorted({mtp_layer(k, self.config) for k in self.skipped})
-            log.warning("skipped %d tensors of MTP/next-n layers %s (not part of the model)", len(self.skipped), layers)
+            log.warning("skipped %d tensors of MTP/next-n layers (not part of the model): %s", len(self.skipped),
+                        listing(self.skipped, 3))
         return keys
+
+    def leaf_dtype(self, key: str) -> np.dtype:
+        """The dtype of the leaf that `key` fills (after plan)."""
+        path = self.table[key].targets[0].path
+        return np.dtype(np.float32) if self.specs[path].fp32 else self.leaf_dtypes[path]
 
     def put(self, key: str, array: np.ndarray) -> None:
         entry = self.table[key]
         for target, part in zip(entry.targets, entry.to_params(array)):
             leaf = self.leaves.get(target.path)
             if leaf is None:
-                spec = self.specs[target.path]
-                dtype = np.dtype(np.float32) if spec.fp32 else self.leaf_dtypes[target.path]
-                leaf = self.leaves[target.path] = np.empty(spec.shape, dtype)
+                leaf = self.leaves[target.path] = np.empty(self.specs[target.path].shape, self.leaf_dtype(key))
             leaf[target.index] = part
             self.pending[target.path] -= 1
             if self.pending[target.path] == 0 and self.shardings is not None:
@@ -169,7 +171,7 @@ def _check_params(config: ModelConfig, params: Mapping[str, Any]) -> dict[str, A
     wrong = [f"{p}: expected shape {specs[p].shape}, found {tuple(np.shape(flat[p]))}"
              for p in specs if p in flat and tuple(np.shape(flat[p])) != specs[p].shape]
     problems = [(wrong, "leaves with the wrong shape"), (missing, "missing leaves"), (unexpected, "unexpected leaves")]
-    message = [f"{len(items)} {what}: {_listing(items)}" for items, what in problems if items]
+    message = [f"{len(items)} {what}: {listing(items)}" for items, what in problems if items]
     if message:
         raise ConversionError("parameter tree does not match the config: " + " | ".join(message))
     return flat
@@ -199,12 +201,14 @@ def params_to_hf_state_dict(config: ModelConfig, params: Mapping[str, Any], dtyp
 # ----------------------------------------------------------------------------------------------
 # load_pretrained
 
-def _read_config(path: Path) -> ModelConfig:
+def _read_config(path: Path) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, the raw config.json dict)."""
     file = path / "config.json"
     if not file.is_file():
         raise ConversionError(f"missing config.json in {path}")
     try:
-        return from_hf_config(json.loads(file.read_text()))
+        hf = json.loads(file.read_text())
+        return from_hf_config(hf), hf
     except json.JSONDecodeError as e:
         raise ConversionError(f"{file} is not valid JSON: {e}") from e
     except ConfigError as e:
@@ -244,39 +248,61 @@ def _read_headers(files: list[Path], weight_map: dict[str, str] | None):
                 if key in found:
                     raise ConversionError(f"tensor {key} appears in both {found[key][0].name} and {file.name}")
                 sl = f.get_slice(key)
-                if sl.get_dtype() not in _ST_DTYPES:
+                if sl.get_dtype() not in _READ_DTYPES:
                     raise ConversionError(f"{file}: tensor {key} has unsupported dtype {sl.get_dtype()}")
-                found[key] = (file, tuple(sl.get_shape()), _ST_DTYPES[sl.get_dtype()])
+                found[key] = (file, tuple(sl.get_shape()), _READ_DTYPES[sl.get_dtype()])
     if weight_map is not None:
         lost = [f"{k} (in {v})" for k, v in weight_map.items() if k not in found or found[k][0].name != v]
         if lost:
-            raise ConversionError(f"{INDEX_FILE} names tensors its shard files lack: {_listing(lost)}")
+            raise ConversionError(f"{INDEX_FILE} names tensors its shard files lack: {listing(lost)}")
     return found
+
+
+def _get_tensor(f, file: Path, key: str) -> np.ndarray:
+    try:
+        return f.get_tensor(key)
+    except (SafetensorError, OSError) as e:
+        raise ConversionError(f"{file}: cannot read tensor {key} ({e})") from e
+
+
+def _tensors(files: list[Path], found: Mapping[str, tuple], wanted: set[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """(key, array) for each key in `wanted`, file by file in file order; fp8 tensors come raw (fp8.read_fp8).
+    No array stays referenced here once yielded, so the caller holds one tensor at a time."""
+    for file in files:
+        spans = None
+        with _open(file) as f:
+            for key in (k for k in f.keys() if k in wanted):
+                if found[key][2] != fp8.FP8:
+                    yield key, _get_tensor(f, file, key)
+                    continue
+                spans = fp8.fp8_spans(file) if spans is None else spans
+                yield key, fp8.read_fp8(file, key, spans[key], found[key][1])
 
 
 def load_pretrained(path, dtype=np.float32, shardings: Any = None) -> tuple[ModelConfig, dict]:
     """Reads an HF checkpoint directory -> (ModelConfig, params).
 
-    dtype: the parameter dtype (None keeps the checkpoint's); router weight and correction bias stay fp32.
+    dtype: the parameter dtype (None keeps the checkpoint's; fp8 weights then dequantise to float32); router
+    weight and correction bias stay fp32. Block-wise fp8 weights (fp8.py) are dequantised tensor by tensor.
     shardings: optional tree of jax shardings shaped like params; each leaf is placed as soon as it is
     complete and its host copy dropped. None returns host numpy arrays."""
     path = Path(path)
-    config = _read_config(path)
+    config, hf = _read_config(path)
     files, weight_map = _checkpoint_files(path)
     found = _read_headers(files, weight_map)
+    block = fp8.block_size(hf)
+    quantised = fp8.plan_scales({k: v[1] for k, v in found.items()}, {k: v[2] for k, v in found.items()}, block)
+    scale_keys = set(quantised.values())
+    weights = {k: v for k, v in found.items() if k not in scale_keys}
     asm = _Assembler(config, dtype, shardings)
-    keys = set(asm.plan({k: v[1] for k, v in found.items()}, {k: v[2] for k, v in found.items()}))
-    for file in files:
-        with _open(file) as f:
-            for key in f.keys():
-                if key not in keys:
-                    continue
-                try:
-                    tensor = f.get_tensor(key)
-                except (SafetensorError, OSError) as e:
-                    raise ConversionError(f"{file}: cannot read tensor {key} ({e})") from e
-                asm.put(key, tensor)
-                del tensor
+    keys = set(asm.plan({k: v[1] for k, v in weights.items()},
+                        {k: np.dtype(np.float32) if v[2] == fp8.FP8 else v[2] for k, v in weights.items()}))
+    scales = dict(_tensors(files, found, {quantised[k] for k in keys if k in quantised}))     # small: 1 per block
+    for key, tensor in _tensors(files, found, keys):
+        if key in quantised:
+            tensor = fp8.dequantize_fp8_blockwise(tensor, scales.pop(quantised[key]), block, asm.leaf_dtype(key))
+        asm.put(key, tensor)
+        del tensor
     return config, asm.finish()
 
 

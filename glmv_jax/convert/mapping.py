@@ -29,6 +29,12 @@ class ConversionError(ValueError):
     """A checkpoint or parameter tree that cannot be converted; the message names the key or file."""
 
 
+def listing(items: list[str], limit: int = 12) -> str:
+    """The first `limit` items joined with '; ', then how many more."""
+    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
+    return "; ".join(items[:limit]) + more
+
+
 @dataclass(frozen=True)
 class LeafSpec:
     stack: tuple[int, ...]       # leading stacked axes that Target.index addresses (layers, experts)
@@ -60,10 +66,18 @@ def default_expert_layout(config: ModelConfig) -> str:
     return "fused" if config.model_type == "glm46v" else "per_expert"
 
 
-def mtp_layer(key: str, config: ModelConfig) -> int | None:
-    """The layer index of an MTP / next-n key (`layers.{n}.*` with n >= num_hidden_layers), else None."""
-    m = re.match(re.escape(TEXT) + r"layers\.(\d+)\.", key)
-    return int(m.group(1)) if m and int(m.group(1)) >= config.text.num_hidden_layers else None
+# The text decoder's prefixes across GLM / GLM-V exports; MTP (next-n) layers are numbered after the decoder
+# layers (`...layers.{n}.` with n >= num_hidden_layers) or live in a module of their own
+# (`mtp.`, `nextn.`, `mtp_layers.`, `nextn_layers.`).
+_TEXT_PREFIX = r"(?:model\.language_model\.|language_model\.model\.|language_model\.|model\.)?"
+_MTP_LAYER = re.compile(_TEXT_PREFIX + r"layers\.(\d+)\.")
+_MTP_MODULE = re.compile(_TEXT_PREFIX + r"(?:mtp|nextn)(?:_layers)?\.")
+
+
+def is_mtp_key(key: str, config: ModelConfig) -> bool:
+    """Whether `key` belongs to an MTP / next-n layer, which the model does not use."""
+    m = _MTP_LAYER.match(key)
+    return bool(m and int(m.group(1)) >= config.text.num_hidden_layers) or bool(_MTP_MODULE.match(key))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Bad checkpoints and bad trees raise ConversionError naming the key, file or leaf; MTP layers are skipped and counted."""
 import json
 import logging
+import re
 import shutil
 
 import numpy as np
@@ -89,6 +90,21 @@ def test_truncated_or_corrupt_file(moe_dir, cut):
         load_pretrained(path)
 
 
+@pytest.mark.parametrize("damage", ["truncate_data", "truncate_header", "garbage_header", "empty"])
+def test_corrupt_shard_names_the_file(moe_dir, tmp_path, damage):
+    config, _, path = moe_dir
+    _, params = load_pretrained(path)
+    files = save_pretrained(config, params, tmp_path / "sharded", max_shard_size="30KB")
+    shard = files[len(files) // 2]
+    data = shard.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    shard.write_bytes({"truncate_data": data[:(header_end + len(data)) // 2], "truncate_header": data[:header_end - 10],
+                       "garbage_header": data[:8] + b"\xff" * (header_end - 8) + data[header_end:],
+                       "empty": b""}[damage])
+    with pytest.raises(ConversionError, match=rf"{re.escape(str(shard))}: corrupt or truncated safetensors file"):
+        load_pretrained(tmp_path / "sharded")
+
+
 def test_wrong_shape_names_key_expected_and_found(moe_dir):
     _, _, path = moe_dir
     _edit_tensors(path, lambda t: t.update({Q1: t[Q1][:63]}))
@@ -118,18 +134,34 @@ def test_attention_bias_only_where_the_config_has_it(moe_dir):
         load_pretrained(path)
 
 
-def test_mtp_layers_skipped_with_a_count(moe_dir, caplog):
+MTP_PREFIXES = ["model.language_model.layers.{n}.", "model.layers.{n}.", "language_model.model.layers.{n}.",
+                "model.mtp.", "model.nextn.", "mtp.layers.0.", "model.mtp_layers.0."]
+
+
+@pytest.mark.parametrize("prefix", MTP_PREFIXES)
+def test_mtp_layers_skipped_with_one_warning(moe_dir, caplog, prefix):
     config, _, path = moe_dir
-    n = config.text.num_hidden_layers
-    mtp = {f"model.language_model.layers.{n}.eh_proj.weight": np.zeros((64, 128), np.float32),
-           f"model.language_model.layers.{n}.mlp.experts.0.gate_proj.weight": np.zeros((32, 64), np.float32),
-           f"model.language_model.layers.{n + 1}.enorm.weight": np.zeros(64, np.float32)}
+    p = prefix.format(n=config.text.num_hidden_layers)
+    mtp = {p + "eh_proj.weight": np.zeros((64, 128), np.float32), p + "enorm.weight": np.zeros(64, np.float32),
+           p + "hnorm.weight": np.zeros(64, np.float32), p + "mlp.experts.0.gate_proj.weight": np.zeros((32, 64), np.float32),
+           p + "shared_head.norm.weight": np.zeros(64, np.float32)}
     _, reference = load_pretrained(path)
     _edit_tensors(path, lambda t: t.update(mtp))
     with caplog.at_level(logging.WARNING, logger="glmv_jax.convert.hf"):
         _, params = load_pretrained(path)
-    assert f"skipped 3 tensors of MTP/next-n layers [{n}, {n + 1}]" in caplog.text
+    assert len(caplog.records) == 1
+    first = "; ".join(sorted(mtp)[:3])
+    assert caplog.records[0].getMessage() == \
+        f"skipped 5 tensors of MTP/next-n layers (not part of the model): {first} ... and 2 more"
     np.testing.assert_array_equal(params["lm_head"]["kernel"], reference["lm_head"]["kernel"])
+
+
+def test_decoder_layers_under_another_prefix_are_not_mtp(moe_dir):
+    _, _, path = moe_dir
+    key = "model.layers.1.self_attn.q_proj.weight"       # a decoder layer number: a wrong prefix, not an MTP layer
+    _edit_tensors(path, lambda t: t.update({key: np.zeros((64, 64), np.float32)}))
+    with pytest.raises(ConversionError, match=rf"1 unexpected keys: {key}"):
+        load_pretrained(path)
 
 
 def test_both_expert_layouts_for_one_layer_is_a_duplicate(moe_dir):

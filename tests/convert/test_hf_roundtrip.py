@@ -5,13 +5,14 @@ in its stacked leaf), every transform against the HF module that uses the weight
 x @ kernel), and the in-memory fused HF state_dict converting to the same tree as the per-expert files.
 """
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file
 
-from glmv_jax.config import from_hf_config
+from glmv_jax.config import ConfigError, from_hf_config, glm41v_9b, tiny, to_hf_config
 from glmv_jax.convert.hf import (flatten, hf_state_dict_to_params, load_pretrained, params_to_hf_state_dict,
                                  save_pretrained)
 from glmv_jax.convert.mapping import key_table, param_specs
@@ -52,6 +53,53 @@ def test_config_and_tree_shapes(loaded, name):
         assert flat[p].dtype == np.float32, p
     assert ("text/moe_layers/moe/experts/gate" in flat) == config.text.moe
     assert ("text/layers/attn_out_norm/scale" in flat) == (not config.text.moe)
+
+
+def _flat(hf):
+    """The July-2025 GLM-4.1V layout: text_config's fields at the top level (its model_type dropped)."""
+    text = {k: v for k, v in hf["text_config"].items() if k != "model_type"}
+    return {**text, **{k: v for k, v in hf.items() if k != "text_config"}}
+
+
+# GLM-4.1V-9B-Thinking's config.json as released in July 2025 (as transformers 4.53 printed it): text fields
+# flat, legacy rope keys, vision_config nested.
+JULY_2025_GLM41V = {
+    "architectures": ["Glm4vForConditionalGeneration"], "model_type": "glm4v", "attention_bias": True,
+    "attention_dropout": 0.0, "pad_token_id": 151329, "eos_token_id": [151329, 151336, 151338, 151348],
+    "image_start_token_id": 151339, "image_end_token_id": 151340, "video_start_token_id": 151341,
+    "video_end_token_id": 151342, "image_token_id": 151343, "video_token_id": 151344, "hidden_act": "silu",
+    "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 13696, "max_position_embeddings": 65536,
+    "num_attention_heads": 32, "num_hidden_layers": 40, "num_key_value_heads": 2, "rms_norm_eps": 1e-05,
+    "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "vocab_size": 151552, "rope_scaling": {"type": "default", "mrope_section": [8, 12, 12]},
+    "vision_config": {"hidden_size": 1536, "depth": 24, "num_heads": 12, "attention_bias": False,
+                      "intermediate_size": 13696, "hidden_act": "silu", "image_size": 336, "patch_size": 14,
+                      "out_hidden_size": 4096, "rms_norm_eps": 1e-05, "spatial_merge_size": 2,
+                      "temporal_patch_size": 2},
+}
+
+
+@pytest.mark.parametrize("config", [glm41v_9b(), tiny(), tiny(moe=True)], ids=["glm41v_9b", "tiny", "tiny_moe"])
+def test_flat_config_equals_the_nested_one(config):
+    assert from_hf_config(_flat(to_hf_config(config))) == config
+
+
+def test_july_2025_flat_glm41v_config():
+    assert from_hf_config(JULY_2025_GLM41V) == glm41v_9b()
+    no_partial = {k: v for k, v in JULY_2025_GLM41V.items() if k != "partial_rotary_factor"}
+    with pytest.raises(ConfigError, match="no partial_rotary_factor"):   # as HF: no silent full-width rotary
+        from_hf_config(no_partial)
+
+
+def test_flat_config_checkpoint_loads(loaded, tmp_path):
+    config, _, path, _, params = loaded("glm4v")
+    shutil.copytree(path, tmp_path / "flat")
+    hf = json.loads((path / "config.json").read_text())
+    (tmp_path / "flat" / "config.json").write_text(json.dumps(_flat(hf)))
+    flat_config, flat_params = load_pretrained(tmp_path / "flat")
+    assert flat_config == config
+    for p, a in flatten(params).items():
+        np.testing.assert_array_equal(flatten(flat_params)[p], a, err_msg=p)
 
 
 @pytest.mark.parametrize("name", NAMES)
