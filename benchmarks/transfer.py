@@ -169,7 +169,7 @@ def main(argv=None) -> dict:
               "wall_seconds": time.perf_counter() - start, "load_start": load_start, "load_end": load_average(),
               "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"}
     (out / "transfer.json").write_text(json.dumps(report, indent=1))
-    title = (f"RL transfer: paired greedy held-out delta vs SFT, {args.iterations} updates x "
+    title = (f"RL transfer: paired greedy held-out delta vs SFT\n{args.iterations} updates x "
              f"{cfg.rl.batch_size}x{cfg.rl.group_size} rollouts per row, seeds {args.seeds}")
     plot(matrix, out / "transfer.png", title)
     text = table(matrix, sft_eval)
