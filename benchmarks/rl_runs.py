@@ -4,8 +4,10 @@ rows, seed-averaged prompt scores, and the machine's load for RESULTS.md."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import platform
 import shutil
 import subprocess
 import time
@@ -134,3 +136,17 @@ def run_cached(cfg, stage_dir: Path, describe: Callable[[Path, dict], dict]) -> 
               "rl_seconds": rl_seconds, "eval_seconds": time.perf_counter() - t0}
     done.write_text(json.dumps(result, indent=1))
     return result
+
+
+def publish(name: str, heading: str, report: dict, body: str, png: Path) -> None:
+    """Copy the plot and the report (JSON) to plots/<name>-<stamp>.* and append a RESULTS.md section: the
+    heading with the report's date, the machine with its load at start and end, `body`, the plot's path."""
+    import jax
+    PLOTS.mkdir(exist_ok=True)
+    stamp = f"{datetime.datetime.now():%Y%m%d-%H%M}"
+    shutil.copy(png, PLOTS / f"{name}-{stamp}.png")
+    (PLOTS / f"{name}-{stamp}.json").write_text(json.dumps(report, separators=(",", ":")))
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} (cpu); uptime at start: "
+               f"`{report['load_start']}`, at end: `{report['load_end']}`")
+    with open(RESULTS, "a") as f:
+        f.write(f"\n## {heading}, {report['date']}\n{machine}\n\n{body}\n\nPlot: plots/{name}-{stamp}.png\n")

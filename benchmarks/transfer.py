@@ -23,9 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,8 +31,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.rl_runs import (PLOTS, RESULTS, demo_stages, evaluate_start, load_average,  # noqa: E402
-                                prepare_sft, read_history, run_cached, seed_mean_prompts)
+from benchmarks.rl_runs import (demo_stages, evaluate_start, load_average, prepare_sft, publish,  # noqa: E402
+                                read_history, run_cached, seed_mean_prompts)
 
 MIX = "mix-all"
 
@@ -181,27 +178,17 @@ def main(argv=None) -> dict:
 
 
 def append_results(report: dict, text: str, png: Path) -> None:
-    import jax
     s = report["settings"]
-    PLOTS.mkdir(exist_ok=True)
-    stamp = f"{datetime.datetime.now():%Y%m%d-%H%M}"
-    shutil.copy(png, PLOTS / f"transfer-{stamp}.png")
-    (PLOTS / f"transfer-{stamp}.json").write_text(json.dumps(report, separators=(",", ":")))
     run_seconds = sum(r["rl_seconds"] + r["eval_seconds"] for r in report["runs"])
-    section = (f"\n## RL transfer across domains (benchmarks/transfer.py, the paper's Fig. 6), {report['date']}\n"
-               f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} (cpu); uptime at start: "
-               f"`{report['load_start']}`, at end: `{report['load_end']}`; this invocation "
-               f"{report['wall_seconds']:.0f} s (RL + eval summed over runs {run_seconds:.0f} s; finished runs of an "
-               f"earlier invocation with the same --out are reused)\n\n"
-               f"From one SFT checkpoint ({s['sft']}), per row and seed {s['seeds']}: {s['iterations']} GRPO updates "
-               f"of B={s['batch_size']} groups x G={s['group_size']} (RLCS without expansion: equal rollouts in every "
-               f"row; lr {s['lr']}, temperature {s['temperature']}, {s['max_new_tokens']} new tokens, pool "
-               f"{s['prompts_per_domain']} prompts per domain, offline pass on {s['offline_prompts']} per domain), then "
-               f"greedy held-out reward on the same {s['eval_per_domain']} prompts per domain as the SFT start. Cells: "
-               f"paired RL - SFT (per-prompt scores averaged over the seeds) ± SE; bold: |delta| > 2 SE.\n\n"
-               f"{text}\n\nPlot: plots/transfer-{stamp}.png\n")
-    with open(RESULTS, "a") as f:
-        f.write(section)
+    body = (f"This invocation {report['wall_seconds']:.0f} s (RL + eval summed over runs {run_seconds:.0f} s; finished "
+            f"runs of an earlier invocation with the same --out are reused). From one SFT checkpoint ({s['sft']}), "
+            f"per row and seed {s['seeds']}: {s['iterations']} GRPO updates of B={s['batch_size']} groups x "
+            f"G={s['group_size']} (RLCS without expansion: equal rollouts in every row; lr {s['lr']}, temperature "
+            f"{s['temperature']}, {s['max_new_tokens']} new tokens, pool {s['prompts_per_domain']} prompts per "
+            f"domain, offline pass on {s['offline_prompts']} per domain), then greedy held-out reward on the same "
+            f"{s['eval_per_domain']} prompts per domain as the SFT start. Cells: paired RL - SFT (per-prompt scores "
+            f"averaged over the seeds) ± SE; bold: |delta| > 2 SE.\n\n{text}")
+    publish("transfer", "RL transfer across domains (benchmarks/transfer.py, the paper's Fig. 6)", report, body, png)
 
 
 if __name__ == "__main__":

@@ -26,9 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -37,8 +34,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.rl_runs import (PLOTS, RESULTS, demo_stages, evaluate_start, load_average,  # noqa: E402
-                                prepare_sft, read_history, run_cached, seed_mean_prompts)
+from benchmarks.rl_runs import (demo_stages, evaluate_start, load_average, prepare_sft, publish,  # noqa: E402
+                                read_history, run_cached, seed_mean_prompts)
 
 RUNS = ("real", "weak", "weak+guard")
 COLORS = {"real": "tab:blue", "weak": "tab:red", "weak+guard": "tab:green"}
@@ -240,24 +237,15 @@ def main(argv=None) -> dict:
 
 
 def append_results(report: dict, text: str, png: Path) -> None:
-    import jax
     s = report["settings"]
-    PLOTS.mkdir(exist_ok=True)
-    stamp = f"{datetime.datetime.now():%Y%m%d-%H%M}"
-    shutil.copy(png, PLOTS / f"weak_verifier-{stamp}.png")
-    (PLOTS / f"weak_verifier-{stamp}.json").write_text(json.dumps(report, separators=(",", ":")))
-    section = (f"\n## Weak verifier and the reward-health guard (benchmarks/weak_verifier.py, the paper's Sec. 5.2), "
-               f"{report['date']}\n{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} (cpu); uptime "
-               f"at start: `{report['load_start']}`, at end: `{report['load_end']}`; {report['wall_seconds']:.0f} s\n\n"
-               f"From one SFT checkpoint ({s['sft']}), RL seeds {s['seeds']}, {s['iterations']} GRPO updates of "
-               f"B={s['batch_size']} x G={s['group_size']} at lr {s['lr']}, temperature {s['temperature']}; "
-               f"{s['domain']} rewarded by `{s['verifier']}` in the weak runs; guard every {s['health']['every']} "
-               f"iterations on {s['health']['probe_per_domain']} probe prompts per domain x "
-               f"{s['health']['probe_samples']} samples, action `{s['action']}` in weak+guard. Held-out: greedy, "
-               f"{s['eval_per_domain']} prompts per domain, real verifiers, paired.\n\n{text}\n\n"
-               f"Plot: plots/weak_verifier-{stamp}.png\n")
-    with open(RESULTS, "a") as f:
-        f.write(section)
+    body = (f"{report['wall_seconds']:.0f} s. From one SFT checkpoint ({s['sft']}), RL seeds {s['seeds']}, "
+            f"{s['iterations']} GRPO updates of B={s['batch_size']} x G={s['group_size']} at lr {s['lr']}, "
+            f"temperature {s['temperature']}; {s['domain']} rewarded by `{s['verifier']}` in the weak runs; guard "
+            f"every {s['health']['every']} iterations on {s['health']['probe_per_domain']} probe prompts per domain x "
+            f"{s['health']['probe_samples']} samples, action `{s['action']}` in weak+guard. Held-out: greedy, "
+            f"{s['eval_per_domain']} prompts per domain, real verifiers, paired.\n\n{text}")
+    publish("weak_verifier", "Weak verifier and the reward-health guard (benchmarks/weak_verifier.py, the paper's "
+            "Sec. 5.2)", report, body, png)
 
 
 if __name__ == "__main__":

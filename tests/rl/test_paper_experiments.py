@@ -92,3 +92,15 @@ def test_the_reward_health_state_is_checkpointed_with_the_sampler(weak_report):
     states = sorted((stage_dir / "checkpoints").rglob("*"))
     text = " ".join(p.read_text(errors="ignore") for p in states if p.is_file() and p.stat().st_size < 1_000_000)
     assert "reward_health" in text and "probe" in text
+
+
+def test_results_sections_name_the_machine_and_copy_the_plot(weak_report, tmp_path, monkeypatch):
+    from benchmarks import rl_runs
+    report, out = weak_report
+    monkeypatch.setattr(rl_runs, "RESULTS", tmp_path / "RESULTS.md")
+    monkeypatch.setattr(rl_runs, "PLOTS", tmp_path / "plots")
+    weak_verifier.append_results(report, "| the table |", out / "weak_verifier.png")
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "## Weak verifier and the reward-health guard" in text and "cores, jax" in text and "| the table |" in text
+    assert len(list((tmp_path / "plots").glob("weak_verifier-*.png"))) == 1
+    assert len(list((tmp_path / "plots").glob("weak_verifier-*.json"))) == 1
