@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import jax
 import numpy as np
 import PIL.Image
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -82,6 +83,31 @@ def prompt_of(config, inputs: dict) -> dict:
         out.update(pixel_values=batch["pixel_values"], patch_pos=batch["patch_pos"], patch_grid=batch["patch_grid"],
                    patch_frame=batch["patch_segment"] - 1)
     return out
+
+
+def random_params(config, seed: int = 3, std: float = 0.2):
+    """Random weights of std `std` (norm scales 1 + 0.1 noise), drawn in numpy on the init's shapes (no init
+    compile)."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        noise = rng.standard_normal(leaf.shape).astype(np.float32)
+        return 1.0 + 0.1 * noise if "scale" in jax.tree_util.keystr(path) else std * noise
+    return jax.tree_util.tree_map_with_path(draw, jax.eval_shape(lambda: glmv.init_params(config, 0)))
+
+
+def skewed_stop_ids(tokens: np.ndarray, short: np.ndarray, start: int) -> list[int]:
+    """Stop ids that end rows early: for each `short` row (short [R] bool) the first token of tokens [R, N] at
+    position >= start that no long row emits. Generating again with them (same rng), the long rows run as
+    before and each short row ends at or before that position (earlier where it emits another one)."""
+    long_tokens = set(tokens[~short].ravel().tolist())
+    stops = set()
+    for r in np.flatnonzero(short):
+        stop = next((int(t) for t in tokens[r, start:] if int(t) not in long_tokens), None)
+        if stop is None:
+            raise ValueError(f"row {r} emits no token after position {start} that the long rows do not")
+        stops.add(stop)
+    return sorted(stops)
 
 
 def rel_err(out, ref) -> float:

@@ -91,12 +91,13 @@ class Trajectories:
 def rollout(config: ModelConfig, params: Any, prompts: Sequence[dict], *, num_samples: int, max_new_tokens: int,
             stop_ids: Sequence[int], rng: Any, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
             thinking_budget: int | None = None, force_answer_ids: Sequence[int] | None = None,
-            tokenizer: Any = None) -> Trajectories:
+            tokenizer: Any = None, compact_every: int = 0) -> Trajectories:
     """`num_samples` responses per prompt (generate's rows: prompt i at rows [i * n, (i + 1) * n)) ->
-    Trajectories with prompt_index into `prompts`; texts decoded with a tokenizer (else None)."""
+    Trajectories with prompt_index into `prompts`; texts decoded with a tokenizer (else None). compact_every:
+    generate's (S > 0: finished rows dropped every S decode steps; the same trajectories)."""
     gen = generate(config, params, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                    top_k=top_k, stop_ids=stop_ids, rng=rng, thinking_budget=thinking_budget,
-                   force_answer_ids=force_answer_ids, num_samples=num_samples)
+                   force_answer_ids=force_answer_ids, num_samples=num_samples, compact_every=compact_every)
     texts = None
     if tokenizer is not None:
         texts = tuple(response_text(tokenizer, gen["tokens"][r], gen["lengths"][r]) for r in range(len(gen["lengths"])))

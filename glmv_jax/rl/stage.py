@@ -6,7 +6,8 @@ Checkpoints hold the train state and the sampler's state, so a rerun resumes at 
 same draws.
 
 Config block `rl` (experiments/configs/rl.py): sampler, batch_size (groups trained per iteration),
-group_size, iterations, max_new_tokens, temperature, top_p, thinking_budget, style, prompts_per_domain,
+group_size, iterations, max_new_tokens, temperature, top_p, thinking_budget, compact_every (generate's: finished
+rollout rows dropped every N decode steps; 0 = one loop), style, prompts_per_domain,
 prompt_tiers, curriculum (CurriculumConfig fields), grpo (GRPOConfig fields, all honoured: kl_coef > 0 takes
 the starting policy (train.init_from, the HF checkpoint or the seeded init) as the reference, entropy_coef > 0
 has the model's logp_fn return entropy, grad_accum_steps splits every minibatch into micro-batches), save_every,
@@ -180,7 +181,7 @@ class Rollouts:
                        max_new_tokens=r.max_new_tokens, stop_ids=self.stops,
                        rng=jax.random.fold_in(self.rng, self.calls + 1), temperature=r.temperature, top_p=r.top_p,
                        thinking_budget=r.get("thinking_budget"), force_answer_ids=self.force,
-                       tokenizer=self.exp.tokenizer).groups(range(n))
+                       tokenizer=self.exp.tokenizer, compact_every=int(r.get("compact_every", 0) or 0)).groups(range(n))
         traj = dataclasses.replace(traj, prompt_index=rows[traj.prompt_index])
         rewards, errors = score_groups(self.records, traj, r.style, self.overrides)
         self.parts.append(traj.scored(rewards))

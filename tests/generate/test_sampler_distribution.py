@@ -13,6 +13,7 @@ from scipy import stats
 from glmv_jax.config import tiny
 from glmv_jax.models import glmv
 from glmv_jax.generate import sampler
+from tests.helpers import random_params
 
 ROWS = 2000
 ALPHA = 1e-4          # false-rejection rate of a correct sampler
@@ -28,17 +29,9 @@ def config():
 
 @pytest.fixture(scope="module")
 def params(config):
-    """Random weights of std 0.2 (norm scales near 1), drawn in numpy on the init's shapes (no init compile):
-    O(1) activations and logits with a spread of about 1.5 (a distribution neither a flat nor a one-hot
-    sampler fits)."""
-    rng = np.random.default_rng(3)
-
-    def draw(path, leaf):
-        noise = rng.standard_normal(leaf.shape).astype(np.float32)
-        if "scale" in jax.tree_util.keystr(path):
-            return 1.0 + 0.1 * noise
-        return 0.2 * noise
-    return jax.tree_util.tree_map_with_path(draw, jax.eval_shape(lambda: glmv.init_params(config, 0)))
+    """Random weights of std 0.2 (norm scales near 1): O(1) activations and logits with a spread of about 1.5
+    (a distribution neither a flat nor a one-hot sampler fits)."""
+    return random_params(config, seed=3, std=0.2)
 
 
 @pytest.fixture(scope="module")
