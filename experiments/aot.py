@@ -1,6 +1,6 @@
 """Compile a stage's train step ahead of time for a target mesh and print its per-device memory.
 
-    python -m experiments.aot --config=experiments/configs/pretrain.py:model=glm41v_9b --topology=cpu:256
+    python -m experiments.aot --config=experiments/configs/pretrain.py:model=glm41v_9b --topology=cpu:256 --hbm_gib=95
     python -m experiments.aot --config=experiments/configs/sft.py:model=glm45v,mesh=fsdp2_ep4 --topology=cpu:8
     python -m experiments.aot --config=experiments/configs/sft.py:model=glm41v_9b --topology=v5e:16x16 \
         --hbm_gib=16 --config.train.grad_accum_steps=8

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import jax
 
+from glmv_jax.cli import doc_parser
 from glmv_jax.data.transforms import Processor
 from glmv_jax.generate.loading import load_model
 from glmv_jax.generate.prompts import prompt_dicts
@@ -23,7 +24,7 @@ from glmv_jax.generate.sampler import answer_ids, generate, response_text
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m experiments.chat", description=__doc__.split("\n")[0])
+    ap = doc_parser("python -m experiments.chat", __doc__)
     ap.add_argument("--checkpoint", required=True, help="HF checkpoint dir or experiments.run work dir")
     ap.add_argument("--image", required=True, help="image file")
     ap.add_argument("--prompt", default="Describe this image.", help="the user's text after the image")

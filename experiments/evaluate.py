@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import ml_collections
 
 from experiments.configs.base import base_config
+from glmv_jax.cli import doc_parser
 from glmv_jax.data.synthetic import DOMAINS
 from glmv_jax.data.transforms import Processor
 from glmv_jax.evaluation.evaluate import pass_at_k_table, prompt_records, sample_answers, score
@@ -37,7 +38,7 @@ from glmv_jax.rewards import compute_reward
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__.split("\n")[0])
+    ap = doc_parser("python -m experiments.evaluate", __doc__)
     ap.add_argument("--checkpoint", required=True, help="HF checkpoint dir or experiments.run work dir")
     ap.add_argument("--split", default="heldout", help="task-suite split (heldout is disjoint from train)")
     ap.add_argument("--per-domain", type=int, default=None,

@@ -4,7 +4,8 @@
 weights re-drawn at O(1) scale (docs/models.md section 12: at the default 0.02 init attention is nearly
 uniform and rope/ordering bugs hide). `save_hf_model` writes a `save_pretrained` directory that
 `load_pretrained` reads. `multimodal_inputs` builds processor-shaped inputs (ids, token types, grids,
-patch rows) for any mix of images and videos.
+patch rows) for any mix of images and videos. `with_video_stand_in(Glm4vProcessor)` is HF's processor
+without torchvision.
 """
 
 from __future__ import annotations
@@ -13,6 +14,17 @@ import numpy as np
 import torch
 
 from glmv_jax.config import ModelConfig, to_hf_config
+
+
+def with_video_stand_in(cls):
+    """HF's Glm4vProcessor / Glm46VProcessor accepting a stand-in video processor (an object carrying
+    `merge_size`): HF's video processor needs torchvision."""
+    class WithVideoStandIn(cls):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor":
+                return type(argument)
+            return super().check_argument_for_proper_class(argument_name, argument)
+    return WithVideoStandIn
 
 
 def hf_classes(model_type: str):

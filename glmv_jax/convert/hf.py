@@ -1,14 +1,16 @@
 """HF safetensors checkpoints <-> the parameter tree (models/PARAM_TREE.md), streaming in both directions.
 
     config, params = load_pretrained("dir")             # config.json + model.safetensors or a sharded index
-    save_pretrained(config, params, "out_dir")           # loadable by transformers' from_pretrained
+    save_pretrained(config, params, "out_dir", source="dir")  # loads in transformers, tokenizer files too
 
 Loading validates every key and shape from the file headers before reading data, allocates each
 parameter leaf once and fills it tensor by tensor (per-layer and per-expert tensors go into their slice
 of the stacked array), so the host never holds a second copy of the model. Block-wise FP8 weights
 (GLM-4.5V-FP8 / GLM-4.6V-FP8) are dequantised to the requested dtype as they are read (fp8.py). MTP / next-n
 layers are skipped with one warning. Saving computes each shard's header from shapes alone and then writes
-tensors one at a time. The key table lives in mapping.py.
+tensors one at a time, then the tokenizer, chat template and processor configs (processor_files.py: copied
+from an HF source directory, or written from our tokenizer) so AutoTokenizer / AutoProcessor load the
+directory too. The key table lives in mapping.py.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from glmv_jax.config import ConfigError, ModelConfig, from_hf_config, to_hf_config
 from glmv_jax.convert import fp8
 from glmv_jax.convert.mapping import ConversionError, Entry, is_mtp_key, key_table, listing, lookup_table, param_specs
+from glmv_jax.convert.processor_files import save_processor_files
 
 __all__ = ["ConversionError", "hf_state_dict_to_params", "params_to_hf_state_dict", "load_pretrained",
            "save_pretrained"]
@@ -354,12 +357,14 @@ def _shards(items: list, limit: int) -> Iterator[list]:
 
 
 def save_pretrained(config: ModelConfig, params: Mapping[str, Any], path, max_shard_size="5GB", dtype=None,
-                    expert_layout: str | None = None) -> list[Path]:
-    """Writes config.json and model.safetensors (or model-0000i-of-0000n.safetensors + index) to `path`.
+                    expert_layout: str | None = None, tokenizer=None, processor=None, source=None) -> list[Path]:
+    """Writes config.json and model.safetensors (or model-0000i-of-0000n.safetensors + index) to `path`, and
+    the tokenizer, chat template and processor configs (convert/processor_files.py): copied from the HF
+    directory `source`, else written from `tokenizer` (and `processor`, a data.transforms.Processor).
 
     dtype: the stored dtype (None keeps each leaf's); the router weight and correction bias stay fp32.
     expert_layout: MoE expert keys, per_expert or fused; default is what from_pretrained reads for the
-    model_type. Older model*.safetensors files and index in `path` are removed. Returns the files written."""
+    model_type. Older model*.safetensors files and index in `path` are removed. Returns the weight files."""
     path = Path(path)
     items = _export(config, params, expert_layout, dtype)
     if any(dt not in _ST_NAMES for _, dt, _ in items):
@@ -382,4 +387,5 @@ def save_pretrained(config: ModelConfig, params: Mapping[str, Any], path, max_sh
         weight_map = {entry.key: name for name, shard in zip(names, shards) for entry, _, _ in shard}
         (path / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                   indent=2) + "\n")
+    save_processor_files(path, config, tokenizer, processor, source)
     return [path / n for n in names]

@@ -1,11 +1,13 @@
 """Tokenizers behind one interface: a SentencePiece model trained on the built-in task suite, or an HF
-`tokenizer.json` (how real GLM-V checkpoints ship).
+`tokenizer.json` (how real GLM-V checkpoints ship). A checkpoint directory with a SentencePiece
+`tokenizer.model` and no tokenizer.json (a stage directory, some HF exports) loads as SentencePiece.
 
 Every GLM-V special token (`SPECIAL_TOKENS`) encodes to exactly one id and is never split; the text
 around it is tokenized as if the special token were a boundary. Ids are plain Python ints.
 
     tok = suite_tokenizer(vocab_size=512)           # trained on the fly, cached on disk
     tok = HFTokenizer.from_file("ckpt/tokenizer.json")
+    tok = load_tokenizer("ckpt/")                   # its tokenizer.json, else its tokenizer.model
     ids = tok.encode("<|user|>\\nHi")                # [id(<|user|>), id("\\n"), ...]
     tok.decode(ids) == "<|user|>\\nHi"
 """
@@ -35,6 +37,8 @@ OPTIONAL_SPECIAL_TOKENS = ("<answer>", "</answer>", "/nothink")
 SPECIAL_TOKENS = REQUIRED_SPECIAL_TOKENS + OPTIONAL_SPECIAL_TOKENS
 # Generation stops at any of these (docs/data.md section 4: `<|endoftext|>`, `<|user|>`, `<|observation|>`).
 STOP_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
+# A checkpoint directory's tokenizer files, in order of preference.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
 class TokenizerError(ValueError):
@@ -45,6 +49,7 @@ class GlmTokenizer:
     """Shared interface. Subclasses implement `_encode`, `_decode`, `_piece_to_id`, `_id_to_piece`, `vocab_size`."""
 
     vocab_size: int
+    file_name: str          # what `save` writes in a checkpoint or stage directory
 
     def __init__(self, extra_stop_ids: Sequence[int] = ()):
         missing = [t for t in REQUIRED_SPECIAL_TOKENS if self._piece_to_id(t) is None]
@@ -114,6 +119,8 @@ class SentencePieceTokenizer(GlmTokenizer):
     no dummy prefix. With byte fallback (256 byte pieces) any text round-trips, `decode(encode(s)) == s`;
     without it the vocabulary is ~256 smaller and characters unseen in training become `<unk>`."""
 
+    file_name = "tokenizer.model"   # in a checkpoint or stage directory
+
     def __init__(self, model_proto: bytes, extra_stop_ids: Sequence[int] = ()):
 
         self.model_proto = bytes(model_proto)
@@ -177,6 +184,8 @@ class HFTokenizer(GlmTokenizer):
     """A `tokenizers` JSON tokenizer (e.g. a GLM-V checkpoint's tokenizer.json); the special tokens must be
     added tokens so the library never splits them."""
 
+    file_name = "tokenizer.json"    # in a checkpoint or stage directory
+
     def __init__(self, tokenizer, extra_stop_ids: Sequence[int] = ()):
         self._tok = tokenizer
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
@@ -193,6 +202,9 @@ class HFTokenizer(GlmTokenizer):
             raise TokenizerError(f"no tokenizer.json at {path}")
         return cls(Tokenizer.from_file(str(path)), extra_stop_ids)
 
+    def save(self, path: str | os.PathLike) -> None:
+        self._tok.save(str(path))
+
     def _encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
@@ -206,9 +218,20 @@ class HFTokenizer(GlmTokenizer):
         return self._tok.id_to_token(token_id)
 
 
+def tokenizer_file(folder: str | os.PathLike) -> Path | None:
+    """The first of TOKENIZER_FILES in `folder`, or None."""
+    return next((Path(folder) / name for name in TOKENIZER_FILES if (Path(folder) / name).is_file()), None)
+
+
 def load_tokenizer(path: str | os.PathLike, extra_stop_ids: Sequence[int] = ()) -> GlmTokenizer:
-    """A checkpoint directory or file: tokenizer.json -> HFTokenizer, *.model -> SentencePieceTokenizer."""
+    """A file (*.model -> SentencePieceTokenizer, else an HF tokenizer.json -> HFTokenizer) or a checkpoint
+    directory (its tokenizer_file)."""
     path = Path(path)
+    if path.is_dir():
+        found = tokenizer_file(path)
+        if found is None:
+            raise TokenizerError(f"no tokenizer.json or tokenizer.model (SentencePiece) in {path}")
+        path = found
     if path.suffix == ".model":
         if not path.is_file():
             raise TokenizerError(f"no SentencePiece model at {path}")

@@ -28,6 +28,7 @@ from glmv_jax.data.records import BadRecord, BadRecordError, IMAGE_MARK, VIDEO_M
 from glmv_jax.data.video_processing import VideoProcessorConfig, process_videos
 
 PRETRAIN_PREFIX = "[gMASK]<sop>"
+TEMPLATE_OF_MODEL = {"glm4v": "glm41v", "glm4v_moe": "glm45v", "glm46v": "glm46v"}   # an HF model_type's chat template
 
 
 @dataclasses.dataclass(frozen=True)

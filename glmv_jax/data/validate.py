@@ -19,6 +19,7 @@ import sys
 from collections import Counter
 from typing import Sequence
 
+from glmv_jax.cli import doc_parser
 from glmv_jax.data.image_files import MAX_IMAGE_PIXELS, check_image
 from glmv_jax.data.records import BadRecord, BadRecordError, parse_record
 from glmv_jax.data.sources import as_source, manifest_list
@@ -76,7 +77,7 @@ def format_report(report: Report, show: int = 20) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m glmv_jax.data.validate", description=__doc__.split("\n")[0])
+    ap = doc_parser("python -m glmv_jax.data.validate", __doc__)
     ap.add_argument("manifests", nargs="+", help="JSONL / ArrayRecord manifests (also comma-separated)")
     ap.add_argument("--data-root", default=None, help="image paths must resolve inside it (default: each "
                                                        "manifest's folder), as data.data_root")

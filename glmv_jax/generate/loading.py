@@ -16,8 +16,8 @@ import jax
 
 from glmv_jax.config import ModelConfig
 from glmv_jax.convert.hf import load_pretrained
-from glmv_jax.data.tokenizer import load_tokenizer
-from glmv_jax.data.transforms import Processor
+from glmv_jax.data.tokenizer import load_tokenizer, tokenizer_file
+from glmv_jax.data.transforms import TEMPLATE_OF_MODEL, Processor
 from glmv_jax.generate.prompts import prompt_dicts
 from glmv_jax.generate.sampler import answer_ids, check_sampling, generate, response_text
 from glmv_jax.models.glmv import init_params
@@ -31,9 +31,6 @@ class ModelBundle:
     params: Any
     tokenizer: Any
     processor: Any
-
-
-TEMPLATE_OF_MODEL = {"glm4v": "glm41v", "glm4v_moe": "glm45v", "glm46v": "glm46v"}
 
 
 def _is_hf_dir(path: Path) -> bool:
@@ -58,15 +55,15 @@ def _run_tokenizer(cfg, stage_dir: Path):
     directory), else rebuilt from the config as experiment.setup does (the suite tokenizer is retrained
     from the current task-suite code, so a changed suite gives a different tokenizer)."""
     for folder in (stage_dir, stage_dir.parent):
-        for name in ("tokenizer.model", "tokenizer.json"):
-            if (folder / name).is_file():
-                return load_tokenizer(folder / name)
+        if tokenizer_file(folder) is not None:
+            return load_tokenizer(folder)
     return _tokenizer(cfg)
 
 
 def load_model(path: str | Path, template: str | None = None) -> ModelBundle:
-    """An HF checkpoint directory (config.json + safetensors + tokenizer.json) or an experiments.run work
-    directory (config.json + orbax checkpoints/; tokenizer and model config rebuilt from the run's config)."""
+    """An HF checkpoint directory (config.json + safetensors + tokenizer.json or tokenizer.model) or an
+    experiments.run work directory (config.json + orbax checkpoints/; tokenizer and model config rebuilt from
+    the run's config)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")

@@ -10,21 +10,24 @@ human labels, written as JSONL (one record per prompt) that `samplers.PromptPool
 A sample passes when its reward > threshold (0.75 as glmv_reward's pass@k log; any value in (0, 1) is the
 same for binary rewards). The CLI builds its generate_fn with `--generator module:factory`, by default
 `glmv_jax.generate.loading:make_generate_fn(checkpoint, max_new_tokens=, temperature=, top_p=, seed=, style=)`.
+A prompt record the reward system cannot score (an unknown domain, an answer its verifier rejects) is
+skipped before generation: one warning names each (manifest:line, id, reason) and the summary counts them.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib
 import json
 import os
+import sys
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from glmv_jax.cli import doc_parser
 from glmv_jax.evaluation.evaluate import read_manifest
-from glmv_jax.rewards import compute_rewards
+from glmv_jax.rewards import compute_rewards, registry
 from glmv_jax.rl.samplers import tier_of
 
 TIER_NAMES = ("very easy", "easy", "medium", "hard", "very hard")
@@ -182,6 +185,31 @@ def _load_factory(spec: str) -> Callable[..., GenerateFn]:
     return getattr(module, attr or "make_generate_fn")
 
 
+def unscorable_reason(prompt: dict) -> str | None:
+    """Why the reward system cannot score responses to `prompt` (unknown domain, an answer its domain's
+    verifier.reference rejects), or None when it can."""
+    try:
+        registry.check_domain(prompt["domain"])
+        verifier = registry.verifier_for(prompt["domain"])
+        if verifier is not None:
+            verifier.reference(prompt["answer"])
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def split_scorable(prompts: Sequence[dict]) -> tuple[list[dict], list[str]]:
+    """(the prompts the reward system can score, "manifest:line (id=...): reason" for each of the others)."""
+    good, skipped = [], []
+    for prompt in prompts:
+        reason = unscorable_reason(prompt)
+        if reason is None:
+            good.append(prompt)
+        else:
+            skipped.append(f"{prompt.get('_where', '?')} (id={prompt.get('id')!r}): {reason}")
+    return good, skipped
+
+
 def reward_fn_for(style: str) -> RewardFn:
     """The project's reward system as a RewardFn (a group of responses to one prompt)."""
     def reward_fn(prompt: dict, responses: Sequence[str]) -> list[float]:
@@ -190,7 +218,7 @@ def reward_fn_for(style: str) -> RewardFn:
 
 
 def main(argv: Sequence[str] | None = None) -> list[DifficultyRecord]:
-    ap = argparse.ArgumentParser(prog="python -m glmv_jax.rl.difficulty", description=__doc__.split("\n")[0])
+    ap = doc_parser("python -m glmv_jax.rl.difficulty", __doc__)
     ap.add_argument("--checkpoint", required=True, help="model checkpoint dir (HF safetensors or ours)")
     ap.add_argument("--prompts", required=True, help="JSONL of RL prompt records (id, domain, messages, answer)")
     ap.add_argument("--out", required=True, help="output JSONL of per-prompt difficulty")
@@ -210,7 +238,10 @@ def main(argv: Sequence[str] | None = None) -> list[DifficultyRecord]:
                     help="module:factory; factory(checkpoint, max_new_tokens=, temperature=, top_p=, seed=, style=)")
     args = ap.parse_args(argv)
 
-    prompts = read_manifest(args.prompts, required=("id", "domain", "answer"))
+    prompts, skipped = split_scorable(read_manifest(args.prompts, required=("id", "domain", "answer")))
+    if skipped:
+        print(f"warning: skipped {len(skipped)} prompt record(s) with an invalid answer or domain:\n  " +
+              "\n  ".join(skipped), file=sys.stderr)
     generate_fn = _load_factory(args.generator)(args.checkpoint, max_new_tokens=args.max_new_tokens,
                                                 temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                                                 style=args.style)
@@ -224,8 +255,8 @@ def main(argv: Sequence[str] | None = None) -> list[DifficultyRecord]:
     merged = merge_difficulties(per_source, human=human, human_weight=args.human_weight)
     write_jsonl(merged, args.out)
     tiers = np.bincount(assign_tiers(merged), minlength=len(TIER_NAMES))
-    print(f"wrote {len(merged)} prompts to {args.out}; tiers " +
-          ", ".join(f"{name}: {n}" for name, n in zip(TIER_NAMES, tiers)))
+    print(f"wrote {len(merged)} prompts to {args.out} (skipped {len(skipped)} with an invalid answer or domain); "
+          "tiers " + ", ".join(f"{name}: {n}" for name, n in zip(TIER_NAMES, tiers)))
     return merged
 
 

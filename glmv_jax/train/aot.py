@@ -271,11 +271,19 @@ _HLO_ITEMSIZE = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf
                  "s8": 1, "u8": 1, "pred": 1}
 
 
+def format_count(n: float) -> str:
+    """A count in the largest unit (B, M, K) it is at least one of, two decimals: 9.41B, 1.23M, 950."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if round(abs(n) / scale, 2) >= 1:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:g}"
+
+
 def format_report(report: dict[str, Any]) -> str:
     def gib(b: float) -> str:
         return f"{b / 2**30:10.3f} GiB" if b >= 2**30 else f"{b / 2**20:10.3f} MiB"
     lines = [f"devices {report['devices']} ({report['platform']}), mesh {report['mesh']}, "
-             f"{report['param_count'] / 1e9:.3f}B params ({gib(report['param_bytes_total']).strip()} total)",
+             f"{format_count(report['param_count'])} params ({gib(report['param_bytes_total']).strip()} total)",
              "per device:"]
     for key in ("param_bytes_per_device", "opt_state_bytes_per_device", "batch_bytes_per_device",
                 "argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "total_bytes"):

@@ -262,6 +262,7 @@ def unreadable_file(folder: str, error: BaseException) -> str:
 
 
 def export_hf(config: Any, params: Any, out_dir: str | os.PathLike, **kwargs) -> list:
-    """Writes an HF checkpoint (config.json + safetensors) loadable by transformers' from_pretrained;
-    kwargs (dtype, max_shard_size, ...) go to convert.hf.save_pretrained. Returns the files written."""
+    """Writes an HF checkpoint (config.json + safetensors, tokenizer, chat template, processor configs)
+    loadable by transformers; kwargs (tokenizer, processor, source, dtype, max_shard_size, ...) go to
+    convert.hf.save_pretrained. Returns the weight files written."""
     return save_pretrained(config, jax.device_get(params), os.fspath(out_dir), **kwargs)

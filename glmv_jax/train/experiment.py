@@ -186,10 +186,8 @@ def record_model(workdir: str, model_config: ModelConfig, tokenizer) -> None:
     runtime = {k: getattr(model_config, k) for k in ("dtype", "param_dtype", "scan_layers", "remat", "attention")}
     with open(os.path.join(workdir, "model_config.json"), "w") as f:
         json.dump({**to_hf_config(model_config), "glmv_jax_runtime": runtime}, f, indent=1)
-    if hasattr(tokenizer, "save"):
-        tokenizer.save(os.path.join(workdir, "tokenizer.model"))
-    elif getattr(tokenizer, "_tok", None) is not None and hasattr(tokenizer._tok, "save"):
-        tokenizer._tok.save(os.path.join(workdir, "tokenizer.json"))
+    if hasattr(tokenizer, "file_name"):
+        tokenizer.save(os.path.join(workdir, tokenizer.file_name))
 
 
 def param_shardings(exp: Experiment):

@@ -36,7 +36,7 @@ TRAIN_DEFAULTS = dict(            # the experiment config's `train` block: its k
     moe_seq_aux_coef=0.0,         # sequence-level balance loss coefficient (1e-4 in the paper; 0 = off)
     init_from="",                 # a previous stage's work directory: params only
     restore_fallback=True,        # an unreadable checkpoint step: log it, keep it aside, restore the one before
-    export_hf="",                 # write the final params as an HF checkpoint here
+    export_hf="",                 # write the final params as an HF checkpoint here (with tokenizer, processor)
 )
 
 
@@ -145,7 +145,8 @@ def run_supervised(exp: Experiment, progress: bool = True) -> dict[str, Any]:
                                        metrics_writer=writer, nonfinite=cfg.train.nonfinite,
                                        log_every=cfg.train.log_every, put_batch=batch_putter(exp))
     if cfg.train.export_hf:
-        export_hf(exp.model_config, state.params, cfg.train.export_hf)
+        export_hf(exp.model_config, state.params, cfg.train.export_hf, tokenizer=exp.tokenizer,
+                  processor=exp.processor, source=cfg.model.hf_checkpoint or None)
     # the whole stage's rows (earlier invocations' too, one per step), so a resumed run reports and plots
     # what an uninterrupted one would; host 0 writes the log, other hosts keep this invocation's rows
     history = read_metrics(os.path.join(exp.workdir, "logs"), int(jax.device_get(state.step))) or history

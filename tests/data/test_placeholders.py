@@ -19,6 +19,7 @@ from transformers.video_utils import VideoMetadata as HFVideoMetadata
 from glmv_jax.data import image_processing as ip
 from glmv_jax.data import placeholders as ph
 from glmv_jax.data import video_processing as vp
+from tests.hf_oracle import with_video_stand_in
 
 SPECIALS = ["<|endoftext|>", "[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|begin_of_image|>",
             "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>", "<|image|>", "<|video|>"]
@@ -35,13 +36,8 @@ def tokenizer():
 
 
 def _processor(cls, tokenizer):
-    class WithVideoStandIn(cls):
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument_name == "video_processor":  # the real one needs torchvision
-                return type(argument)
-            return super().check_argument_for_proper_class(argument_name, argument)
-    return WithVideoStandIn(image_processor=Glm4vImageProcessorPil(), tokenizer=tokenizer,
-                            video_processor=types.SimpleNamespace(merge_size=2))
+    return with_video_stand_in(cls)(image_processor=Glm4vImageProcessorPil(), tokenizer=tokenizer,
+                                    video_processor=types.SimpleNamespace(merge_size=2))
 
 
 @pytest.fixture(scope="module", params=[(Glm4vProcessor, "glm41v"), (Glm46VProcessor, "glm46v")],

@@ -172,3 +172,21 @@ def test_hf_tokenizer_rejects_missing_or_split_specials(tmp_path):
     assert Tokenizer.from_file(str(path)).token_to_id("<think>") is not None
     with pytest.raises(T.TokenizerError, match="'<think>' encodes to"):
         T.HFTokenizer.from_file(path)
+
+
+def test_a_directory_with_only_a_sentencepiece_model_loads(tmp_path):
+    """An HF-style directory with tokenizer.model and no tokenizer.json (trained here with SentencePiece)."""
+    text = tmp_path / "text.txt"
+    text.write_text("How many red circles are there?\nThere are 3 red circles.\nRead the sign: OPEN 24 HOURS.\n" * 4)
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "tokenizer"), vocab_size=80,
+                                   hard_vocab_limit=False, user_defined_symbols=list(T.SPECIAL_TOKENS),
+                                   add_dummy_prefix=False, minloglevel=2)
+    text.unlink()
+    tok = T.load_tokenizer(tmp_path)
+    assert isinstance(tok, T.SentencePieceTokenizer)
+    check_specials(tok)
+    reference = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    sample = "<|user|>How many red circles?<|assistant|><think>3</think>"
+    assert tok.encode(sample) == reference.encode(sample) and tok.decode(tok.encode(sample)) == sample
+    build_tokenizer_json(tmp_path / "tokenizer.json")                    # both files: tokenizer.json wins
+    assert isinstance(T.load_tokenizer(tmp_path), T.HFTokenizer)

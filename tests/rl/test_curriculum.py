@@ -298,3 +298,18 @@ def test_difficulty_measure_merge_and_cli(tmp_path):
     with pytest.raises(ValueError, match="prompts.jsonl:1: prompt record has no 'answer'"):
         diff_lib.main(["--checkpoint", str(ckpt), "--prompts", str(prompts_path), "--out", str(out),
                        "--generator", "tests.rl.test_curriculum:fake_generate_factory"])
+
+
+def test_difficulty_cli_skips_and_counts_records_with_invalid_answers(tmp_path, capsys):
+    prompts = [{"id": "a", "domain": "counting", "answer": 3}, {"id": "bad", "domain": "counting", "answer": 2.5},
+               {"id": "c", "domain": "counting", "answer": 4}]
+    prompts_path, ckpt, out = tmp_path / "prompts.jsonl", tmp_path / "ckpt.json", tmp_path / "out.jsonl"
+    prompts_path.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    ckpt.write_text(json.dumps({"a": 1.0, "bad": 1.0, "c": 0.0}))
+    cli = diff_lib.main(["--checkpoint", str(ckpt), "--prompts", str(prompts_path), "--out", str(out), "--k", "4",
+                         "--generator", "tests.rl.test_curriculum:fake_generate_factory"])
+    assert [r.id for r in cli] == [r.id for r in diff_lib.read_jsonl(str(out))] == ["a", "c"]
+    shown = capsys.readouterr()
+    assert "wrote 2 prompts" in shown.out and "skipped 1 with an invalid answer" in shown.out
+    assert shown.err.count("warning") == 1
+    assert "prompts.jsonl:2 (id='bad'): counting answer must be an integer, got 2.5" in shown.err

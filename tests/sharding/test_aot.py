@@ -66,6 +66,13 @@ def test_memory_report_matches_the_shardings(compiled):
     assert not aot.memory_report(step, plan, hbm_bytes=2**20)["fits"]
     text = aot.format_report(report)
     assert "param_bytes_per_device" in text and "proxy" in text and "fits in" in text
+    assert f"{aot.format_count(report['param_count'])} params" in text and "0.000B" not in text
+
+
+def test_format_count_picks_the_unit_by_size():
+    counts = (0, 994, 1_000, 12_346, 999_999, 1_234_567, 9_407_000_000, 106e9)
+    assert [aot.format_count(n) for n in counts] == ["0", "994", "1.00K", "12.35K", "1.00M", "1.23M", "9.41B",
+                                                     "106.00B"]
 
 
 def test_compiled_step_takes_the_sharded_layout(compiled):
