@@ -72,7 +72,8 @@ def get_config(arg=None):
     if smoke:
         rl.rl.update(batch_size=4, group_size=2)
     # Rollouts at temperature 0.7 (the policy trained is softmax(logits / 0.7)): from one SFT checkpoint,
-    # 60 iterations at lr 5e-5 (sampling streams before the per-row keys; 3-seed reruns in RESULTS.md), paired greedy RL - SFT +0.032 +- 0.013 vs -0.010 +- 0.014 at temperature 1.0,
+    # 60 iterations at lr 5e-5 (sampling streams before the per-row keys; 3-seed reruns in RESULTS.md),
+    # paired greedy RL - SFT +0.032 +- 0.013 vs -0.010 +- 0.014 at temperature 1.0,
     # where greedy OCR fell by 0.17 (long exact strings rarely come out right at 1.0, and the negative
     # groups then push down the greedy path); 0.7 at lr 1e-4 +0.013 +- 0.013, 0.5 at 1e-4 +0.005 +- 0.014.
     # lr measured at temperature 1.0 from one SFT checkpoint (60 iterations; paired greedy / mean@4 deltas vs SFT):
