@@ -23,8 +23,8 @@ differs only in the verifier, is the default; both divergences are logged.
 A domain strikes when divergence_k > max(min_gap, z * se_k) and rise_k > 0; `patience` consecutive strikes
 flag it, once, with a log line naming it; `action` then leaves the curriculum alone
 ("flag"), scales the domain's share of rollouts and kept groups by `downweight` ("downweight") or removes it
-("pause") through Sampler.scale_domains. The monitor's state (checks, strikes, flags, scales) is JSON-able
-and checkpointed with the sampler's.
+("pause") through Sampler.scale_domains. The monitor's state (checks, strikes, flags; the scales follow from
+the flags) is JSON-able and checkpointed with the sampler's.
 """
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from glmv_jax.evaluation.stats import mean_se
 
 ACTIONS = ("flag", "downweight", "pause")
 SIGNALS = ("probe", "pool")
@@ -67,10 +69,7 @@ def window_reward(rows: Sequence[Mapping[str, Any]], domain: str) -> tuple[float
     one value: 0; no value: nan)."""
     values = np.asarray([r[f"reward_rolled/{domain}"] for r in rows if f"reward_rolled/{domain}" in r], np.float64)
     values = values[np.isfinite(values)]
-    if not len(values):
-        return float("nan"), float("nan")
-    se = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
-    return float(values.mean()), se
+    return mean_se(values) if len(values) else (float("nan"), float("nan"))
 
 
 class RewardHealthMonitor:
@@ -81,7 +80,12 @@ class RewardHealthMonitor:
         self.checks: list[dict] = []          # {"iteration", "train": {d: [mean, se]}, "probe": {d: [scores]}}
         self.strikes = {d: 0 for d in self.domains}
         self.flagged: dict[str, int] = {}     # domain -> iteration flagged
-        self.scale = {d: 1.0 for d in self.domains}
+
+    @property
+    def scale(self) -> dict[str, float]:
+        """{domain: its curriculum share multiplier}: 1, or for a flagged domain 0 (pause) / downweight."""
+        flagged = {"flag": 1.0, "pause": 0.0, "downweight": self.cfg.downweight}[self.cfg.action]
+        return {d: flagged if d in self.flagged else 1.0 for d in self.domains}
 
     def check(self, iteration: int, train: Mapping[str, tuple[float, float]], probe: Mapping[str, Sequence[float]],
               probe_trained: Mapping[str, Sequence[float]] | None = None) -> tuple[dict[str, float], list[str]]:
@@ -101,8 +105,6 @@ class RewardHealthMonitor:
             if self.strikes[d] >= self.cfg.patience and d not in self.flagged:
                 self.flagged[d] = int(iteration)
                 newly.append(d)
-                if self.cfg.action != "flag":
-                    self.scale[d] = 0.0 if self.cfg.action == "pause" else self.cfg.downweight
             last = self.checks[-1]
             metrics.update({f"health/{d}/train": last["train"][d][0], f"health/{d}/probe": float(np.mean(last["probe"][d])),
                             f"health/{d}/probe_trained": float(np.mean(last["probe_trained"][d])),
@@ -117,7 +119,7 @@ class RewardHealthMonitor:
         first, last = self.checks[0], self.checks[-1]
         s, s1 = np.asarray(last["probe"][domain]), np.asarray(first["probe"][domain])
         t, t1 = np.asarray(last["probe_trained"][domain]), np.asarray(first["probe_trained"][domain])
-        sd = lambda x: float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
+        sd = lambda x: mean_se(x)[1]
         change = (t - s) - (t1 - s1)
         pool_first = next((c for c in self.checks if np.isfinite(c["train"][domain][0])), first)   # not the start
         (pool, pool_se), (pool1, pool1_se) = last["train"][domain], pool_first["train"][domain]
@@ -139,10 +141,9 @@ class RewardHealthMonitor:
                 f"{divergence:+.3f} +- {se:.3f}, {self.strikes[domain]} checks in a row): {what}")
 
     def state_dict(self) -> dict:
-        return {"checks": self.checks, "strikes": self.strikes, "flagged": self.flagged, "scale": self.scale}
+        return {"checks": self.checks, "strikes": self.strikes, "flagged": self.flagged}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.checks = [{**c, "probe_trained": c.get("probe_trained", c["probe"])} for c in state["checks"]]
+        self.checks = list(state["checks"])
         self.strikes = {d: int(state["strikes"].get(d, 0)) for d in self.domains}
         self.flagged = {d: int(i) for d, i in state["flagged"].items()}
-        self.scale = {d: float(state["scale"].get(d, 1.0)) for d in self.domains}

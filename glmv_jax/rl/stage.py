@@ -337,7 +337,7 @@ class HealthProbe:
 
     def __init__(self, exp, hc: HealthConfig, records: list[dict], pad_steps: int, overrides: dict[str, str]):
         self.exp, self.hc, self.pad_steps, self.records, self.overrides = exp, hc, pad_steps, records, overrides
-        self.prompts = prompt_dicts(self.records, exp.tokenizer, exp.processor)
+        self.prompts = prompt_dicts(self.records, exp.tokenizer, exp.processor, **image_checks(exp.cfg.data))
         self.domains = np.asarray([rec["domain"] for rec in self.records])
 
     def __call__(self, params, rng) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
