@@ -46,6 +46,11 @@ def rl_block(**kw) -> ml_collections.ConfigDict:
         # dropping those below pilot_min_informative (all-wrong or all-right domains train nothing)
         pilot=True,
         pilot_min_informative=0.05,
+        # ...and those whose measured mean reward does not lead "always answer the domain's most common answer"
+        # by this many paired SEs (None: off): their informative groups are lucky guesses, and RL there only
+        # moves the answer prior, flipping the greedy answers of near-ties together. On the demo's SFT models
+        # (3 seeds) counting, GUI and math sat at their prior, and RL on them cost greedy counting up to -0.27
+        pilot_min_lead_se=2.0,
         # pool_tiers: undrawn prompts take their (domain, tier) cell's pooled online pass rate (each prompt is
         # drawn about once, so per-prompt estimates alone never correct the prior); ema_decay 0.5: a short run
         # should not spend its first iterations ramping up (0.8 from 1.0 needs ~10 to reach 1.9); fill_quota:

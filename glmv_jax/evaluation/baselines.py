@@ -35,7 +35,8 @@ def well_formed(text: str, style: str) -> str:
     return response.split("</think>\n", 1)[1] if style == "glm45v_nothink" else response
 
 
-def _scores(domain: str, candidates: Sequence[str], answer, style: str) -> np.ndarray:
+def candidate_rewards(domain: str, candidates: Sequence[str], answer, style: str) -> np.ndarray:
+    """[len(candidates)] verifier rewards of well-formed responses answering each candidate text."""
     responses = [well_formed(text, style) for text in candidates]
     return np.array([r.reward for r in compute_rewards(domain, responses, answer, style=style)])
 
@@ -53,7 +54,17 @@ def baselines(train_records: Sequence[dict], heldout_records: Sequence[dict], st
         if domain not in counts:
             continue
         ranked = [text for text, _ in counts[domain].most_common(max_candidates)]
-        rewards = np.stack([_scores(domain, ranked, rec["answer"], style) for rec in recs])   # [n, candidates]
+        rewards = np.stack([candidate_rewards(domain, ranked, rec["answer"], style)
+                             for rec in recs])                                  # [n, candidates]
         most_common[domain] = float(rewards[:, 0].mean())
         chance[domain] = float(rewards.mean())
     return {"most_common": most_common, "chance": chance}
+
+
+def most_common_rewards(prior_records: Sequence[dict], records: Sequence[dict],
+                        style: str = "glm41v") -> dict[str, float]:
+    """{id of each of `records`: reward of answering its domain's most frequent gold answer in `prior_records`}:
+    the blind answer prior scored prompt by prompt."""
+    top = {domain: counter.most_common(1)[0][0] for domain, counter in answer_counts(prior_records).items()}
+    return {str(rec["id"]): float(candidate_rewards(rec["domain"], [top[rec["domain"]]], rec["answer"], style)[0])
+            for rec in records if rec["domain"] in top}

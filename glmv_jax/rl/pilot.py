@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from glmv_jax.evaluation.evaluate import sample_answers
+from glmv_jax.evaluation.stats import mean_se
 from glmv_jax.rl.difficulty import DifficultyRecord, measure_difficulty, reward_fn_for
 
 
@@ -105,12 +106,18 @@ def spread_difficulty(records: Sequence[dict], measured: Mapping[str, Difficulty
 
 
 def pilot_ratios(records: Sequence[dict], measured: Mapping[str, DifficultyRecord], group_size: int,
-                 min_informative: float = 0.05) -> tuple[dict[str, float] | None, list[str]]:
+                 min_informative: float = 0.05, blind: Mapping[str, float] | None = None,
+                 min_lead_se: float = 2.0) -> tuple[dict[str, float] | None, list[str]]:
     """{domain: ratio} of the curriculum's domain mix over the pool `records` and one note per domain (its
     measured pass rate, expected informative share and whether it was kept or dropped). A domain weighs its
     pool size times the expected informative share of its measured prompts (a domain none of whose prompts
     was measured takes the mean share of the others). None (keep the configured mix, with a note saying so)
-    when no domain yields informative groups: RL then has nothing to learn from, and the metrics show it."""
+    when no domain yields informative groups: RL then has nothing to learn from, and the metrics show it.
+
+    `blind` ({record id: reward of the domain's most common answer}, baselines.most_common_rewards): a domain
+    whose measured mean reward does not lead that blind prior by more than `min_lead_se` paired standard
+    errors is dropped too: its informative groups are lucky guesses, and RL on them only moves the answer
+    prior (greedy answers of near-ties flip together; measured on the demo in docs/rl.md)."""
     sizes: dict[str, int] = {}
     rates: dict[str, list[float]] = {}
     for rec in records:
@@ -129,12 +136,28 @@ def pilot_ratios(records: Sequence[dict], measured: Mapping[str, DifficultyRecor
             continue
         p, informative = float(np.mean(rates[domain])), shares[domain]
         keep = informative >= min_informative
-        ratios[domain] = sizes[domain] * informative if keep else 0.0
         verdict = "kept" if keep else ("dropped: all-wrong" if p < 0.5 else "dropped: all-right")
+        lead_text = ""
+        if keep and blind is not None:
+            lead, se = blind_lead(domain, measured, blind)
+            keep = lead > min_lead_se * se
+            lead_text = f", mean reward over its most common answer's {lead:+.2f} +- {se:.2f}"
+            verdict = "kept" if keep else f"dropped: not {min_lead_se:g} SE above answering the prior"
+        ratios[domain] = sizes[domain] * informative if keep else 0.0
         notes.append(f"{domain}: pass rate {p:.2f} over {len(rates[domain])} prompts, expected informative "
-                     f"groups {informative:.2f} -> {verdict}")
+                     f"groups {informative:.2f}{lead_text} -> {verdict}")
     if not any(ratios.values()):
         return None, notes + ["no domain yields informative groups at the starting checkpoint: "
                               "keeping the configured domain mix"]
     total = sum(ratios.values())
     return {d: v / total for d, v in ratios.items()}, notes
+
+
+def blind_lead(domain: str, measured: Mapping[str, DifficultyRecord],
+               blind: Mapping[str, float]) -> tuple[float, float]:
+    """(mean, SE) over the domain's measured prompts of their sampled mean reward minus the blind prior's
+    reward on the same prompt (paired)."""
+    leads = [m.mean_reward - blind[i] for i, m in measured.items() if m.domain == domain and i in blind]
+    if not leads:
+        raise ValueError(f"pilot: no blind-prior reward for any measured {domain} prompt")
+    return mean_se(leads)

@@ -55,6 +55,7 @@ from absl import logging
 
 from glmv_jax.batch import bucket
 from glmv_jax.data.pipeline import image_checks
+from glmv_jax.evaluation.baselines import most_common_rewards
 from glmv_jax.evaluation.evaluate import check_answer_budget, prompt_records
 from glmv_jax.generate.prompts import prompt_dicts
 from glmv_jax.generate.sampler import answer_ids
@@ -272,8 +273,9 @@ def offline_pass(exp, records: list[dict], fresh) -> tuple[list[dict], dict[str,
     """rl.offline_difficulty = "measure" (RLCS): the starting policy's pass rates (rl.offline_samples = k
     samples each) on rl.offline_prompts prompts per domain (0: the whole pool) replace the records' difficulty
     labels (unmeasured prompts: their (domain, tier) cell's measured mean), and rl.pilot (default on) sets the
-    domain mix from them (logged per domain). -> (records, domain ratios or None, rollouts the pass spent:
-    billed whether or not the cache held it). Cached in the stage directory (pilot.measure_pool)."""
+    domain mix from them (logged per domain), dropping domains whose measured reward does not lead the blind
+    most-common-answer prior by rl.pilot_min_lead_se paired SEs (None: no such check).
+    -> (records, domain ratios or None, rollouts the pass spent: billed whether or not the cache held it). Cached in the stage directory (pilot.measure_pool)."""
     r = exp.cfg.rl
     if r.sampler != "rlcs" or r.get("offline_difficulty", "labels") != "measure":
         return records, None, 0
@@ -283,7 +285,10 @@ def offline_pass(exp, records: list[dict], fresh) -> tuple[list[dict], dict[str,
     records = [{**rec, "difficulty": d} for rec, d in zip(records, spread_difficulty(records, measured))]
     ratios = None
     if r.get("pilot", True):
-        ratios, notes = pilot_ratios(records, measured, r.group_size, float(r.get("pilot_min_informative", 0.05)))
+        lead_se = r.get("pilot_min_lead_se")
+        blind = None if lead_se is None else most_common_rewards(records, subset, r.style)
+        ratios, notes = pilot_ratios(records, measured, r.group_size, float(r.get("pilot_min_informative", 0.05)),
+                                     blind=blind, min_lead_se=float(lead_se or 0.0))
         for note in notes:
             logging.warning("RL pilot: %s", note)
     return records, ratios, len(subset) * k

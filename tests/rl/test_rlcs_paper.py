@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from glmv_jax.evaluation.baselines import most_common_rewards
 from glmv_jax.rl.curriculum import CurriculumConfig, RLCSCurriculum
 from glmv_jax.rl.difficulty import DifficultyRecord
 from glmv_jax.rl.grpo import GRPOConfig, grpo_loss
@@ -73,6 +74,30 @@ def test_pilot_drops_all_wrong_and_all_right_domains_and_weights_the_rest():
     assert any("wrong: pass rate 0.00" in n and "all-wrong" in n for n in notes)
     ratios, notes = pilot_ratios(records[:8], measured(rates), group_size=4)     # only wrong and right
     assert ratios is None and "keeping the configured domain mix" in notes[-1]
+
+
+def test_pilot_drops_domains_no_better_than_their_most_common_answer():
+    rates = {"guess": [0.25, 0.5, 0.5, 0.75] * 4, "sees": [0.5, 0.75, 0.75, 1.0] * 4}
+    m = measured(rates)
+    records = [{"id": i, "domain": r.domain} for i, r in m.items()]
+    blind = {i: (r.mean_reward if r.domain == "guess" else 0.25) for i, r in m.items()}   # guess: lead 0
+    ratios, notes = pilot_ratios(records, m, group_size=4, blind=blind, min_lead_se=2.0)
+    assert ratios["guess"] == 0 and ratios["sees"] == pytest.approx(1.0)
+    assert any(n.startswith("guess:") and "+0.00 +- 0.00" in n and "not 2 SE above" in n for n in notes)
+    lead, se = pilot.blind_lead("sees", m, blind)
+    assert lead == pytest.approx(0.5) and se == pytest.approx(np.std([0.25, 0.5, 0.5, 0.75] * 4, ddof=1) / 4)
+    noisy = {i: (r.mean_reward - (0.3 if int(i[5:]) % 2 else -0.2) if r.domain == "guess" else 0.25)
+             for i, r in m.items()}                          # lead +0.05 +- 0.065: inside 2 SE, dropped
+    assert pilot_ratios(records, m, group_size=4, blind=noisy)[0]["guess"] == 0
+    assert pilot_ratios(records, m, group_size=4, blind=noisy, min_lead_se=0.5)[0]["guess"] > 0
+    assert pilot_ratios(records, m, group_size=4)[0]["guess"] > 0        # no blind prior: the old rule only
+
+
+def test_most_common_rewards_score_the_pool_prior_per_prompt():
+    prior = [{"id": f"p{i}", "domain": "counting", "answer": a} for i, a in enumerate([3, 3, 2])]
+    scored = [{"id": "x", "domain": "counting", "answer": 3}, {"id": "y", "domain": "counting", "answer": 2},
+              {"id": "z", "domain": "ocr", "answer": "cat"}]            # ocr: no prior in prior_records
+    assert most_common_rewards(prior, scored) == {"x": 1.0, "y": 0.0}
 
 
 def test_signal_rows_only_keeps_the_step_independent_of_zero_advantage_rows():
