@@ -25,11 +25,12 @@ from typing import Any, Iterator, Mapping
 import jax
 import ml_dtypes
 import numpy as np
-from safetensors import SafetensorError, safe_open
 
 from glmv_jax.config import ConfigError, ModelConfig, from_hf_config, to_hf_config
 from glmv_jax.convert import fp8
 from glmv_jax.convert.mapping import ConversionError, Entry, is_mtp_key, key_table, listing, lookup_table, param_specs
+from glmv_jax.convert.placement import fill_leaves, fills_by_leaf, read_plan
+from glmv_jax.convert.sources import FileSource, MemorySource, open_safetensors
 from glmv_jax.convert.processor_files import save_processor_files
 
 __all__ = ["ConversionError", "hf_state_dict_to_params", "params_to_hf_state_dict", "load_pretrained",
@@ -53,22 +54,21 @@ def as_dtype(dtype) -> np.dtype | None:
 # ----------------------------------------------------------------------------------------------
 # HF tensors -> parameter leaves
 
-class _Assembler:
-    """Plans a conversion from (key -> shape, dtype) alone, then fills each leaf slice by slice."""
+class _Plan:
+    """Checks a checkpoint's keys and shapes against the config from (key -> shape, dtype) alone and decides
+    each leaf's dtype; `fills` then says which HF boxes fill which leaf (placement.py)."""
 
-    def __init__(self, config: ModelConfig, dtype=np.float32, shardings: Any = None):
-        self.config, self.dtype, self.shardings = config, as_dtype(dtype), shardings
+    def __init__(self, config: ModelConfig, dtype=np.float32):
+        self.config, self.dtype = config, as_dtype(dtype)
         self.specs = param_specs(config)
         self.table = lookup_table(config)
-        self.leaves: dict[str, np.ndarray] = {}
-        self.leaf_dtypes: dict[str, np.dtype] = {}
-        self.pending = {path: 0 for path in self.specs}
+        self.leaf_dtypes: dict[str, np.dtype] = {p: np.dtype(np.float32) for p, s in self.specs.items() if s.fp32}
         self.skipped: list[str] = []
 
-    def plan(self, shapes: Mapping[str, tuple], dtypes: Mapping[str, np.dtype]) -> list[str]:
-        """Checks the key set and every shape; returns the keys to convert (MTP layers skipped, counted)."""
+    def check(self, shapes: Mapping[str, tuple], dtypes: Mapping[str, np.dtype]) -> dict[str, list]:
+        """Raises on a key set or shape that does not match; returns leaf path -> its fills (MTP layers skipped)."""
         covered = {p: np.zeros(s.stack, bool) for p, s in self.specs.items()}
-        unexpected, wrong, dupes, keys = [], [], [], []
+        unexpected, wrong, dupes, entries = [], [], [], []
         for key, shape in shapes.items():
             entry = self.table.get(key)
             if entry is None:
@@ -81,10 +81,8 @@ class _Assembler:
                 if np.any(covered[t.path][t.index]):
                     dupes.append(f"{key} (fills {t.path}{list(t.index)}, already filled by another key)")
                 covered[t.path][t.index] = True
-                self.pending[t.path] += 1
-                if not self.specs[t.path].fp32:
-                    self.leaf_dtypes.setdefault(t.path, self.dtype or np.dtype(dtypes[key]))
-            keys.append(key)
+                self.leaf_dtypes.setdefault(t.path, self.dtype or np.dtype(dtypes[key]))
+            entries.append(entry)
         missing = [e.key for e in key_table(self.config)
                    if not all(np.all(covered[t.path][t.index]) for t in e.targets)]
         problems = [(wrong, "tensors with the wrong shape"), (dupes, "duplicate tensors"),
@@ -96,33 +94,7 @@ class _Assembler:
         if self.skipped:
             log.warning("skipped %d tensors of MTP/next-n layers (not part of the model): %s", len(self.skipped),
                         listing(self.skipped, 3))
-        return keys
-
-    def leaf_dtype(self, key: str) -> np.dtype:
-        """The dtype of the leaf that `key` fills (after plan)."""
-        path = self.table[key].targets[0].path
-        return np.dtype(np.float32) if self.specs[path].fp32 else self.leaf_dtypes[path]
-
-    def put(self, key: str, array: np.ndarray) -> None:
-        entry = self.table[key]
-        for target, part in zip(entry.targets, entry.to_params(array)):
-            leaf = self.leaves.get(target.path)
-            if leaf is None:
-                leaf = self.leaves[target.path] = np.empty(self.specs[target.path].shape, self.leaf_dtype(key))
-            leaf[target.index] = part
-            self.pending[target.path] -= 1
-            if self.pending[target.path] == 0 and self.shardings is not None:
-                self._place(target.path)
-
-    def _place(self, path: str) -> None:
-        sharding = self.shardings
-        for name in path.split("/"):
-            sharding = sharding.get(name) if isinstance(sharding, Mapping) else None
-        if sharding is not None:
-            self.leaves[path] = jax.device_put(self.leaves[path], sharding)   # the host copy is dropped here
-
-    def finish(self) -> dict:
-        return unflatten(self.leaves)
+        return fills_by_leaf(entries)
 
 
 def unflatten(flat: Mapping[str, Any]) -> dict:
@@ -158,10 +130,9 @@ def hf_state_dict_to_params(state_dict: Mapping[str, Any], config: ModelConfig, 
     """In-memory HF state_dict (on-disk per-expert or in-memory fused experts) -> parameter tree.
     `dtype` None keeps each tensor's dtype; the router weight and correction bias are always fp32."""
     arrays = {k: _to_numpy(v) for k, v in state_dict.items()}
-    asm = _Assembler(config, dtype)
-    for key in asm.plan({k: a.shape for k, a in arrays.items()}, {k: a.dtype for k, a in arrays.items()}):
-        asm.put(key, arrays[key])
-    return asm.finish()
+    plan = _Plan(config, dtype)
+    fills = plan.check({k: a.shape for k, a in arrays.items()}, {k: a.dtype for k, a in arrays.items()})
+    return unflatten(fill_leaves(plan.specs, fills, plan.leaf_dtypes, {}, MemorySource(arrays)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,18 +206,11 @@ def _checkpoint_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
     raise ConversionError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
 
 
-def _open(file: Path):
-    try:
-        return safe_open(str(file), framework="numpy")
-    except (SafetensorError, OSError) as e:
-        raise ConversionError(f"{file}: corrupt or truncated safetensors file ({e})") from e
-
-
 def _read_headers(files: list[Path], weight_map: dict[str, str] | None):
     """key -> (file, shape, dtype) from the shard headers, cross-checked against the index."""
     found: dict[str, tuple[Path, tuple, np.dtype]] = {}
     for file in files:
-        with _open(file) as f:
+        with open_safetensors(file) as f:
             for key in f.keys():
                 if key in found:
                     raise ConversionError(f"tensor {key} appears in both {found[key][0].name} and {file.name}")
@@ -261,35 +225,8 @@ def _read_headers(files: list[Path], weight_map: dict[str, str] | None):
     return found
 
 
-def _get_tensor(f, file: Path, key: str) -> np.ndarray:
-    try:
-        return f.get_tensor(key)
-    except (SafetensorError, OSError) as e:
-        raise ConversionError(f"{file}: cannot read tensor {key} ({e})") from e
-
-
-def _tensors(files: list[Path], found: Mapping[str, tuple], wanted: set[str]) -> Iterator[tuple[str, np.ndarray]]:
-    """(key, array) for each key in `wanted`, file by file in file order; fp8 tensors come raw (fp8.read_fp8).
-    No array stays referenced here once yielded, so the caller holds one tensor at a time."""
-    for file in files:
-        spans = None
-        with _open(file) as f:
-            for key in (k for k in f.keys() if k in wanted):
-                if found[key][2] != fp8.FP8:
-                    yield key, _get_tensor(f, file, key)
-                    continue
-                spans = fp8.fp8_spans(file) if spans is None else spans
-                yield key, fp8.read_fp8(file, key, spans[key], found[key][1])
-
-
-def load_pretrained(path, dtype=np.float32, shardings: Any = None) -> tuple[ModelConfig, dict]:
-    """Reads an HF checkpoint directory -> (ModelConfig, params).
-
-    dtype: the parameter dtype (None keeps the checkpoint's; fp8 weights then dequantise to float32); router
-    weight and correction bias stay fp32. Block-wise fp8 weights (fp8.py) are dequantised tensor by tensor.
-    shardings: optional tree of jax shardings shaped like params; each leaf is placed as soon as it is
-    complete and its host copy dropped. None returns host numpy arrays."""
-    path = Path(path)
+def _prepare(path: Path, dtype) -> tuple[ModelConfig, _Plan, dict, FileSource]:
+    """Headers only: (config, checked plan, leaf path -> fills, the source to read them from)."""
     config, hf = _read_config(path)
     files, weight_map = _checkpoint_files(path)
     found = _read_headers(files, weight_map)
@@ -297,16 +234,36 @@ def load_pretrained(path, dtype=np.float32, shardings: Any = None) -> tuple[Mode
     quantised = fp8.plan_scales({k: v[1] for k, v in found.items()}, {k: v[2] for k, v in found.items()}, block)
     scale_keys = set(quantised.values())
     weights = {k: v for k, v in found.items() if k not in scale_keys}
-    asm = _Assembler(config, dtype, shardings)
-    keys = set(asm.plan({k: v[1] for k, v in weights.items()},
-                        {k: np.dtype(np.float32) if v[2] == fp8.FP8 else v[2] for k, v in weights.items()}))
-    scales = dict(_tensors(files, found, {quantised[k] for k in keys if k in quantised}))     # small: 1 per block
-    for key, tensor in _tensors(files, found, keys):
-        if key in quantised:
-            tensor = fp8.dequantize_fp8_blockwise(tensor, scales.pop(quantised[key]), block, asm.leaf_dtype(key))
-        asm.put(key, tensor)
-        del tensor
-    return config, asm.finish()
+    plan = _Plan(config, dtype)
+    fills = plan.check({k: v[1] for k, v in weights.items()},
+                       {k: np.dtype(np.float32) if v[2] == fp8.FP8 else v[2] for k, v in weights.items()})
+    return config, plan, fills, FileSource(found, quantised, block)
+
+
+def load_pretrained(path, dtype=np.float32, shardings: Any = None, stats: dict | None = None
+                    ) -> tuple[ModelConfig, dict]:
+    """Reads an HF checkpoint directory -> (ModelConfig, params).
+
+    dtype: the parameter dtype (None keeps the checkpoint's; fp8 weights then dequantise to float32); router
+    weight and correction bias stay fp32. Tensors are cast (fp8 dequantised, fp8.py) box by box as read.
+    shardings: optional tree of jax shardings shaped like params (leaves may be missing). A leaf with a
+    sharding is read only in the boxes this process's devices hold and built on them directly, a stacked
+    leaf one layer at a time (placement.py); host memory stays about one layer (or one unstacked tensor)
+    above what the devices hold. Leaves without one come back as host numpy arrays.
+    stats: a dict that receives bytes_read, the stored bytes this process read."""
+    config, plan, fills, source = _prepare(Path(path), dtype)
+    with source:
+        flat = fill_leaves(plan.specs, fills, plan.leaf_dtypes, flatten(shardings or {}), source)
+    if stats is not None:
+        stats["bytes_read"] = source.bytes_read
+    return config, unflatten(flat)
+
+
+def load_plan(path, shardings: Any, devices) -> int:
+    """Stored bytes that load_pretrained(path, shardings=shardings) reads in a process holding `devices`,
+    from the headers alone (the data may be absent, e.g. a sparse file with only the header written)."""
+    config, plan, fills, source = _prepare(Path(path), None)
+    return read_plan(plan.specs, fills, flatten(shardings or {}), source, devices)
 
 
 # ----------------------------------------------------------------------------------------------
