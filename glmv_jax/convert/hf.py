@@ -3,14 +3,15 @@
     config, params = load_pretrained("dir")             # config.json + model.safetensors or a sharded index
     save_pretrained(config, params, "out_dir", source="dir")  # loads in transformers, tokenizer files too
 
-Loading validates every key and shape from the file headers before reading data, allocates each
-parameter leaf once and fills it tensor by tensor (per-layer and per-expert tensors go into their slice
-of the stacked array), so the host never holds a second copy of the model. Block-wise FP8 weights
-(GLM-4.5V-FP8 / GLM-4.6V-FP8) are dequantised to the requested dtype as they are read (fp8.py). MTP / next-n
-layers are skipped with one warning. Saving computes each shard's header from shapes alone and then writes
-tensors one at a time, then the tokenizer, chat template and processor configs (processor_files.py: copied
+Loading validates every key and shape from the file headers before reading data. With `shardings`, each
+process reads only the boxes of each tensor that its devices hold and builds the leaves on them, stacked
+leaves one layer at a time (placement.py, sources.py); without, every leaf is one host numpy array, filled
+tensor by tensor. Block-wise FP8 weights (GLM-4.5V-FP8 / GLM-4.6V-FP8) are dequantised to the requested
+dtype as they are read (fp8.py). MTP / next-n layers are skipped with one warning. Saving computes each
+file's header from shapes alone, then every process writes the shards it owns into place (host numpy or
+sharded jax.Arrays), then the tokenizer, chat template and processor configs (processor_files.py: copied
 from an HF source directory, or written from our tokenizer) so AutoTokenizer / AutoProcessor load the
-directory too. The key table lives in mapping.py.
+directory too. The key table lives in mapping.py, the box arithmetic in views.py.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ from typing import Any, Iterator, Mapping
 import jax
 import ml_dtypes
 import numpy as np
+from jax.experimental import multihost_utils
 
 from glmv_jax.config import ConfigError, ModelConfig, from_hf_config, to_hf_config
 from glmv_jax.convert import fp8
 from glmv_jax.convert.mapping import ConversionError, Entry, is_mtp_key, key_table, listing, lookup_table, param_specs
 from glmv_jax.convert.placement import fill_leaves, fills_by_leaf, read_plan
 from glmv_jax.convert.sources import FileSource, MemorySource, open_safetensors
+from glmv_jax.convert.views import Box, full_box, slices
 from glmv_jax.convert.processor_files import save_processor_files
 
 __all__ = ["ConversionError", "hf_state_dict_to_params", "params_to_hf_state_dict", "load_pretrained",
@@ -281,8 +284,8 @@ def parse_size(size) -> int:
     return int(float(m.group(1)) * base ** " KMGT".index(unit[0] if unit != "B" else " "))
 
 
-def _write_safetensors(file: Path, items: list[tuple[Entry, np.dtype, Any]]) -> None:
-    """Writes one safetensors file: the header from shapes alone, then each tensor as it is produced."""
+def _header(items: list[tuple[Entry, np.dtype, Any]]) -> tuple[bytes, dict[str, int]]:
+    """(the header bytes of one safetensors file, key -> file offset of its data), from shapes alone."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for entry, dt, _ in items:
@@ -291,13 +294,45 @@ def _write_safetensors(file: Path, items: list[tuple[Entry, np.dtype, Any]]) -> 
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    with open(file, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for entry, dt, produce in items:
-            array = produce()
-            assert array.shape == entry.shape and array.dtype == dt, (entry.key, array.shape, array.dtype)
-            f.write(array.reshape(-1).view(np.uint8).data)
+    start = 8 + len(raw)
+    return struct.pack("<Q", len(raw)) + raw, {k: start + v["data_offsets"][0] for k, v in header.items()
+                                               if k != "__metadata__"}
+
+
+def _owned_parts(leaf) -> Iterator[tuple[Box, Any]]:
+    """(box of the leaf, its data) for the parts this process writes: a host array whole; of a jax.Array the
+    addressable shards with replica_id 0, so every element is written by exactly one process."""
+    if not isinstance(leaf, jax.Array):
+        yield full_box(np.shape(leaf)), np.asarray(leaf)
+        return
+    for shard in leaf.addressable_shards:
+        if shard.replica_id == 0:
+            yield tuple(s.indices(n)[:2] for s, n in zip(shard.index, leaf.shape)), shard.data
+
+
+def _write_owned(file: Path, items: list[tuple[Entry, np.dtype, Any]], offsets: Mapping[str, int],
+                 flat: Mapping[str, Any]) -> None:
+    """Writes into an existing, full-size safetensors file the bytes of every tensor part this process owns,
+    each shard's boxes straight from its device (one piece in host memory at a time)."""
+    for entry, dt, _ in items:
+        out = np.memmap(file, dt, "r+", offsets[entry.key], entry.shape)
+        for view, target in zip(entry.views, entry.targets):
+            index = target.index
+            for box, data in _owned_parts(flat[target.path]):
+                if not all(a <= i < b for i, (a, b) in zip(index, box)):
+                    continue
+                part_box = box[len(index):]
+                at = tuple(i - a for i, (a, _) in zip(index, box))
+                for piece in view.pieces(part_box):
+                    sub = tuple(slice(a - o, b - o) for (a, b), (o, _) in zip(piece.part, part_box))
+                    out[slices(piece.hf)] = view.write(piece, np.asarray(data[at + sub])).astype(dt, copy=False)
+        out.flush()
+        del out
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def _shards(items: list, limit: int) -> Iterator[list]:
@@ -321,28 +356,43 @@ def save_pretrained(config: ModelConfig, params: Mapping[str, Any], path, max_sh
 
     dtype: the stored dtype (None keeps each leaf's); the router weight and correction bias stay fp32.
     expert_layout: MoE expert keys, per_expert or fused; default is what from_pretrained reads for the
-    model_type. Older model*.safetensors files and index in `path` are removed. Returns the weight files."""
+    model_type. Older model*.safetensors files and index in `path` are removed. Returns the weight files.
+
+    params may hold sharded jax.Arrays, across processes too: process 0 writes the headers (files created at
+    full size), then every process writes the shards it owns (replica 0) into place, so no host gathers the
+    model or even a whole tensor. With several processes, `path` must be one filesystem all of them write
+    (local disk, NFS, Lustre); every process calls save_pretrained."""
     path = Path(path)
     items = _export(config, params, expert_layout, dtype)
     if any(dt not in _ST_NAMES for _, dt, _ in items):
         raise ConversionError(f"cannot store dtypes {sorted({str(dt) for _, dt, _ in items} - set(map(str, _ST_NAMES)))}")
-    path.mkdir(parents=True, exist_ok=True)
-    for old in list(path.glob("model*.safetensors")) + [path / INDEX_FILE]:
-        if old.name == SINGLE_FILE or old.name == INDEX_FILE or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", old.name):
-            old.unlink(missing_ok=True)
-    stored = [dt for entry, dt, _ in items if "mlp.gate." not in entry.key]
-    hf = to_hf_config(config)
-    hf["dtype"] = "bfloat16" if stored[0] == ml_dtypes.bfloat16 else str(stored[0])
-    (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     shards = list(_shards(items, parse_size(max_shard_size)))
     names = [SINGLE_FILE] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, shard in zip(names, shards):
-        _write_safetensors(path / name, shard)
-    if len(shards) > 1:
-        total = sum(int(np.prod(e.shape)) * dt.itemsize for e, dt, _ in items)
-        weight_map = {entry.key: name for name, shard in zip(names, shards) for entry, _, _ in shard}
-        (path / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                  indent=2) + "\n")
-    save_processor_files(path, config, tokenizer, processor, source)
+    headers = [_header(shard) for shard in shards]
+    if jax.process_index() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+        for old in list(path.glob("model*.safetensors")) + [path / INDEX_FILE]:
+            if old.name in (SINGLE_FILE, INDEX_FILE) or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", old.name):
+                old.unlink(missing_ok=True)
+        stored = [dt for entry, dt, _ in items if "mlp.gate." not in entry.key]
+        hf = to_hf_config(config)
+        hf["dtype"] = "bfloat16" if stored[0] == ml_dtypes.bfloat16 else str(stored[0])
+        (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        for name, shard, (raw, _) in zip(names, shards, headers):
+            with open(path / name, "wb") as f:
+                f.write(raw)
+                f.truncate(len(raw) + sum(int(np.prod(e.shape)) * dt.itemsize for e, dt, _ in shard))
+    _sync("glmv save_pretrained: files created")
+    flat = flatten(params)
+    for name, shard, (_, offsets) in zip(names, shards, headers):
+        _write_owned(path / name, shard, offsets, flat)
+    _sync("glmv save_pretrained: tensors written")
+    if jax.process_index() == 0:
+        if len(shards) > 1:
+            total = sum(int(np.prod(e.shape)) * dt.itemsize for e, dt, _ in items)
+            weight_map = {entry.key: name for name, shard in zip(names, shards) for entry, _, _ in shard}
+            (path / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                      indent=2) + "\n")
+        save_processor_files(path, config, tokenizer, processor, source)
     return [path / n for n in names]
