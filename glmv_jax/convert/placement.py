@@ -40,8 +40,8 @@ def device_boxes(sharding, shape: tuple[int, ...], devices: Sequence | None = No
     """Distinct shard boxes of `shape` under `sharding` on `devices` (default: the addressable ones) -> the
     devices holding each."""
     index_map = sharding.devices_indices_map(shape)
-    devices = [d for d in index_map if d in set(devices)] if devices is not None else \
-        [d for d in index_map if d in sharding.addressable_devices]
+    wanted = set(devices) if devices is not None else sharding.addressable_devices
+    devices = [d for d in index_map if d in wanted]
     out: dict[Box, list] = {}
     for d in devices:
         box = tuple(s.indices(n)[:2] for s, n in zip(index_map[d], shape))
