@@ -1,6 +1,7 @@
 """HF safetensors checkpoints <-> the parameter tree (models/PARAM_TREE.md), streaming in both directions.
 
     config, params = load_pretrained("dir")             # config.json + model.safetensors or a sharded index
+    config, params = load_pretrained("dir", dtype="bfloat16", shardings=tree)   # this host's shards only
     save_pretrained(config, params, "out_dir", source="dir")  # loads in transformers, tokenizer files too
 
 Loading validates every key and shape from the file headers before reading data. With `shardings`, each
@@ -32,11 +33,11 @@ from glmv_jax.config import ConfigError, ModelConfig, from_hf_config, to_hf_conf
 from glmv_jax.convert import fp8
 from glmv_jax.convert.mapping import ConversionError, Entry, is_mtp_key, key_table, listing, lookup_table, param_specs
 from glmv_jax.convert.placement import fill_leaves, fills_by_leaf, read_plan
+from glmv_jax.convert.processor_files import save_processor_files
 from glmv_jax.convert.sources import FileSource, MemorySource, open_safetensors
 from glmv_jax.convert.views import Box, full_box, slices
-from glmv_jax.convert.processor_files import save_processor_files
 
-__all__ = ["ConversionError", "hf_state_dict_to_params", "params_to_hf_state_dict", "load_pretrained",
+__all__ = ["ConversionError", "hf_state_dict_to_params", "params_to_hf_state_dict", "load_pretrained", "load_plan",
            "save_pretrained"]
 
 log = logging.getLogger(__name__)

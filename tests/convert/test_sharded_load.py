@@ -2,6 +2,7 @@
 its sharding, only the distinct shard boxes are read (bytes counted), and save_pretrained writes the
 sharded state back byte for byte."""
 import math
+import re
 
 import jax
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from safetensors.numpy import load_file
 
-from glmv_jax.convert.hf import flatten, load_plan, load_pretrained, save_pretrained, unflatten
+from glmv_jax.convert.hf import ConversionError, flatten, load_plan, load_pretrained, save_pretrained, unflatten
 from glmv_jax.convert.placement import device_boxes
 from glmv_jax.models.glmv import init_params, logical_axes
 from glmv_jax.sharding.mesh import make_mesh
@@ -96,3 +97,20 @@ def test_save_from_sharded_state_rewrites_the_checkpoint(hf_checkpoint, tmp_path
     _, reloaded = load_pretrained(tmp_path / "many")
     for p, a in flatten(reloaded).items():
         np.testing.assert_array_equal(a, np.asarray(flatten(placed)[p]), err_msg=p)
+
+
+@pytest.mark.parametrize("damage", ["truncate_data", "garbage_header"])
+def test_corrupt_shard_names_the_file_when_loading_sharded(hf_checkpoint, tmp_path, damage):
+    config, _, path = hf_checkpoint("glm4v_moe")
+    _, params = load_pretrained(path)
+    files = save_pretrained(config, params, tmp_path / "sharded", max_shard_size="30KB")
+    shard = files[len(files) // 2]
+    data = shard.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    shard.write_bytes({"truncate_data": data[:(header_end + len(data)) // 2],
+                       "garbage_header": data[:8] + b"\xff" * (header_end - 8) + data[header_end:]}[damage])
+    shardings = model_shardings(config, MESHES["fsdp8"])
+    with pytest.raises(ConversionError, match=rf"{re.escape(str(shard))}: corrupt or truncated safetensors file"):
+        load_pretrained(tmp_path / "sharded", shardings=shardings)
+    with pytest.raises(ConversionError, match=re.escape(str(shard))):
+        load_plan(tmp_path / "sharded", shardings, jax.devices()[:4])
