@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
 import numpy as np
 
 from glmv_jax.config import ModelConfig

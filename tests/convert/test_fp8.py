@@ -44,6 +44,10 @@ def test_dequantize_multiplies_each_block_by_its_scale():
     bf16 = dequantize_fp8_blockwise(q, scale, BLOCK, BF16)
     assert bf16.dtype == BF16
     np.testing.assert_array_equal(bf16, want.astype(BF16))
+    for r0, r1, c0, c1 in ((5, 38, 30, 31), (16, 32, 0, 70), (17, 18, 47, 70)):   # boxes starting mid-block
+        sub = scale[:, r0 // BLOCK[0]:-(-r1 // BLOCK[0]), c0 // BLOCK[1]:-(-c1 // BLOCK[1])]
+        box = dequantize_fp8_blockwise(q[:, r0:r1, c0:c1], sub, BLOCK, origin=(r0 % BLOCK[0], c0 % BLOCK[1]))
+        np.testing.assert_array_equal(box, want[:, r0:r1, c0:c1])
 
 
 def test_quantize_within_the_e4m3_bound():
