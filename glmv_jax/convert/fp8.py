@@ -5,7 +5,7 @@ A quantised weight `<name>.weight` (..., M, N) is stored as float8_e4m3fn (safet
 size in config.json's `quantization_config.weight_block_size` ([128, 128] in the released checkpoints).
 The weight is each fp8 value times the scale of its block. Unquantised tensors (norms, embeddings, router,
 vision tower) are stored as usual and carry no scale. load_pretrained (hf.py) plans the scales from the
-headers and dequantises tensor by tensor; quantize_fp8_blockwise writes the format.
+headers and dequantises box by box as it reads (sources.py); quantize_fp8_blockwise writes the format.
 """
 
 from __future__ import annotations
@@ -89,14 +89,16 @@ def quantize_fp8_blockwise(array, block: tuple[int, int] = (128, 128)) -> tuple[
 
 
 def dequantize_fp8_blockwise(q: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int],
-                             dtype=np.float32) -> np.ndarray:
-    """fp8 (..., M, N) and scale_inv (..., ceil(M/bm), ceil(N/bn)) -> (..., M, N) in `dtype`: each value times
-    its block's scale in float32, then cast. One row block at a time, so only the output is full size."""
-    (m, n), (bm, bn) = q.shape[-2:], block
+                             dtype=np.float32, origin: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """fp8 (..., M, N) and the scales of the blocks it touches -> (..., M, N) in `dtype`: each value times its
+    block's scale in float32, then cast. `origin`: where q starts inside its first block, (0, 0) for a whole
+    tensor, (row0 % bm, col0 % bn) for a box of one. One row block at a time, so only the output is full size."""
+    (m, n), (bm, bn), (oi, oj) = q.shape[-2:], block, origin
     out = np.empty(q.shape, dtype)
-    for i in range(0, m, bm):
-        scale = np.repeat(np.asarray(scale_inv[..., i // bm, :], np.float32), bn, axis=-1)[..., None, :n]
-        out[..., i:i + bm, :] = q[..., i:i + bm, :].astype(np.float32) * scale
+    for i in range(-oi, m, bm):
+        lo, hi = max(i, 0), min(i + bm, m)
+        scale = np.repeat(np.asarray(scale_inv[..., (i + oi) // bm, :], np.float32), bn, axis=-1)[..., None, oj:oj + n]
+        out[..., lo:hi, :] = q[..., lo:hi, :].astype(np.float32) * scale
     return out
 
 
@@ -111,18 +113,3 @@ def fp8_spans(file: Path) -> dict[str, tuple[int, int]]:
                 for k, v in header.items() if k != "__metadata__" and v["dtype"] == ST_NAME}
     except (OSError, struct.error, ValueError, KeyError, TypeError, IndexError) as e:
         raise ConversionError(f"{file}: corrupt or truncated safetensors file ({e!r})") from e
-
-
-def read_fp8(file: Path, key: str, span: tuple[int, int], shape: tuple[int, ...]) -> np.ndarray:
-    """One F8_E4M3 tensor of `shape` at `span` (fp8_spans) of `file`."""
-    offset, size = span
-    try:
-        with open(file, "rb") as f:
-            f.seek(offset)
-            data = f.read(size)
-    except OSError as e:
-        raise ConversionError(f"{file}: cannot read tensor {key} ({e})") from e
-    if len(data) != size or size != int(np.prod(shape)):
-        raise ConversionError(f"{file}: tensor {key} is truncated or mis-sized ({len(data)} of {size} bytes, "
-                              f"shape {shape})")
-    return np.frombuffer(data, FP8).reshape(shape)

@@ -1,16 +1,18 @@
 """HF safetensors checkpoints <-> the parameter tree (models/PARAM_TREE.md), streaming in both directions.
 
     config, params = load_pretrained("dir")             # config.json + model.safetensors or a sharded index
+    config, params = load_pretrained("dir", dtype="bfloat16", shardings=tree)   # this host's shards only
     save_pretrained(config, params, "out_dir", source="dir")  # loads in transformers, tokenizer files too
 
-Loading validates every key and shape from the file headers before reading data, allocates each
-parameter leaf once and fills it tensor by tensor (per-layer and per-expert tensors go into their slice
-of the stacked array), so the host never holds a second copy of the model. Block-wise FP8 weights
-(GLM-4.5V-FP8 / GLM-4.6V-FP8) are dequantised to the requested dtype as they are read (fp8.py). MTP / next-n
-layers are skipped with one warning. Saving computes each shard's header from shapes alone and then writes
-tensors one at a time, then the tokenizer, chat template and processor configs (processor_files.py: copied
+Loading validates every key and shape from the file headers before reading data. With `shardings`, each
+process reads only the boxes of each tensor that its devices hold and builds the leaves on them, stacked
+leaves one layer at a time (placement.py, sources.py); without, every leaf is one host numpy array, filled
+tensor by tensor. Block-wise FP8 weights (GLM-4.5V-FP8 / GLM-4.6V-FP8) are dequantised to the requested
+dtype as they are read (fp8.py). MTP / next-n layers are skipped with one warning. Saving computes each
+file's header from shapes alone, then every process writes the shards it owns into place (host numpy or
+sharded jax.Arrays), then the tokenizer, chat template and processor configs (processor_files.py: copied
 from an HF source directory, or written from our tokenizer) so AutoTokenizer / AutoProcessor load the
-directory too. The key table lives in mapping.py.
+directory too. The key table lives in mapping.py, the box arithmetic in views.py.
 """
 
 from __future__ import annotations
@@ -25,14 +27,17 @@ from typing import Any, Iterator, Mapping
 import jax
 import ml_dtypes
 import numpy as np
-from safetensors import SafetensorError, safe_open
+from jax.experimental import multihost_utils
 
 from glmv_jax.config import ConfigError, ModelConfig, from_hf_config, to_hf_config
 from glmv_jax.convert import fp8
 from glmv_jax.convert.mapping import ConversionError, Entry, is_mtp_key, key_table, listing, lookup_table, param_specs
+from glmv_jax.convert.placement import fill_leaves, fills_by_leaf, read_plan
 from glmv_jax.convert.processor_files import save_processor_files
+from glmv_jax.convert.sources import FileSource, MemorySource, open_safetensors
+from glmv_jax.convert.views import Box, full_box, slices
 
-__all__ = ["ConversionError", "hf_state_dict_to_params", "params_to_hf_state_dict", "load_pretrained",
+__all__ = ["ConversionError", "hf_state_dict_to_params", "params_to_hf_state_dict", "load_pretrained", "load_plan",
            "save_pretrained"]
 
 log = logging.getLogger(__name__)
@@ -53,22 +58,21 @@ def as_dtype(dtype) -> np.dtype | None:
 # ----------------------------------------------------------------------------------------------
 # HF tensors -> parameter leaves
 
-class _Assembler:
-    """Plans a conversion from (key -> shape, dtype) alone, then fills each leaf slice by slice."""
+class _Plan:
+    """Checks a checkpoint's keys and shapes against the config from (key -> shape, dtype) alone and decides
+    each leaf's dtype; `fills` then says which HF boxes fill which leaf (placement.py)."""
 
-    def __init__(self, config: ModelConfig, dtype=np.float32, shardings: Any = None):
-        self.config, self.dtype, self.shardings = config, as_dtype(dtype), shardings
+    def __init__(self, config: ModelConfig, dtype=np.float32):
+        self.config, self.dtype = config, as_dtype(dtype)
         self.specs = param_specs(config)
         self.table = lookup_table(config)
-        self.leaves: dict[str, np.ndarray] = {}
-        self.leaf_dtypes: dict[str, np.dtype] = {}
-        self.pending = {path: 0 for path in self.specs}
+        self.leaf_dtypes: dict[str, np.dtype] = {p: np.dtype(np.float32) for p, s in self.specs.items() if s.fp32}
         self.skipped: list[str] = []
 
-    def plan(self, shapes: Mapping[str, tuple], dtypes: Mapping[str, np.dtype]) -> list[str]:
-        """Checks the key set and every shape; returns the keys to convert (MTP layers skipped, counted)."""
+    def check(self, shapes: Mapping[str, tuple], dtypes: Mapping[str, np.dtype]) -> dict[str, list]:
+        """Raises on a key set or shape that does not match; returns leaf path -> its fills (MTP layers skipped)."""
         covered = {p: np.zeros(s.stack, bool) for p, s in self.specs.items()}
-        unexpected, wrong, dupes, keys = [], [], [], []
+        unexpected, wrong, dupes, entries = [], [], [], []
         for key, shape in shapes.items():
             entry = self.table.get(key)
             if entry is None:
@@ -81,10 +85,8 @@ class _Assembler:
                 if np.any(covered[t.path][t.index]):
                     dupes.append(f"{key} (fills {t.path}{list(t.index)}, already filled by another key)")
                 covered[t.path][t.index] = True
-                self.pending[t.path] += 1
-                if not self.specs[t.path].fp32:
-                    self.leaf_dtypes.setdefault(t.path, self.dtype or np.dtype(dtypes[key]))
-            keys.append(key)
+                self.leaf_dtypes.setdefault(t.path, self.dtype or np.dtype(dtypes[key]))
+            entries.append(entry)
         missing = [e.key for e in key_table(self.config)
                    if not all(np.all(covered[t.path][t.index]) for t in e.targets)]
         problems = [(wrong, "tensors with the wrong shape"), (dupes, "duplicate tensors"),
@@ -96,33 +98,7 @@ class _Assembler:
         if self.skipped:
             log.warning("skipped %d tensors of MTP/next-n layers (not part of the model): %s", len(self.skipped),
                         listing(self.skipped, 3))
-        return keys
-
-    def leaf_dtype(self, key: str) -> np.dtype:
-        """The dtype of the leaf that `key` fills (after plan)."""
-        path = self.table[key].targets[0].path
-        return np.dtype(np.float32) if self.specs[path].fp32 else self.leaf_dtypes[path]
-
-    def put(self, key: str, array: np.ndarray) -> None:
-        entry = self.table[key]
-        for target, part in zip(entry.targets, entry.to_params(array)):
-            leaf = self.leaves.get(target.path)
-            if leaf is None:
-                leaf = self.leaves[target.path] = np.empty(self.specs[target.path].shape, self.leaf_dtype(key))
-            leaf[target.index] = part
-            self.pending[target.path] -= 1
-            if self.pending[target.path] == 0 and self.shardings is not None:
-                self._place(target.path)
-
-    def _place(self, path: str) -> None:
-        sharding = self.shardings
-        for name in path.split("/"):
-            sharding = sharding.get(name) if isinstance(sharding, Mapping) else None
-        if sharding is not None:
-            self.leaves[path] = jax.device_put(self.leaves[path], sharding)   # the host copy is dropped here
-
-    def finish(self) -> dict:
-        return unflatten(self.leaves)
+        return fills_by_leaf(entries)
 
 
 def unflatten(flat: Mapping[str, Any]) -> dict:
@@ -158,10 +134,9 @@ def hf_state_dict_to_params(state_dict: Mapping[str, Any], config: ModelConfig, 
     """In-memory HF state_dict (on-disk per-expert or in-memory fused experts) -> parameter tree.
     `dtype` None keeps each tensor's dtype; the router weight and correction bias are always fp32."""
     arrays = {k: _to_numpy(v) for k, v in state_dict.items()}
-    asm = _Assembler(config, dtype)
-    for key in asm.plan({k: a.shape for k, a in arrays.items()}, {k: a.dtype for k, a in arrays.items()}):
-        asm.put(key, arrays[key])
-    return asm.finish()
+    plan = _Plan(config, dtype)
+    fills = plan.check({k: a.shape for k, a in arrays.items()}, {k: a.dtype for k, a in arrays.items()})
+    return unflatten(fill_leaves(plan.specs, fills, plan.leaf_dtypes, {}, MemorySource(arrays)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,18 +210,11 @@ def _checkpoint_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
     raise ConversionError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
 
 
-def _open(file: Path):
-    try:
-        return safe_open(str(file), framework="numpy")
-    except (SafetensorError, OSError) as e:
-        raise ConversionError(f"{file}: corrupt or truncated safetensors file ({e})") from e
-
-
 def _read_headers(files: list[Path], weight_map: dict[str, str] | None):
     """key -> (file, shape, dtype) from the shard headers, cross-checked against the index."""
     found: dict[str, tuple[Path, tuple, np.dtype]] = {}
     for file in files:
-        with _open(file) as f:
+        with open_safetensors(file) as f:
             for key in f.keys():
                 if key in found:
                     raise ConversionError(f"tensor {key} appears in both {found[key][0].name} and {file.name}")
@@ -261,35 +229,8 @@ def _read_headers(files: list[Path], weight_map: dict[str, str] | None):
     return found
 
 
-def _get_tensor(f, file: Path, key: str) -> np.ndarray:
-    try:
-        return f.get_tensor(key)
-    except (SafetensorError, OSError) as e:
-        raise ConversionError(f"{file}: cannot read tensor {key} ({e})") from e
-
-
-def _tensors(files: list[Path], found: Mapping[str, tuple], wanted: set[str]) -> Iterator[tuple[str, np.ndarray]]:
-    """(key, array) for each key in `wanted`, file by file in file order; fp8 tensors come raw (fp8.read_fp8).
-    No array stays referenced here once yielded, so the caller holds one tensor at a time."""
-    for file in files:
-        spans = None
-        with _open(file) as f:
-            for key in (k for k in f.keys() if k in wanted):
-                if found[key][2] != fp8.FP8:
-                    yield key, _get_tensor(f, file, key)
-                    continue
-                spans = fp8.fp8_spans(file) if spans is None else spans
-                yield key, fp8.read_fp8(file, key, spans[key], found[key][1])
-
-
-def load_pretrained(path, dtype=np.float32, shardings: Any = None) -> tuple[ModelConfig, dict]:
-    """Reads an HF checkpoint directory -> (ModelConfig, params).
-
-    dtype: the parameter dtype (None keeps the checkpoint's; fp8 weights then dequantise to float32); router
-    weight and correction bias stay fp32. Block-wise fp8 weights (fp8.py) are dequantised tensor by tensor.
-    shardings: optional tree of jax shardings shaped like params; each leaf is placed as soon as it is
-    complete and its host copy dropped. None returns host numpy arrays."""
-    path = Path(path)
+def _prepare(path: Path, dtype) -> tuple[ModelConfig, _Plan, dict, FileSource]:
+    """Headers only: (config, checked plan, leaf path -> fills, the source to read them from)."""
     config, hf = _read_config(path)
     files, weight_map = _checkpoint_files(path)
     found = _read_headers(files, weight_map)
@@ -297,16 +238,36 @@ def load_pretrained(path, dtype=np.float32, shardings: Any = None) -> tuple[Mode
     quantised = fp8.plan_scales({k: v[1] for k, v in found.items()}, {k: v[2] for k, v in found.items()}, block)
     scale_keys = set(quantised.values())
     weights = {k: v for k, v in found.items() if k not in scale_keys}
-    asm = _Assembler(config, dtype, shardings)
-    keys = set(asm.plan({k: v[1] for k, v in weights.items()},
-                        {k: np.dtype(np.float32) if v[2] == fp8.FP8 else v[2] for k, v in weights.items()}))
-    scales = dict(_tensors(files, found, {quantised[k] for k in keys if k in quantised}))     # small: 1 per block
-    for key, tensor in _tensors(files, found, keys):
-        if key in quantised:
-            tensor = fp8.dequantize_fp8_blockwise(tensor, scales.pop(quantised[key]), block, asm.leaf_dtype(key))
-        asm.put(key, tensor)
-        del tensor
-    return config, asm.finish()
+    plan = _Plan(config, dtype)
+    fills = plan.check({k: v[1] for k, v in weights.items()},
+                       {k: np.dtype(np.float32) if v[2] == fp8.FP8 else v[2] for k, v in weights.items()})
+    return config, plan, fills, FileSource(found, quantised, block)
+
+
+def load_pretrained(path, dtype=np.float32, shardings: Any = None, stats: dict | None = None
+                    ) -> tuple[ModelConfig, dict]:
+    """Reads an HF checkpoint directory -> (ModelConfig, params).
+
+    dtype: the parameter dtype (None keeps the checkpoint's; fp8 weights then dequantise to float32); router
+    weight and correction bias stay fp32. Tensors are cast (fp8 dequantised, fp8.py) box by box as read.
+    shardings: optional tree of jax shardings shaped like params (leaves may be missing). A leaf with a
+    sharding is read only in the boxes this process's devices hold and built on them directly, a stacked
+    leaf one layer at a time (placement.py); host memory stays about one layer (or one unstacked tensor)
+    above what the devices hold. Leaves without one come back as host numpy arrays.
+    stats: a dict that receives bytes_read, the stored bytes this process read."""
+    config, plan, fills, source = _prepare(Path(path), dtype)
+    with source:
+        flat = fill_leaves(plan.specs, fills, plan.leaf_dtypes, flatten(shardings or {}), source)
+    if stats is not None:
+        stats["bytes_read"] = source.bytes_read
+    return config, unflatten(flat)
+
+
+def load_plan(path, shardings: Any, devices) -> int:
+    """Stored bytes that load_pretrained(path, shardings=shardings) reads in a process holding `devices`,
+    from the headers alone (the data may be absent, e.g. a sparse file with only the header written)."""
+    config, plan, fills, source = _prepare(Path(path), None)
+    return read_plan(plan.specs, fills, flatten(shardings or {}), source, devices)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,8 +285,8 @@ def parse_size(size) -> int:
     return int(float(m.group(1)) * base ** " KMGT".index(unit[0] if unit != "B" else " "))
 
 
-def _write_safetensors(file: Path, items: list[tuple[Entry, np.dtype, Any]]) -> None:
-    """Writes one safetensors file: the header from shapes alone, then each tensor as it is produced."""
+def _header(items: list[tuple[Entry, np.dtype, Any]]) -> tuple[bytes, dict[str, int]]:
+    """(the header bytes of one safetensors file, key -> file offset of its data), from shapes alone."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for entry, dt, _ in items:
@@ -334,13 +295,45 @@ def _write_safetensors(file: Path, items: list[tuple[Entry, np.dtype, Any]]) -> 
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    with open(file, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for entry, dt, produce in items:
-            array = produce()
-            assert array.shape == entry.shape and array.dtype == dt, (entry.key, array.shape, array.dtype)
-            f.write(array.reshape(-1).view(np.uint8).data)
+    start = 8 + len(raw)
+    return struct.pack("<Q", len(raw)) + raw, {k: start + v["data_offsets"][0] for k, v in header.items()
+                                               if k != "__metadata__"}
+
+
+def _owned_parts(leaf) -> Iterator[tuple[Box, Any]]:
+    """(box of the leaf, its data) for the parts this process writes: a host array whole; of a jax.Array the
+    addressable shards with replica_id 0, so every element is written by exactly one process."""
+    if not isinstance(leaf, jax.Array):
+        yield full_box(np.shape(leaf)), np.asarray(leaf)
+        return
+    for shard in leaf.addressable_shards:
+        if shard.replica_id == 0:
+            yield tuple(s.indices(n)[:2] for s, n in zip(shard.index, leaf.shape)), shard.data
+
+
+def _write_owned(file: Path, items: list[tuple[Entry, np.dtype, Any]], offsets: Mapping[str, int],
+                 flat: Mapping[str, Any]) -> None:
+    """Writes into an existing, full-size safetensors file the bytes of every tensor part this process owns,
+    each shard's boxes straight from its device (one piece in host memory at a time)."""
+    for entry, dt, _ in items:
+        out = np.memmap(file, dt, "r+", offsets[entry.key], entry.shape)
+        for view, target in zip(entry.views, entry.targets):
+            index = target.index
+            for box, data in _owned_parts(flat[target.path]):
+                if not all(a <= i < b for i, (a, b) in zip(index, box)):
+                    continue
+                part_box = box[len(index):]
+                at = tuple(i - a for i, (a, _) in zip(index, box))
+                for piece in view.pieces(part_box):
+                    sub = tuple(slice(a - o, b - o) for (a, b), (o, _) in zip(piece.part, part_box))
+                    out[slices(piece.hf)] = view.write(piece, np.asarray(data[at + sub])).astype(dt, copy=False)
+        out.flush()
+        del out
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def _shards(items: list, limit: int) -> Iterator[list]:
@@ -364,28 +357,43 @@ def save_pretrained(config: ModelConfig, params: Mapping[str, Any], path, max_sh
 
     dtype: the stored dtype (None keeps each leaf's); the router weight and correction bias stay fp32.
     expert_layout: MoE expert keys, per_expert or fused; default is what from_pretrained reads for the
-    model_type. Older model*.safetensors files and index in `path` are removed. Returns the weight files."""
+    model_type. Older model*.safetensors files and index in `path` are removed. Returns the weight files.
+
+    params may hold sharded jax.Arrays, across processes too: process 0 writes the headers (files created at
+    full size), then every process writes the shards it owns (replica 0) into place, so no host gathers the
+    model or even a whole tensor. With several processes, `path` must be one filesystem all of them write
+    (local disk, NFS, Lustre); every process calls save_pretrained."""
     path = Path(path)
     items = _export(config, params, expert_layout, dtype)
     if any(dt not in _ST_NAMES for _, dt, _ in items):
         raise ConversionError(f"cannot store dtypes {sorted({str(dt) for _, dt, _ in items} - set(map(str, _ST_NAMES)))}")
-    path.mkdir(parents=True, exist_ok=True)
-    for old in list(path.glob("model*.safetensors")) + [path / INDEX_FILE]:
-        if old.name == SINGLE_FILE or old.name == INDEX_FILE or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", old.name):
-            old.unlink(missing_ok=True)
-    stored = [dt for entry, dt, _ in items if "mlp.gate." not in entry.key]
-    hf = to_hf_config(config)
-    hf["dtype"] = "bfloat16" if stored[0] == ml_dtypes.bfloat16 else str(stored[0])
-    (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     shards = list(_shards(items, parse_size(max_shard_size)))
     names = [SINGLE_FILE] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, shard in zip(names, shards):
-        _write_safetensors(path / name, shard)
-    if len(shards) > 1:
-        total = sum(int(np.prod(e.shape)) * dt.itemsize for e, dt, _ in items)
-        weight_map = {entry.key: name for name, shard in zip(names, shards) for entry, _, _ in shard}
-        (path / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                  indent=2) + "\n")
-    save_processor_files(path, config, tokenizer, processor, source)
+    headers = [_header(shard) for shard in shards]
+    if jax.process_index() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+        for old in list(path.glob("model*.safetensors")) + [path / INDEX_FILE]:
+            if old.name in (SINGLE_FILE, INDEX_FILE) or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", old.name):
+                old.unlink(missing_ok=True)
+        stored = [dt for entry, dt, _ in items if "mlp.gate." not in entry.key]
+        hf = to_hf_config(config)
+        hf["dtype"] = "bfloat16" if stored[0] == ml_dtypes.bfloat16 else str(stored[0])
+        (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        for name, shard, (raw, _) in zip(names, shards, headers):
+            with open(path / name, "wb") as f:
+                f.write(raw)
+                f.truncate(len(raw) + sum(int(np.prod(e.shape)) * dt.itemsize for e, dt, _ in shard))
+    _sync("glmv save_pretrained: files created")
+    flat = flatten(params)
+    for name, shard, (_, offsets) in zip(names, shards, headers):
+        _write_owned(path / name, shard, offsets, flat)
+    _sync("glmv save_pretrained: tensors written")
+    if jax.process_index() == 0:
+        if len(shards) > 1:
+            total = sum(int(np.prod(e.shape)) * dt.itemsize for e, dt, _ in items)
+            weight_map = {entry.key: name for name, shard in zip(names, shards) for entry, _, _ in shard}
+            (path / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                      indent=2) + "\n")
+        save_processor_files(path, config, tokenizer, processor, source)
     return [path / n for n in names]

@@ -1,8 +1,9 @@
 """The HF key table: every checkpoint tensor <-> its place in the parameter tree (models/PARAM_TREE.md).
 
 An `Entry` names one HF tensor, its HF shape, the parameter leaves it fills (`Target`: a path such as
-"text/moe_layers/attn/q/kernel" and an index into the leaf's stacked leading axes), the forward
-transform (HF array -> one array per target) and its inverse (target slices -> HF array).
+"text/moe_layers/attn/q/kernel" and an index into the leaf's stacked leading axes) and, per target, a
+`View` (views.py): where the target's part lies in the HF tensor, which gives the whole-tensor transforms
+both ways and the boxes a per-host load or save reads and writes.
 `param_specs(config)` lists every leaf: its stacked axes, its per-slice shape and whether it stays fp32.
 
 Two layouts of the MoE experts exist: "per_expert" (`mlp.experts.{e}.{gate,up,down}_proj.weight`, the
@@ -15,11 +16,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
 from glmv_jax.config import ModelConfig
+from glmv_jax.convert.views import View, slices, view
 
 VISION, TEXT = "model.visual.", "model.language_model."
 EXPERT_LAYOUTS = ("per_expert", "fused")
@@ -57,8 +58,18 @@ class Entry:
     key: str
     shape: tuple[int, ...]
     targets: tuple[Target, ...]
-    to_params: Callable[[np.ndarray], tuple[np.ndarray, ...]]
-    to_hf: Callable[..., np.ndarray]
+    views: tuple[View, ...]      # one per target: where its part lies in the HF tensor (views.py)
+
+    def to_params(self, array: np.ndarray) -> tuple[np.ndarray, ...]:
+        """HF array -> one part per target."""
+        return tuple(v.to_part(array[slices(v.select)]) for v in self.views)
+
+    def to_hf(self, *parts: np.ndarray) -> np.ndarray:
+        """One part per target -> the HF array."""
+        out = np.empty(self.shape, np.result_type(*parts))
+        for v, part in zip(self.views, parts):
+            out[slices(v.select)] = v.to_region(part)
+        return out
 
 
 def default_expert_layout(config: ModelConfig) -> str:
@@ -149,45 +160,43 @@ def param_specs(config: ModelConfig) -> dict[str, LeafSpec]:
 # ----------------------------------------------------------------------------------------------
 # Transforms (HF Linear weights are (out, in); kernels are (in, out) with heads split out)
 
-def _identity():
-    return (lambda w: (w,)), (lambda x: x)
+def _identity(hf_shape):
+    return (view(hf_shape),)
 
 
 def _linear(in_shape: tuple[int, ...], out_shape: tuple[int, ...]):
     """(prod(out), prod(in)) weight <-> (*in_shape, *out_shape) kernel."""
-    n_in, n_out = int(np.prod(in_shape)), int(np.prod(out_shape))
-    return (lambda w: (w.T.reshape(*in_shape, *out_shape),)), (lambda k: k.reshape(n_in, n_out).T)
+    n_in, n_out = len(in_shape), len(out_shape)
+    hf = (int(np.prod(out_shape)), int(np.prod(in_shape)))
+    return (view(hf, split=(out_shape, in_shape), perm=tuple(range(n_out, n_out + n_in)) + tuple(range(n_out))),)
 
 
 def _reshape(shape: tuple[int, ...], hf_shape: tuple[int, ...]):
-    return (lambda w: (w.reshape(shape),)), (lambda x: x.reshape(hf_shape))
+    return (view(hf_shape, split=(shape,)),)
 
 
 def _conv3d(hf_shape):
     """Conv3d patch embed (Dv, C, T, P, P) <-> (C*T*P*P, Dv): input rows are laid out (c, t, py, px)."""
-    return (lambda w: (w.reshape(hf_shape[0], -1).T,)), (lambda k: k.T.reshape(hf_shape))
+    return (view(hf_shape, perm=(1, 2, 3, 4, 0), merge=(4, 1)),)
 
 
 def _conv2d(hf_shape):
     """Conv2d downsample (O, Dv, 2, 2) <-> (2*2*Dv, O): the 4 tokens of a block concatenated channel-last."""
-    o, dv, kh, kw = hf_shape
-    return ((lambda w: (w.transpose(2, 3, 1, 0).reshape(kh * kw * dv, o),)),
-            (lambda k: k.reshape(kh, kw, dv, o).transpose(3, 2, 0, 1)))
+    return (view(hf_shape, perm=(2, 3, 1, 0), merge=(3, 1)),)
 
 
-def _split_rows(f: int):
+def _split_rows(f: int, d: int):
     """Fused [gate; up] (2F, D) <-> gate (D, F), up (D, F)."""
-    return (lambda w: (w[:f].T, w[f:].T)), (lambda g, u: np.concatenate([g.T, u.T], axis=0))
+    return tuple(view((2 * f, d), select=((r, r + f), (0, d)), perm=(1, 0)) for r in (0, f))
 
 
-def _fused_gate_up(f: int):
+def _fused_gate_up(e: int, f: int, d: int):
     """Fused experts (E, 2F, D), gate rows first <-> gate (E, D, F), up (E, D, F)."""
-    return ((lambda w: (w[:, :f].transpose(0, 2, 1), w[:, f:].transpose(0, 2, 1))),
-            (lambda g, u: np.concatenate([g.transpose(0, 2, 1), u.transpose(0, 2, 1)], axis=1)))
+    return tuple(view((e, 2 * f, d), select=((0, e), (r, r + f), (0, d)), perm=(0, 2, 1)) for r in (0, f))
 
 
-def _batched_transpose():
-    return (lambda w: (w.transpose(0, 2, 1),)), (lambda x: x.transpose(0, 2, 1))
+def _batched_transpose(hf_shape):
+    return (view(hf_shape, perm=(0, 2, 1)),)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,13 +206,12 @@ class _Table:
     def __init__(self):
         self.entries: list[Entry] = []
 
-    def add(self, key, shape, targets, transform):
-        fwd, inv = transform
+    def add(self, key, shape, targets, views):
         targets = tuple(t if isinstance(t, Target) else Target(*t) for t in targets)
-        self.entries.append(Entry(key, tuple(int(d) for d in shape), targets, fwd, inv))
+        self.entries.append(Entry(key, tuple(int(d) for d in shape), targets, tuple(views)))
 
     def one(self, key, shape, path, index=(), transform=None):
-        self.add(key, shape, [(path, index)], transform or _identity())
+        self.add(key, shape, [(path, index)], transform or _identity(shape))
 
 
 def _vision_entries(tb: _Table, config: ModelConfig) -> None:
@@ -261,8 +269,8 @@ def _moe_entries(tb: _Table, config: ModelConfig, b: str, q: str, i: int, layout
     tb.one(m + "gate.e_score_correction_bias", (E,), q + "moe/router/correction_bias", (i,))
     if layout == "fused":
         tb.add(m + "experts.gate_up_proj", (E, 2 * F, D),
-               [(q + "moe/experts/gate", (i,)), (q + "moe/experts/up", (i,))], _fused_gate_up(F))
-        tb.one(m + "experts.down_proj", (E, D, F), q + "moe/experts/down", (i,), _batched_transpose())
+               [(q + "moe/experts/gate", (i,)), (q + "moe/experts/up", (i,))], _fused_gate_up(E, F, D))
+        tb.one(m + "experts.down_proj", (E, D, F), q + "moe/experts/down", (i,), _batched_transpose((E, D, F)))
     else:
         for e in range(E):
             x = f"{m}experts.{e}."
@@ -288,7 +296,7 @@ def _text_entries(tb: _Table, config: ModelConfig, layout: str) -> None:
                 _moe_entries(tb, config, b, q, i, layout)
             elif not t.moe:   # the dense decoder fuses gate and up
                 tb.add(b + "mlp.gate_up_proj.weight", (2 * F, D),
-                       [(q + "mlp/gate/kernel", (i,)), (q + "mlp/up/kernel", (i,))], _split_rows(F))
+                       [(q + "mlp/gate/kernel", (i,)), (q + "mlp/up/kernel", (i,))], _split_rows(F, D))
                 tb.one(b + "mlp.down_proj.weight", (D, F), q + "mlp/down/kernel", (i,), _linear((F,), (D,)))
             else:             # the MoE decoder's leading dense layers keep them apart
                 for proj in ("gate", "up"):

@@ -265,4 +265,4 @@ def export_hf(config: Any, params: Any, out_dir: str | os.PathLike, **kwargs) ->
     """Writes an HF checkpoint (config.json + safetensors, tokenizer, chat template, processor configs)
     loadable by transformers; kwargs (tokenizer, processor, source, dtype, max_shard_size, ...) go to
     convert.hf.save_pretrained. Returns the weight files written."""
-    return save_pretrained(config, jax.device_get(params), os.fspath(out_dir), **kwargs)
+    return save_pretrained(config, params, os.fspath(out_dir), **kwargs)   # sharded arrays write in place

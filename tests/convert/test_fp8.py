@@ -8,15 +8,18 @@ subnormal step 2^-9, i.e. 2^-10 * s, below it. So |x - dequant(x)| <= 2^-4 |x| +
 import json
 import shutil
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from glmv_jax.convert.fp8 import FP8, dequantize_fp8_blockwise, quantize_fp8_blockwise, scale_shape
-from glmv_jax.convert.hf import ConversionError, flatten, load_pretrained, params_to_hf_state_dict, save_pretrained
+from glmv_jax.convert.hf import (ConversionError, flatten, load_pretrained, params_to_hf_state_dict, save_pretrained,
+                                 unflatten)
 
 BLOCK = (16, 24)        # small and not dividing every tiny dimension (64 = 2*24 + 16): partial edge blocks
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -41,6 +44,10 @@ def test_dequantize_multiplies_each_block_by_its_scale():
     bf16 = dequantize_fp8_blockwise(q, scale, BLOCK, BF16)
     assert bf16.dtype == BF16
     np.testing.assert_array_equal(bf16, want.astype(BF16))
+    for r0, r1, c0, c1 in ((5, 38, 30, 31), (16, 32, 0, 70), (17, 18, 47, 70)):   # boxes starting mid-block
+        sub = scale[:, r0 // BLOCK[0]:-(-r1 // BLOCK[0]), c0 // BLOCK[1]:-(-c1 // BLOCK[1])]
+        box = dequantize_fp8_blockwise(q[:, r0:r1, c0:c1], sub, BLOCK, origin=(r0 % BLOCK[0], c0 % BLOCK[1]))
+        np.testing.assert_array_equal(box, want[:, r0:r1, c0:c1])
 
 
 def test_quantize_within_the_e4m3_bound():
@@ -197,3 +204,20 @@ def test_scale_of_an_unquantised_weight_is_unexpected(fp8_single):
     _edit(fp8_single, lambda t: t.update({key: np.ones((16, 3), np.float32)}))
     with pytest.raises(ConversionError, match=rf"1 unexpected keys: {key}"):
         load_pretrained(fp8_single)
+
+
+@pytest.mark.parametrize("name", ["glm4v_moe", "glm46v_moe"])
+def test_fp8_sharded_load_equals_host_load(fp8_checkpoint, name):
+    """Shard boxes cut the 16 x 24 blocks mid-block (64 = 8 x 8 rows): each box takes its blocks' scales."""
+    config, _, path, quantised = fp8_checkpoint(name)
+    _, host = load_pretrained(path, dtype="bfloat16")
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("a", "b"))
+    flat_host = flatten(host)
+    shardings = {p: NamedSharding(mesh, P(*([None] * (a.ndim - 2)), "b", "a")) for p, a in flat_host.items()
+                 if a.ndim >= 2 and a.shape[-2] % 4 == 0 and a.shape[-1] % 2 == 0}
+    stats = {}
+    _, placed = load_pretrained(path, dtype="bfloat16", shardings=unflatten(shardings), stats=stats)
+    for p, a in flatten(placed).items():
+        assert (p in shardings) == isinstance(a, jax.Array), p
+        np.testing.assert_array_equal(np.asarray(a), flat_host[p], err_msg=p)
+    assert any(p.endswith("attn/q/kernel") for p in shardings) and len(quantised) > 10
