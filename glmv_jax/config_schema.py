@@ -47,7 +47,8 @@ MESH_KEYS = ("ici", "dcn", "devices", "rules", "max_replicated_fraction")   # tr
 RERUN_GUARDED = ("stage", "seed", "model", "data", "train.grad_accum_steps", "optimizer.freeze", "rl.sampler",
                  "rl.batch_size", "rl.group_size", "rl.prompts_per_domain", "rl.prompt_tiers", "rl.prompt_split",
                  "rl.curriculum", "rl.offline_difficulty", "rl.offline_samples", "rl.offline_prompts", "rl.pilot",
-                 "rl.pilot_min_informative", "rl.pilot_min_lead_se", "rl.domains", "rl.health.probe_per_domain")
+                 "rl.pilot_min_informative", "rl.pilot_min_lead_se", "rl.pilot_blind_weight", "rl.domains",
+                 "rl.health.probe_per_domain")
 # ... except these, which change neither shapes nor what the data stream yields
 RERUN_FREE = ("model.remat", "model.attention", "data.on_bad_record", "data.max_consecutive_bad", "data.num_workers",
               "data.read_threads", "data.prefetch", "data.check")

@@ -51,6 +51,7 @@ def rl_block(**kw) -> ml_collections.ConfigDict:
         # moves the answer prior, flipping the greedy answers of near-ties together. On the demo's SFT models
         # (3 seeds) counting, GUI and math sat at their prior, and RL on them cost greedy counting up to -0.27
         pilot_min_lead_se=2.0,
+        pilot_blind_weight=0.0,       # > 0: such domains keep this fraction of their weight instead of none
         # pool_tiers: undrawn prompts take their (domain, tier) cell's pooled online pass rate (each prompt is
         # drawn about once, so per-prompt estimates alone never correct the prior); ema_decay 0.5: a short run
         # should not spend its first iterations ramping up (0.8 from 1.0 needs ~10 to reach 1.9); fill_quota:

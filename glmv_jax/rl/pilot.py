@@ -107,7 +107,7 @@ def spread_difficulty(records: Sequence[dict], measured: Mapping[str, Difficulty
 
 def pilot_ratios(records: Sequence[dict], measured: Mapping[str, DifficultyRecord], group_size: int,
                  min_informative: float = 0.05, blind: Mapping[str, float] | None = None,
-                 min_lead_se: float = 2.0) -> tuple[dict[str, float] | None, list[str]]:
+                 min_lead_se: float = 2.0, blind_weight: float = 0.0) -> tuple[dict[str, float] | None, list[str]]:
     """{domain: ratio} of the curriculum's domain mix over the pool `records` and one note per domain (its
     measured pass rate, expected informative share and whether it was kept or dropped). A domain weighs its
     pool size times the expected informative share of its measured prompts (a domain none of whose prompts
@@ -116,8 +116,9 @@ def pilot_ratios(records: Sequence[dict], measured: Mapping[str, DifficultyRecor
 
     `blind` ({record id: reward of the domain's most common answer}, baselines.most_common_rewards): a domain
     whose measured mean reward does not lead that blind prior by more than `min_lead_se` paired standard
-    errors is dropped too: its informative groups are lucky guesses, and RL on them only moves the answer
-    prior (greedy answers of near-ties flip together; measured on the demo in docs/rl.md)."""
+    errors is dropped too (`blind_weight` > 0: kept at that fraction of its weight): its informative groups are
+    lucky guesses, and RL on them only moves the answer prior (greedy answers of near-ties flip together;
+    measured on the demo in docs/rl.md)."""
     sizes: dict[str, int] = {}
     rates: dict[str, list[float]] = {}
     for rec in records:
@@ -137,13 +138,15 @@ def pilot_ratios(records: Sequence[dict], measured: Mapping[str, DifficultyRecor
         p, informative = float(np.mean(rates[domain])), shares[domain]
         keep = informative >= min_informative
         verdict = "kept" if keep else ("dropped: all-wrong" if p < 0.5 else "dropped: all-right")
-        lead_text = ""
+        lead_text, scale = "", 1.0
         if keep and blind is not None:
             lead, se = blind_lead(domain, measured, blind)
-            keep = lead > min_lead_se * se
             lead_text = f", mean reward over its most common answer's {lead:+.2f} +- {se:.2f}"
-            verdict = "kept" if keep else f"dropped: not {min_lead_se:g} SE above answering the prior"
-        ratios[domain] = sizes[domain] * informative if keep else 0.0
+            if lead <= min_lead_se * se:
+                keep, scale = blind_weight > 0, blind_weight
+                verdict = (f"weight x {blind_weight:g}" if keep else "dropped") + \
+                    f": not {min_lead_se:g} SE above answering the prior"
+        ratios[domain] = sizes[domain] * informative * scale if keep else 0.0
         notes.append(f"{domain}: pass rate {p:.2f} over {len(rates[domain])} prompts, expected informative "
                      f"groups {informative:.2f}{lead_text} -> {verdict}")
     if not any(ratios.values()):

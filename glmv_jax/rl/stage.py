@@ -288,7 +288,8 @@ def offline_pass(exp, records: list[dict], fresh) -> tuple[list[dict], dict[str,
         lead_se = r.get("pilot_min_lead_se")
         blind = None if lead_se is None else most_common_rewards(records, subset, r.style)
         ratios, notes = pilot_ratios(records, measured, r.group_size, float(r.get("pilot_min_informative", 0.05)),
-                                     blind=blind, min_lead_se=float(lead_se or 0.0))
+                                     blind=blind, min_lead_se=float(lead_se or 0.0),
+                                     blind_weight=float(r.get("pilot_blind_weight", 0.0)))
         for note in notes:
             logging.warning("RL pilot: %s", note)
     return records, ratios, len(subset) * k
