@@ -63,50 +63,60 @@ def _exclusive_cumsum(x):
 
 
 # ----------------------------------------------------------------------------------------------
-# Tiled grouped matmul (custom VJP): out[t*tile:(t+1)*tile] = x[t-th tile] @ w[tile_group[t]].
+# Tiled grouped matmul (custom VJP): group g owns tiles first[g] .. first[g] + count[g] - 1 and
+# out[t*tile:(t+1)*tile] = x[t-th tile] @ w[g] for each of them. The loops run group-major: w[g] is sliced
+# once per group (not once per tile) and dw[g] is accumulated in a loop carry, written once per group.
 
-def _tile_loop(n_tiles, body, init):
-    return jax.lax.fori_loop(0, n_tiles, body, init)
+def _group_tiles(first, count, g, body, init):
+    """fori_loop over group g's tiles (a while loop: the bounds are traced)."""
+    return jax.lax.fori_loop(first[g], first[g] + count[g], body, init)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def tiled_gmm(x, w, tile_group, n_tiles, tile: int):
-    """x [Rp, Din] (Rp a multiple of tile), w [G, Din, Dout] (same dtype), tile_group [Rp/tile] int32, n_tiles int32 scalar
-    (tiles past it are left zero) -> [Rp, Dout] in x.dtype, fp32 accumulation."""
-    return _tiled_fwd(x, w, tile_group, n_tiles, tile)[0]
+def tiled_gmm(x, w, first, count, tile: int):
+    """x [Rp, Din] (Rp a multiple of tile), w [G, Din, Dout] (same dtype), first / count [G] int32 (each
+    group's first tile and tile count; tiles no group owns are left zero) -> [Rp, Dout] in x.dtype, fp32
+    accumulation."""
+    return _tiled_fwd(x, w, first, count, tile)[0]
 
 
-def _tiled_fwd(x, w, tile_group, n_tiles, tile):
-    def body(t, out):
-        rows = jax.lax.dynamic_slice_in_dim(x, t * tile, tile, axis=0)
-        y = jnp.dot(rows, w[tile_group[t]], preferred_element_type=jnp.float32).astype(x.dtype)
-        return jax.lax.dynamic_update_slice_in_dim(out, y, t * tile, axis=0)
+def _tiled_fwd(x, w, first, count, tile):
+    def group(g, out):
+        w_g = w[g]
 
-    vma = _vma(x, w, tile_group, n_tiles)
-    out = _tile_loop(n_tiles, body, _to_varying(jnp.zeros((x.shape[0], w.shape[2]), x.dtype), vma))
-    return out, (x, w, tile_group, n_tiles)
+        def one(t, out):
+            rows = jax.lax.dynamic_slice_in_dim(x, t * tile, tile, axis=0)
+            y = jnp.dot(rows, w_g, preferred_element_type=jnp.float32).astype(x.dtype)
+            return jax.lax.dynamic_update_slice_in_dim(out, y, t * tile, axis=0)
+        return _group_tiles(first, count, g, one, out)
+
+    vma = _vma(x, w, first, count)
+    out = jax.lax.fori_loop(0, w.shape[0], group, _to_varying(jnp.zeros((x.shape[0], w.shape[2]), x.dtype), vma))
+    return out, (x, w, first, count)
 
 
 def _tiled_bwd(tile, res, dy):
-    x, w, tile_group, n_tiles = res
-    vma = _vma(x, w, tile_group, n_tiles)
+    x, w, first, count = res
+    vma = _vma(x, w, first, count)
     dy = _to_varying(dy.astype(x.dtype), vma)
 
-    def body(t, carry):
-        dx, dw = carry
-        g = tile_group[t]
-        rows = jax.lax.dynamic_slice_in_dim(x, t * tile, tile, axis=0)
-        drows = jax.lax.dynamic_slice_in_dim(dy, t * tile, tile, axis=0)
-        dx_t = jnp.dot(drows, w[g].T, preferred_element_type=jnp.float32).astype(x.dtype)
-        dx = jax.lax.dynamic_update_slice_in_dim(dx, dx_t, t * tile, axis=0)
-        dw_g = jax.lax.dynamic_index_in_dim(dw, g, axis=0, keepdims=False)
-        dw_g = dw_g + jnp.dot(rows.T, drows, preferred_element_type=jnp.float32)
-        dw = jax.lax.dynamic_update_index_in_dim(dw, dw_g, g, axis=0)
-        return dx, dw
+    def group(dx, g):
+        w_g = w[g]
 
-    init = (_to_varying(jnp.zeros_like(x), vma), _to_varying(jnp.zeros(w.shape, jnp.float32), vma))
-    dx, dw = _tile_loop(n_tiles, body, init)
-    return dx, dw.astype(w.dtype), None, None
+        def one(t, carry):
+            dx, dw_g = carry
+            rows = jax.lax.dynamic_slice_in_dim(x, t * tile, tile, axis=0)
+            drows = jax.lax.dynamic_slice_in_dim(dy, t * tile, tile, axis=0)
+            dx_t = jnp.dot(drows, w_g.T, preferred_element_type=jnp.float32).astype(x.dtype)
+            dx = jax.lax.dynamic_update_slice_in_dim(dx, dx_t, t * tile, axis=0)
+            return dx, dw_g + jnp.dot(rows.T, drows, preferred_element_type=jnp.float32)
+
+        dw_g = _to_varying(jnp.zeros(w.shape[1:], jnp.float32), vma)
+        dx, dw_g = _group_tiles(first, count, g, one, (dx, dw_g))
+        return dx, dw_g.astype(w.dtype)
+
+    dx, dw = jax.lax.scan(group, _to_varying(jnp.zeros_like(x), vma), jnp.arange(w.shape[0]))
+    return dx, dw, None, None
 
 
 tiled_gmm.defvjp(_tiled_fwd, _tiled_bwd)
@@ -117,7 +127,7 @@ tiled_gmm.defvjp(_tiled_fwd, _tiled_bwd)
 
 def _layout(row_group, num_groups: int, max_rows: int, tile: int):
     """Padded sorted layout of rows by group. Returns (dest [R]: slot of each row, Rp for id G rows;
-    counts [G]; tile_group [Rp/tile]; n_tiles; Rp)."""
+    counts [G]; first [G] and tiles [G]: each group's first tile and tile count; Rp)."""
     r = row_group.shape[0]
     counts = jnp.zeros((num_groups + 1,), jnp.int32).at[row_group].add(1)
     starts = _exclusive_cumsum(counts)
@@ -131,11 +141,8 @@ def _layout(row_group, num_groups: int, max_rows: int, tile: int):
     here = group_sorted < num_groups
     dest_sorted = jnp.where(here, padded_starts[jnp.minimum(group_sorted, num_groups - 1)] + rank, rp)
     dest = jnp.zeros((r,), jnp.int32).at[order].set(dest_sorted.astype(jnp.int32))
-    tile_starts = jnp.arange(rp // tile, dtype=jnp.int32) * tile
-    tile_group = jnp.searchsorted(jnp.cumsum(padded), tile_starts, side="right").astype(jnp.int32)
-    tile_group = jnp.minimum(tile_group, num_groups - 1)
-    n_tiles = (jnp.sum(padded) // tile).astype(jnp.int32)
-    return dest, counts, tile_group, n_tiles, rp
+    first, tiles = (padded_starts // tile).astype(jnp.int32), (padded // tile).astype(jnp.int32)
+    return dest, counts, first, tiles, rp
 
 
 def grouped_ffn(x_src, row_src, row_group, gate, up, down, *, max_rows: int, impl: str = "auto",
@@ -147,16 +154,16 @@ def grouped_ffn(x_src, row_src, row_group, gate, up, down, *, max_rows: int, imp
     impl = resolve_gmm_impl(impl)
     num_groups = gate.shape[0]
     tile = tile if impl == "tiled" else 1
-    dest, counts, tile_group, n_tiles, rp = _layout(row_group, num_groups, max_rows, tile)
+    dest, counts, first, tiles, rp = _layout(row_group, num_groups, max_rows, tile)
     s, dtype = x_src.shape[0], x_src.dtype
     slot_src = jnp.full((rp,), s, jnp.int32).at[dest].set(row_src.astype(jnp.int32), mode="drop")
     xp = jnp.concatenate([x_src, jnp.zeros((1, x_src.shape[1]), dtype)], axis=0)[slot_src]   # [Rp, D]
 
-    vma = _vma(xp, gate, up, down, tile_group, n_tiles, counts)
-    xp, gate, up, down, tile_group, n_tiles, counts = (_to_varying(v, vma) for v in
-                                                       (xp, gate, up, down, tile_group, n_tiles, counts))
+    vma = _vma(xp, gate, up, down, first, tiles, counts)
+    xp, gate, up, down, first, tiles, counts = (_to_varying(v, vma) for v in
+                                                (xp, gate, up, down, first, tiles, counts))
     if impl == "tiled":
-        mm = lambda a, w: tiled_gmm(a, w.astype(dtype), tile_group, n_tiles, tile)
+        mm = lambda a, w: tiled_gmm(a, w.astype(dtype), first, tiles, tile)
     else:
         mm = lambda a, w: jax.lax.ragged_dot(a, w.astype(dtype), counts,
                                              preferred_element_type=jnp.float32).astype(dtype)
