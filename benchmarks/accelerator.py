@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from dataclasses import replace
@@ -36,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import append_results, glmv_config, machine_line, uptime  # noqa: E402
 from glmv_jax.config import ModelConfig, tiny  # noqa: E402
 
-# device_kind substring -> (name, bf16 dense tensor TFLOP/s without sparsity, HBM GB/s), data sheets.
-# First match wins, so the more specific strings come first.
+# device_kind key -> (name, bf16 dense tensor TFLOP/s without sparsity, HBM GB/s), from the data sheets.
+# A key matches as whole words of device_kind (so "A10" is not "A10G", "L4" not "L40S"); first match wins.
 CARDS = (
     ("H200 NVL", ("H200 NVL", 835.0, 4800.0)),
     ("H200", ("H200 SXM", 989.0, 4800.0)),
@@ -56,7 +57,7 @@ CARDS = (
 def card_spec(device_kind: str) -> dict | None:
     """The data-sheet row of a device_kind (e.g. "NVIDIA H100 80GB HBM3"), or None for an unknown card."""
     for key, (name, tflops, gbps) in CARDS:
-        if key.lower() in device_kind.lower():
+        if re.search(rf"(^|[\s-]){re.escape(key)}($|[\s-])", device_kind, re.IGNORECASE):
             return dict(name=name, bf16_flops=tflops * 1e12, hbm_bytes_s=gbps * 1e9)
     return None
 
@@ -242,7 +243,7 @@ def report(out: dict) -> str:
                  f"HBM {card['hbm_bytes_s'] / 1e9:.0f} GB/s")
     lines = [f"## accelerator benchmark (benchmarks/accelerator.py{' --tiny' if out['tiny'] else ''}), {out['machine']}",
              f"load: {out['load']}", "",
-             f"{out['params'] / 1e6:,.0f}M params; {card_line}; same run: bf16 matmul "
+             f"{out['params'] / 1e6:,.1f}M params; {card_line}; same run: bf16 matmul "
              f"{pk['matmul_flops'] / 1e12:.3f} TFLOP/s, bf16 read {pk['read_bytes_s'] / 1e9:.1f} GB/s", "",
              "| section | figure | value | of same-run peak | of data sheet |", "|---|---|---|---|---|",
              f"| train step ({tr['batch']} x {tr['seq']} tok, bf16, attention {tr['attention']}) | s/step, tokens/s | "
@@ -260,7 +261,7 @@ def report(out: dict) -> str:
     lay = mo["layer"]
     lines += ["", f"MoE layer: {lay['tokens']} tokens, E={lay['experts']}, top-{lay['topk']}, D={lay['width']}, "
               f"F={lay['moe_width']}, 1 shared expert, bf16; model FLOPs (router + K experts + shared, x3) "
-              f"{mo['model_flops'] / 1e9:.1f} G."]
+              f"{mo['model_flops'] / 1e9:.4g} G."]
     lines += [f"- skipped: {s['what']}: {s['why']}" for s in out["skipped"]]
     return "\n".join(lines) + "\n"
 

@@ -20,8 +20,9 @@ def test_card_lookup(kind, name):
     assert card["name"] == name and card["bf16_flops"] > 1e14 and card["hbm_bytes_s"] > 1e11
 
 
-def test_unknown_card():
-    assert accelerator.card_spec("TPU v5 lite") is None
+@pytest.mark.parametrize("kind", ["TPU v5 lite", "NVIDIA A10G", "cpu"])
+def test_unknown_card(kind):
+    assert accelerator.card_spec(kind) is None
 
 
 def test_tiny_run_on_cpu(tmp_path):
