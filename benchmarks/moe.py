@@ -3,7 +3,7 @@ all-experts einsum vs HF transformers' PyTorch Glm4vMoeTextMoE (its default grou
 --hf-eager adds the per-expert loop), on the same config and inputs. JAX steps are compiled ahead of time
 and each path gets one warm-up step, then the best of --iters timed steps (1 by default: ~3 minutes on 2 idle cores).
 
-    python benchmarks/moe.py [--tokens 2048 --experts 64 --topk 8 --width 1024 --moe-width 512]
+    python -m benchmarks.moe [--tokens 2048 --experts 64 --topk 8 --width 1024 --moe-width 512]
 
 Prints a table (step time, tokens/s, model FLOP/s as a fraction of a large-matmul peak measured in the
 same run per framework) and appends it to benchmarks/RESULTS.md. Model FLOPs count the useful work only:
@@ -18,6 +18,7 @@ import argparse
 import datetime
 import os
 import platform
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -26,8 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glmv_jax.config import tiny
-from glmv_jax.models import moe
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import uptime  # noqa: E402
+from glmv_jax.config import tiny  # noqa: E402
+from glmv_jax.models import moe  # noqa: E402
 
 
 def best_time(fn, iters: int, warmup: bool = True) -> float:
@@ -57,6 +61,18 @@ def model_flops(cfg, tokens: int) -> float:
     d, f, e, k = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts, cfg.num_experts_per_tok
     forward = 2 * tokens * (d * e + 3 * d * f * k + 3 * d * f * cfg.n_shared_experts)
     return 3 * forward
+
+
+def layer_inputs(cfg, tokens: int, seed: int = 0):
+    """(one layer's fp32 params at unit output scale, x [tokens, D], cotangent [tokens, D]), seeded."""
+    rng = np.random.default_rng(seed)
+    d, e, f = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
+    n = lambda *s, fan: jnp.asarray(rng.standard_normal(s, np.float32) / np.sqrt(fan))
+    params = {"router": {"kernel": n(d, e, fan=d), "correction_bias": n(e, fan=100)},
+              "experts": {"gate": n(e, d, f, fan=d), "up": n(e, d, f, fan=d), "down": n(e, f, d, fan=f)},
+              "shared": {"gate": {"kernel": n(d, f, fan=d)}, "up": {"kernel": n(d, f, fan=d)},
+                         "down": {"kernel": n(f, d, fan=f)}}}
+    return params, n(tokens, d, fan=1), n(tokens, d, fan=1)
 
 
 def jax_step(cfg, params, x, cot, options):
@@ -110,15 +126,10 @@ def main():
     torch.set_num_threads(os.cpu_count() or 1)
     cfg = replace(tiny(moe=True).text, hidden_size=args.width, moe_intermediate_size=args.moe_width,
                   n_routed_experts=args.experts, num_experts_per_tok=args.topk, n_group=1, topk_group=1)
-    rng = np.random.default_rng(0)
     d, e, f = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
-    n = lambda *s, fan: jnp.asarray(rng.standard_normal(s, np.float32) / np.sqrt(fan))
-    params = {"router": {"kernel": n(d, e, fan=d), "correction_bias": n(e, fan=100)},
-              "experts": {"gate": n(e, d, f, fan=d), "up": n(e, d, f, fan=d), "down": n(e, f, d, fan=f)},
-              "shared": {"gate": {"kernel": n(d, f, fan=d)}, "up": {"kernel": n(d, f, fan=d)},
-                         "down": {"kernel": n(f, d, fan=f)}}}
-    x, cot = n(args.tokens, d, fan=1), n(args.tokens, d, fan=1)
+    params, x, cot = layer_inputs(cfg, args.tokens)
 
+    load_before = uptime()
     peaks = {"jax": jax_peak(), "torch": torch_peak()}
     flops = model_flops(cfg, args.tokens)
     runs = [("HF PyTorch (grouped_mm, HF's default)", "torch", hf_step(cfg, params, x, cot, "grouped_mm")),
@@ -152,7 +163,12 @@ def main():
              f"tile {args.tile}; model FLOPs fwd+bwd {flops / 1e9:.1f} G")
     machine = f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, jax {jax.__version__} " \
               f"({jax.default_backend()}), torch {torch.__version__}"
+    secs = {name: sec for name, sec, _ in rows}
+    dropless, dense = secs.get("jax dropless grouped (tiled GMM)"), secs.get("jax dense all-experts einsum")
+    if dropless and dense:
+        lines.append(f"\ndropless grouped vs dense all-experts einsum (same run): **{dense / dropless:.2f}x**")
     table = "\n".join(lines)
+    machine += f"\nload: {load_before} (before) / {uptime()} (after)"
     print(setup, machine, table, sep="\n")
     if not args.no_results:
         path = Path(__file__).with_name("RESULTS.md")
